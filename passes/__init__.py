@@ -1,0 +1,10 @@
+"""repfx.passes: graph rewrites that re-parameterize training-form networks.
+
+``kernels`` and ``forms`` are pure tensor algebra; ``linear_regions`` finds what can
+be merged; ``emit`` and ``fold_linear_regions`` rewrite the graph.
+"""
+
+from .fold_linear_regions import AppliedRewrite, PassResult, fold_linear_regions, run_to_fixed_point
+from .forms import ConvForm, NotExact
+
+__all__ = ["AppliedRewrite", "ConvForm", "NotExact", "PassResult", "fold_linear_regions", "run_to_fixed_point"]

@@ -1,0 +1,73 @@
+"""Constant folding on demand: the value of a node that depends on no graph input.
+
+Folding needs the numbers behind a node (a conv weight, BN running stats, a pad
+value computed from BN parameters inside the graph as DBB does). A node is
+constant when it is a ``get_attr`` or a deterministic call whose arguments are
+all constant; its value is computed once and cached.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+_NOT_CONSTANT = object()
+
+
+class ConstantFolder:
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self._gm = gm
+        self._cache: dict[fx.Node, Any] = {}
+
+    def value(self, arg: Any) -> Any:
+        """The constant behind ``arg`` (node or literal), or None when it depends on inputs."""
+        result = self._value(arg)
+        return None if result is _NOT_CONSTANT else result
+
+    def tensor(self, arg: Any) -> torch.Tensor | None:
+        value = self.value(arg)
+        return value if isinstance(value, torch.Tensor) else None
+
+    def is_constant(self, arg: Any) -> bool:
+        return self._value(arg) is not _NOT_CONSTANT
+
+    def _value(self, arg: Any) -> Any:
+        if not isinstance(arg, fx.Node):
+            leaves = pytree.tree_leaves(arg)
+            if any(isinstance(leaf, fx.Node) for leaf in leaves):
+                mapped = pytree.tree_map_only(fx.Node, self._value, arg)
+                return _NOT_CONSTANT if any(v is _NOT_CONSTANT for v in pytree.tree_leaves(mapped)) else mapped
+            return arg
+        if arg not in self._cache:
+            self._cache[arg] = self._evaluate(arg)
+        return self._cache[arg]
+
+    def _evaluate(self, node: fx.Node) -> Any:
+        if node.op == "get_attr":
+            return _fetch_attr(self._gm, node.target)
+        if node.op != "call_function" or _is_nondeterministic(node.target):
+            return _NOT_CONSTANT
+        args = self._value(node.args)
+        kwargs = self._value(node.kwargs)
+        if args is _NOT_CONSTANT or kwargs is _NOT_CONSTANT:
+            return _NOT_CONSTANT
+        with torch.no_grad():
+            try:
+                return node.target(*args, **kwargs)
+            except Exception:  # an op that cannot run eagerly on its constants is simply not folded
+                return _NOT_CONSTANT
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def _is_nondeterministic(target: Any) -> bool:
+    tags = getattr(target, "tags", ())
+    return torch.Tag.nondeterministic_seeded in tags

@@ -1,0 +1,133 @@
+"""Graph surgery: write an ``Expr`` back into the graph as convolutions, scales and adds.
+
+The plan (which ops an expression becomes) is computed before any edit so the
+pass can first ask whether the rewrite executes fewer ops than it replaces.
+Weights are cast back to the model's dtype here, once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, fx, nn
+
+from .forms import ConvForm
+from .kernels import regroup
+from .linear_regions import Expr, Term
+
+aten = torch.ops.aten
+_CONV = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}
+
+
+@dataclass(frozen=True)
+class EmissionPlan:
+    convs: tuple[Term, ...]  # terms emitted as a convolution / linear
+    scales: tuple[Term, ...]  # per-channel scale (one mul)
+    identities: tuple[Term, ...]  # the source itself
+    bias: Tensor  # total shift of the expression, placed once
+
+    @property
+    def bias_needs_add(self) -> bool:
+        return not self.convs and bool(torch.any(self.bias))
+
+    @property
+    def op_count(self) -> int:
+        parts = len(self.convs) + len(self.scales) + len(self.identities)
+        return len(self.convs) + len(self.scales) + max(parts - 1, 0) + int(self.bias_needs_add)
+
+
+def plan(expr: Expr) -> EmissionPlan:
+    convs, scales, identities = [], [], []
+    for term in expr.terms:
+        form = term.form
+        if form.is_diagonal and not any(form.padding):
+            (identities if bool(torch.all(form.weight == 1)) else scales).append(term)
+        else:
+            convs.append(term)
+    bias = torch.stack([term.form.bias for term in expr.terms]).sum(0)
+    return EmissionPlan(tuple(convs), tuple(scales), tuple(identities), bias)
+
+
+class Emitter:
+    """Inserts planned ops before a root node; registers new weights on the GraphModule."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.replaced: dict[fx.Node, fx.Node] = {}
+
+    def emit(self, root: fx.Node, emission: EmissionPlan) -> fx.Node:
+        value = root.meta["val"]
+        dtype = value.dtype
+        rank = value.dim() - 2
+        graph = self.gm.graph
+        with graph.inserting_before(root):
+            parts: list[fx.Node] = []
+            for index, term in enumerate(emission.convs):
+                bias = emission.bias if index == 0 else term.form.bias.new_zeros(term.form.out_channels)
+                parts.append(self._conv(root, self._source(term), term.form, bias, dtype))
+            for term in emission.scales:
+                scale = term.form.weight.reshape((-1,) + (1,) * rank)
+                parts.append(self._call(root, aten.mul.Tensor, self._source(term), self._constant(root, "scale", scale, dtype)))
+            parts.extend(self._source(term) for term in emission.identities)
+            result = parts[0]
+            for part in parts[1:]:
+                result = self._call(root, aten.add.Tensor, result, part)
+            if emission.bias_needs_add:
+                shift = emission.bias.reshape((-1,) + (1,) * rank)
+                result = self._call(root, aten.add.Tensor, result, self._constant(root, "shift", shift, dtype))
+        root.replace_all_uses_with(result)
+        self.replaced[root] = result
+        return result
+
+    def _source(self, term: Term) -> fx.Node:
+        node = term.source
+        while node in self.replaced:
+            node = self.replaced[node]
+        return node
+
+    def _conv(self, root: fx.Node, source: fx.Node, form: ConvForm, bias: Tensor, dtype: torch.dtype) -> fx.Node:
+        weight_node = self._constant(root, "weight", form.weight, dtype)
+        bias_node = self._constant(root, "bias", bias, dtype)
+        if form.rank == 0:
+            weight_node = self._constant(root, "weight", regroup(form.weight, form.groups, 1), dtype)
+            return self._call(root, aten.linear.default, source, weight_node, bias_node)
+        return self._call(root, _CONV[form.rank], source, weight_node, bias_node,
+                          list(form.stride), list(form.padding), list(form.dilation), form.groups)
+
+    def _call(self, root: fx.Node, target, *args) -> fx.Node:
+        node = self.gm.graph.call_function(target, tuple(args))
+        node.meta.update({k: v for k, v in root.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
+        return node
+
+    def _constant(self, root: fx.Node, kind: str, value: Tensor, dtype: torch.dtype) -> fx.Node:
+        name = _unique_attr(self.gm, f"repfx_{root.name}_{kind}")
+        self.gm.register_parameter(name, nn.Parameter(value.to(dtype).contiguous(), requires_grad=False))
+        node = self.gm.graph.get_attr(name)
+        node.meta["val"] = getattr(self.gm, name)
+        return node
+
+
+def _unique_attr(gm: nn.Module, base: str) -> str:
+    name, index = base, 0
+    while hasattr(gm, name):
+        index += 1
+        name = f"{base}_{index}"
+    return name
+
+
+def remove_dead_code(gm: fx.GraphModule) -> None:
+    """Drop unused nodes, then the parameters and buffers no node reads any more."""
+    gm.graph.eliminate_dead_code()
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    used = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used:
+            owner_path, _, attr = name.rpartition(".")
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+            delattr(owner, attr)
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()

@@ -1,0 +1,138 @@
+"""Kernel algebra: pure tensor functions behind every re-parameterization.
+
+Nothing here knows about graphs. Every function takes and returns plain tensors
+(callers pass float64 so that folding chains stay exact to ~1e-15) and states the
+identity it relies on, so the graph passes stay thin and these can be tested alone.
+
+Weight layout is PyTorch's: ``[C_out, C_in / groups, *kernel]``. A rank-0 weight
+``[C_out, C_in]`` is a linear layer, which is a convolution with no spatial dims.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def batch_norm_scale_shift(
+    running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Eval-mode BatchNorm as ``y = scale * x + shift`` per channel.
+
+    bn(x) = (x - mean) / sqrt(var + eps) * gamma + beta, so
+    scale = gamma / sqrt(var + eps) and shift = beta - mean * scale.
+    """
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
+def identity_kernel(channels: int, rank: int, *, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Depthwise (groups == channels) 1x..x1 kernel of ones: conv with it is the identity."""
+    return torch.ones((channels, 1) + (1,) * rank, dtype=dtype)
+
+
+def diagonal_kernel(scale: Tensor, rank: int) -> Tensor:
+    """Depthwise 1x..x1 kernel that multiplies channel ``c`` by ``scale[c]``."""
+    return scale.reshape((-1, 1) + (1,) * rank).clone()
+
+
+def avgpool_kernel(channels: int, kernel_size: Sequence[int], *, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Depthwise kernel equal to average pooling with ``count_include_pad=True``.
+
+    Such a pool divides every window by prod(kernel_size), zero padding included,
+    which is exactly a depthwise convolution with a constant kernel.
+    """
+    size = tuple(kernel_size)
+    return torch.full((channels, 1) + size, 1.0 / math.prod(size), dtype=dtype)
+
+
+def regroup(weight: Tensor, groups: int, new_groups: int) -> Tensor:
+    """Re-express a grouped kernel with fewer groups (``new_groups`` divides ``groups``).
+
+    A grouped convolution is a dense one whose kernel is block diagonal over
+    contiguous channel blocks. Every block of the finer partition lies inside one
+    block of the coarser partition, so the kernel is copied into the coarser
+    block-diagonal layout with zeros elsewhere: the result is the same operator.
+    """
+    if groups == new_groups:
+        return weight
+    if groups % new_groups:
+        raise ValueError(f"cannot regroup {groups} groups into {new_groups}: not a divisor")
+    out_channels, in_per_group = weight.shape[:2]
+    ratio = groups // new_groups
+    out_per_group = out_channels // groups
+    result = weight.new_zeros((out_channels, in_per_group * ratio) + tuple(weight.shape[2:]))
+    for group in range(groups):
+        rows = slice(group * out_per_group, (group + 1) * out_per_group)
+        offset = (group % ratio) * in_per_group
+        result[rows, offset : offset + in_per_group] = weight[rows]
+    return result
+
+
+def place_kernel(weight: Tensor, size: Sequence[int], offsets: Sequence[int], steps: Sequence[int]) -> Tensor:
+    """Scatter ``weight``'s taps into a larger zero kernel.
+
+    Tap ``j`` along spatial dim ``d`` lands at ``offsets[d] + j * steps[d]``; this is
+    how a 1x1 is padded to kxk (offset k//2, step 1) and how a dilated kernel is
+    written densely (step = its dilation / the target dilation).
+    """
+    result = weight.new_zeros(tuple(weight.shape[:2]) + tuple(size))
+    index = [slice(None), slice(None)]
+    for length, offset, step in zip(weight.shape[2:], offsets, steps):
+        index.append(slice(offset, offset + (length - 1) * step + 1, step))
+    result[tuple(index)] = weight
+    return result
+
+
+def grouped_view(weight: Tensor, groups: int) -> Tensor:
+    """``[C_out, C_in/g, *k]`` viewed as ``[g, C_out/g, C_in/g, *k]``."""
+    return weight.reshape((groups, weight.shape[0] // groups) + tuple(weight.shape[1:]))
+
+
+def _taps_last(grouped: Tensor) -> Tensor:
+    """``[g, o, i, *k]`` -> ``[g, o, i, prod(k)]`` (a rank-0 kernel has one tap)."""
+    return grouped.reshape(tuple(grouped.shape[:3]) + (-1,))
+
+
+def compose_channels(outer: Tensor, inner: Tensor, groups: int) -> Tensor:
+    """Kernel of ``outer(inner(x))`` where one of the two is pointwise (1x..x1).
+
+    Both kernels must already share ``groups``. Per group the channel maps compose
+    as a matrix product; the spatial taps come from whichever kernel has them
+    (the pointwise one contributes a single tap).
+    """
+    outer_g = _taps_last(grouped_view(outer, groups))  # g, o, m, k_outer
+    inner_g = _taps_last(grouped_view(inner, groups))  # g, m, i, k_inner
+    if outer_g.shape[-1] == 1:
+        taps = torch.einsum("gom,gmik->goik", outer_g[..., 0], inner_g)
+        spatial = inner.shape[2:]
+    else:
+        taps = torch.einsum("gomk,gmi->goik", outer_g, inner_g[..., 0])
+        spatial = outer.shape[2:]
+    return taps.reshape((outer.shape[0], inner.shape[1]) + tuple(spatial))
+
+
+def kernel_response_to_constant(weight: Tensor, groups: int, value: Tensor) -> Tensor:
+    """Output of a (bias-free) convolution whose whole input window holds ``value[c]`` per channel.
+
+    This is how a per-channel shift in front of a convolution becomes part of its
+    bias: sum over taps and input channels of W[o, i, taps] * value[i].
+    """
+    summed = _taps_last(grouped_view(weight, groups)).sum(-1)  # g, o, i
+    per_group = value.reshape(groups, -1)  # g, i
+    return torch.einsum("goi,gi->go", summed, per_group).reshape(-1)
+
+
+def scale_input_channels(weight: Tensor, groups: int, scale: Tensor) -> Tensor:
+    """Kernel of ``conv(scale[c] * x)``: input channel ``c`` of the kernel times ``scale[c]``."""
+    weight_g = grouped_view(weight, groups)
+    factor = scale.reshape((groups, 1, -1) + (1,) * (weight.dim() - 2))
+    return (weight_g * factor).reshape(weight.shape)

@@ -1,0 +1,73 @@
+"""What a re-parameterization did, in a form for people (``print``) and programs (``to_dict``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    kind: str  # e.g. "3 conv + 3 batch_norm + 2 add -> conv 3x3 48->48"
+    nodes: tuple[str, ...]  # graph nodes the rewrite replaced
+    kernel_shapes: tuple[tuple[int, ...], ...]  # weights of the emitted convolutions / linears
+    ops_before: int
+    ops_after: int
+
+
+@dataclass(frozen=True)
+class Refusal:
+    node: str
+    reason: str
+
+
+@dataclass
+class Report:
+    model: str
+    rewrites: list[Rewrite] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+    ops_before: dict[str, int] = field(default_factory=dict)  # executed: convolution, batch_norm, add, total
+    ops_after: dict[str, int] = field(default_factory=dict)
+    parameters_before: int = 0
+    parameters_after: int = 0
+    max_abs_error: float | None = None  # None when verification was skipped
+    max_rel_error: float | None = None
+    tolerance: float | None = None
+    iterations: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [f"repfx report: {self.model}", ""]
+        lines += _table(["executed ops", "before", "after"],
+                        [[name, str(self.ops_before.get(name, "-")), str(self.ops_after.get(name, "-"))]
+                         for name in ("convolution", "batch_norm", "add", "total")])
+        lines.append(f"parameters: {self.parameters_before:,} -> {self.parameters_after:,}")
+        if self.max_abs_error is None:
+            lines.append("verification: skipped")
+        else:
+            lines.append(f"verification: max |error| {self.max_abs_error:.3e}, relative {self.max_rel_error:.3e} "
+                         f"(tolerance {self.tolerance:.3e})")
+        lines.append(f"passes ran {self.iterations} time(s); "
+                     + ", ".join(f"{phase} {secs:.2f}s" for phase, secs in self.seconds.items()))
+        lines += ["", f"merged ({len(self.rewrites)}):"]
+        lines += _table(["rewrite", "ops", "count"], _grouped_rewrites(self.rewrites)) if self.rewrites else ["  none"]
+        lines += ["", f"refused ({len(self.refusals)}):"]
+        lines += [f"  {r.node}: {r.reason}" for r in self.refusals] or ["  none"]
+        return "\n".join(lines)
+
+
+def _grouped_rewrites(rewrites: list[Rewrite]) -> list[list[str]]:
+    """One row per distinct rewrite kind: a 22-block net prints a few rows, not 22."""
+    rows: dict[str, list] = {}
+    for rewrite in rewrites:
+        row = rows.setdefault(rewrite.kind, [rewrite.kind, f"{rewrite.ops_before}->{rewrite.ops_after}", 0])
+        row[2] += 1
+    return [[kind, ops, str(count)] for kind, ops, count in rows.values()]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    fmt = "  " + "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*row) for row in rows]
