@@ -74,8 +74,7 @@ def choose_regions(gm: fx.GraphModule, cost: CostPolicy) -> tuple[list[tuple[fx.
     eager = analyze(gm, "always")
     if cost == "always":
         return [(root, eager.exprs[root]) for root in _roots(eager)], list(eager.refusals)
-    careful = analyze(gm, "macs")
-    careful_roots = set(_roots(careful))
+    careful: Analysis | None = None  # only built when some region fails the global rule
     chosen, refusals = [], []
     fallback_ops: set[fx.Node] = set()
     for root in _roots(eager):
@@ -84,13 +83,17 @@ def choose_regions(gm: fx.GraphModule, cost: CostPolicy) -> tuple[list[tuple[fx.
         if merged <= original:
             chosen.append((root, expr))
             continue
+        if careful is None:
+            careful = analyze(gm, "macs")
+            careful_roots = set(_roots(careful))
         fallback_ops |= expr.ops
         refusals.append((root, f"cost rule: merging this region into {len(expr.terms)} op(s) needs {merged:,} MACs "
                                f"per sample vs {original:,} as written ({merged / max(original, 1):.2f}x); "
                                "merged only where each step pays"))
         chosen += [(node, careful.exprs[node]) for node in expr.ops if node in careful_roots]
     refusals += [(node, reason) for node, reason in eager.refusals if node not in fallback_ops]
-    refusals += [(node, reason) for node, reason in careful.refusals if node in fallback_ops]
+    if careful is not None:
+        refusals += [(node, reason) for node, reason in careful.refusals if node in fallback_ops]
     return chosen, refusals
 
 

@@ -140,13 +140,18 @@ class _Analyzer:
         return Expr((Term(arg, form, 0),), frozenset(), shape)
 
     def sample_shape(self, node: fx.Node) -> tuple[int, ...]:
-        """Shape without the batch dim; the tensor must be float and at least [N, C]."""
+        """Shape without the batch dim (the tensor must be float and at least [N, C]).
+
+        Symbolic sizes (dynamic spatial dims, as TorchScript conversion produces)
+        enter only the cost rule, which uses their example value: exactness never
+        depends on spatial size because merged forms share stride and alignment.
+        """
         value = node.meta.get("val")
         if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() < 2:
             raise NotLinear
-        shape = tuple(value.shape[1:])
-        if not all(isinstance(size, int) for size in shape):
-            raise NotExact(f"{node.name} has a symbolic channel or spatial size {shape}")
+        shape = tuple(_example_size(size) for size in value.shape[1:])
+        if shape[0] is None or not all(isinstance(size, int) for size in shape):
+            raise NotExact(f"{node.name} has a symbolic channel count or an unknown size {tuple(value.shape[1:])}")
         return shape
 
     # -- combinators -----------------------------------------------------------------
@@ -177,11 +182,12 @@ class _Analyzer:
             result.append(Term(term.source, form, form.macs(shape)))
         return tuple(result)
 
-    def add(self, node: fx.Node, exprs: Sequence[Expr]) -> Expr:
+    def add(self, node: fx.Node, exprs: Sequence[Expr], operands: Sequence[fx.Node]) -> Expr:
         shape = self.sample_shape(node)
-        for expr in exprs:
-            if expr.shape != shape:
-                raise NotExact(f"add broadcasts {expr.shape} to {shape}; branches must have equal shapes")
+        for operand in operands:
+            if _symbolic_shape(operand) != _symbolic_shape(node):
+                raise NotExact(f"add broadcasts {_symbolic_shape(operand)} to {_symbolic_shape(node)}; "
+                               "branches must have equal shapes")
         self.result.own_cost[node] = math.prod(shape)
         terms = self._merge_terms([t for e in exprs for t in e.terms], node, shape)
         ops = frozenset().union(*(e.ops for e in exprs)) | {node}
@@ -239,6 +245,17 @@ class _Analyzer:
         if any(size != 1 for dim, size in enumerate(full.shape) if dim != 1) or full.shape[1] not in (1, shape[0]):
             return None
         return full.reshape(-1).to(torch.float64).expand(shape[0]).clone()
+
+
+def _example_size(size: Any) -> int | None:
+    if isinstance(size, int):
+        return size
+    hint = getattr(getattr(size, "node", None), "hint", None)
+    return int(hint) if hint is not None else None
+
+
+def _symbolic_shape(node: fx.Node) -> str:
+    return str(tuple(node.meta["val"].shape[1:]))
 
 
 def _ints(value: Any, rank: int) -> tuple[int, ...]:
@@ -332,7 +349,7 @@ def _add(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
         if alpha != 1:
             eb = an.apply(ConvForm.affine(torch.full((shape[0],), float(alpha), dtype=torch.float64),
                                           torch.zeros(shape[0], dtype=torch.float64), len(shape) - 1), eb, node)
-        return an.add(node, [operand(a), eb])
+        return an.add(node, [operand(a), eb], [a, b])
     if const_a is None:  # x + alpha * c
         shift = an.per_channel(const_b, shape)
         scale = 1.0

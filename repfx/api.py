@@ -72,10 +72,11 @@ def _run(model, example_inputs, *, verify, rtol, atol, dynamic_batch, cost) -> t
                                extra_batch=3 if dynamic_batch else None)
         report.max_abs_error, report.max_rel_error, report.tolerance = (
             stats.max_abs_error, stats.max_rel_error, stats.tolerance)
+        ops_before, ops_after = stats.reference_ops, stats.candidate_ops
         clock = _lap(report, "verify", clock)
-
-    report.ops_before = summarize(count_ops(reference, example_inputs))
-    report.ops_after = summarize(count_ops(gm, example_inputs))
+    else:
+        ops_before, ops_after = count_ops(reference, example_inputs), count_ops(gm, example_inputs)
+    report.ops_before, report.ops_after = summarize(ops_before), summarize(ops_after)
     report.parameters_before = _parameter_count(reference)
     report.parameters_after = _parameter_count(gm)
     _lap(report, "count", clock)

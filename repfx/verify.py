@@ -8,13 +8,16 @@ shapes; the largest absolute difference over all float outputs must stay within
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from contextlib import nullcontext
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
 from .errors import VerificationError
+from .opcount import OpCounter
 
 # Default rtol per dtype: fp32 folding reorders sums (~1e-6 relative); fp16/bf16 weights
 # are rounded once after folding in fp64.
@@ -27,6 +30,8 @@ class ErrorStats:
     max_rel_error: float  # max|d| / max(1, max|y|)
     tolerance: float  # the bound max|d| was checked against (for the worst case)
     inputs_checked: int
+    reference_ops: Counter[str] = field(default_factory=Counter)  # executed on the example inputs
+    candidate_ops: Counter[str] = field(default_factory=Counter)
 
 
 def random_like(example_inputs: Sequence[Any], seed: int, batch: int | None = None) -> tuple:
@@ -57,15 +62,18 @@ def verify(
     if extra_batch is not None:
         input_sets.append(random_like(example_inputs, random_trials, batch=extra_batch))
     worst = ErrorStats(0.0, 0.0, 0.0, len(input_sets))
+    reference_counter, candidate_counter = OpCounter(), OpCounter()
     for set_index, inputs in enumerate(input_sets):
-        with torch.no_grad():
+        # The example run doubles as the op count, saving two forward passes.
+        with torch.no_grad(), (reference_counter if set_index == 0 else nullcontext()):
             expected = pytree.tree_leaves(reference(*inputs))
+        with torch.no_grad(), (candidate_counter if set_index == 0 else nullcontext()):
             actual = pytree.tree_leaves(candidate(*inputs))
         if len(expected) != len(actual):
             raise VerificationError(f"rewritten graph returns {len(actual)} outputs, original {len(expected)}")
         for index, (want, got) in enumerate(zip(expected, actual)):
             worst = _compare(index, set_index, want, got, rtol, atol, worst)
-    return worst
+    return replace(worst, reference_ops=reference_counter.counts, candidate_ops=candidate_counter.counts)
 
 
 def _compare(index: int, set_index: int, want: Any, got: Any, rtol: float | None, atol: float | None,

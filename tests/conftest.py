@@ -1,0 +1,129 @@
+"""Shared helpers for the re-parameterization tests.
+
+Every helper here follows the same standards:
+
+* models are built under a fixed seed and every BatchNorm gets random statistics
+  and affine parameters (``samples.randomize_bn_``), so no BN is an identity;
+* results are compared with the ORIGINAL eager model in eval mode, with a
+  tolerance relative to the output magnitude: ``max|d| <= 1e-4 * max(1, max|y|)``;
+* structure is checked on the ops the result actually executes (``count_ops``).
+
+Nothing here is autouse, so other test modules in this directory are unaffected.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+import repfx
+import samples
+from repfx.opcount import count_ops, summarize
+
+RTOL = 1e-4  # float32: max|d| <= RTOL * max(1, max|y|)
+
+# Ops that do arithmetic on activations (what a re-parameterization is meant to remove).
+ARITH_OPS = ("convolution", "batch_norm", "add", "mul", "sub", "div", "addmm", "linear", "mm")
+
+
+def build(factory: Callable[[], nn.Module], seed: int = 0, *, train: bool = False) -> nn.Module:
+    """``factory()`` under a fixed seed, every BatchNorm randomized, in eval mode (unless ``train``)."""
+    torch.manual_seed(seed)
+    model = factory()
+    samples.randomize_bn_(model, seed)
+    return model.train(train)
+
+
+def rand(*shape: int, seed: int = 1) -> torch.Tensor:
+    """Seeded standard normal float32 tensor."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def as_tuple(inputs: Any) -> tuple:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def max_error(expected: Any, actual: Any) -> tuple[float, float]:
+    """(max|d|, allowed) for the worst tensor leaf (largest max|d| / allowed) of two outputs."""
+    want, got = pytree.tree_leaves(expected), pytree.tree_leaves(actual)
+    assert len(want) == len(got), f"{len(got)} outputs, expected {len(want)}"
+    worst = (0.0, RTOL)
+    for w, g in zip(want, got):
+        assert isinstance(g, torch.Tensor), type(g)
+        assert g.shape == w.shape, f"shape {tuple(g.shape)} != {tuple(w.shape)}"
+        assert g.dtype == w.dtype, f"dtype {g.dtype} != {w.dtype}"
+        if not w.numel():
+            continue
+        w64, g64 = w.double(), g.double()
+        error = (w64 - g64).abs().max().item()
+        allowed = RTOL * max(1.0, w64.abs().max().item())
+        if not error <= allowed * worst[0] / worst[1] or error != error:  # NaN counts as worst
+            worst = (error, allowed)
+    return worst
+
+
+def assert_matches(model: Callable, result: Callable, inputs: Any, *, extra_seeds: Sequence[int] = (7,)) -> None:
+    """``result`` computes what eval-mode ``model`` computes, on ``inputs`` and on fresh random
+    inputs of the same shapes (a different draw than the one repfx saw)."""
+    inputs = as_tuple(inputs)
+    sets = [inputs] + [tuple(rand(*t.shape, seed=s) if isinstance(t, torch.Tensor) else t for t in inputs)
+                       for s in extra_seeds]
+    if isinstance(model, nn.Module) and not isinstance(model, torch.fx.GraphModule):
+        assert not model.training, "compare with the model in eval mode"
+    for batch in sets:
+        with torch.no_grad():
+            expected = model(*batch)
+            actual = result(*batch)
+        error, allowed = max_error(expected, actual)
+        assert error <= allowed, f"max|d| = {error:.3e} > {allowed:.3e}"  # False for NaN
+
+
+def ops(module: Callable, inputs: Any) -> dict[str, int]:
+    """Executed op summary (convolution, batch_norm, add, total) plus every raw aten op count."""
+    raw = count_ops(module, as_tuple(inputs))
+    summary: dict[str, int] = dict(raw)
+    summary.update(summarize(raw))
+    return Counter(summary)
+
+
+def assert_ops(module: Callable, inputs: Any, **expected: int) -> dict[str, int]:
+    """Exact executed counts, e.g. ``assert_ops(gm, x, convolution=1, batch_norm=0, add=0)``."""
+    counts = ops(module, inputs)
+    got = {name: counts[name] for name in expected}
+    assert got == expected, f"executed {got}, expected {expected}; all ops: {dict(counts)}"
+    return counts
+
+
+def reparam(model: Any, inputs: Any, **kwargs: Any) -> tuple[torch.fx.GraphModule, repfx.Report]:
+    gm = repfx.reparameterize(model, as_tuple(inputs), **kwargs)
+    report = gm.meta["repfx"]
+    assert isinstance(report, repfx.Report)
+    return gm, report
+
+
+def reasons(report: repfx.Report) -> str:
+    return "\n".join(f"{r.node}: {r.reason}" for r in report.refusals)
+
+
+def assert_refused(report: repfx.Report, *keywords: str) -> None:
+    """Some refusal reason contains every keyword (case-insensitive)."""
+    text = [r.reason.lower() for r in report.refusals]
+    for keyword in keywords:
+        assert any(keyword.lower() in reason for reason in text), (
+            f"no refusal mentions {keyword!r}; refusals:\n{reasons(report) or '  none'}")
+
+
+def assert_idempotent(gm: torch.fx.GraphModule, inputs: Any, **kwargs: Any) -> None:
+    """A second run over the result finds nothing to do and executes the same ops."""
+    again, report = reparam(gm, inputs, **kwargs)
+    assert report.rewrites == [], f"second run rewrote: {[r.kind for r in report.rewrites]}"
+    before = ops(gm, inputs)
+    after = ops(again, inputs)
+    for name in ("convolution", "batch_norm", "add", "total"):
+        assert after[name] == before[name], f"{name}: {before[name]} -> {after[name]} on the second run"
+    assert_matches(gm, again, inputs)
