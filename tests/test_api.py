@@ -1,0 +1,123 @@
+"""Public API: input kinds, explain, errors, report, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import repfx
+from repfx.opcount import count_ops, summarize
+from samples import build_sample, randomize_bn_
+
+
+@pytest.fixture(scope="module")
+def block():
+    return randomize_bn_(build_sample("repvgg_block"), 0).eval()
+
+
+@pytest.fixture(scope="module")
+def x():
+    return torch.randn(2, 32, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def _assert_plain_and_exact(gm, model, x):
+    counts = summarize(count_ops(gm, (x,)))
+    assert (counts["convolution"], counts["batch_norm"], counts["add"]) == (1, 0, 0)
+    with torch.no_grad():
+        want, got = model(x), gm(x)
+    assert (want - got).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+def test_nn_module_input(block, x):
+    _assert_plain_and_exact(repfx.reparameterize(block, (x,)), block, x)
+
+
+def test_exported_program_input(block, x):
+    _assert_plain_and_exact(repfx.reparameterize(torch.export.export(block, (x,)), (x,)), block, x)
+
+
+def test_graph_module_input(block, x):
+    gm = torch.fx.symbolic_trace(block)
+    _assert_plain_and_exact(repfx.reparameterize(gm, (x,)), block, x)
+
+
+@pytest.mark.parametrize("make", [pytest.param(lambda m, x: torch.jit.trace(m, x), id="trace"),
+                                  pytest.param(lambda m, x: torch.jit.script(m), id="script")])
+def test_torchscript_archive_input(block, x, make, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated upstream; users still ship archives
+        path = tmp_path / "model.ts"
+        torch.jit.save(make(block, x), str(path))
+        gm = repfx.reparameterize(torch.jit.load(str(path)), (x,))
+    _assert_plain_and_exact(gm, block, x)
+
+
+def test_exported_program_from_training_mode_is_refused(x):
+    model = randomize_bn_(build_sample("repvgg_block"), 0).train()
+    program = torch.export.export(model, (x,))
+    with pytest.raises(repfx.CaptureError, match="training"):
+        repfx.reparameterize(program, (x,))
+
+
+def test_unexportable_model_gives_capture_error(x):
+    class DataDependent(nn.Module):
+        def forward(self, t):
+            if t.sum() > 0:  # Python control flow on a tensor value
+                return t * 2
+            return t
+
+    with pytest.raises(repfx.CaptureError, match="torch.export could not capture DataDependent"):
+        repfx.reparameterize(DataDependent().eval(), (x,))
+
+
+def test_wrong_graph_raises_verification_error(block, x, monkeypatch):
+    """Verification is wired in: a corrupted rewrite must raise, never return."""
+    import repfx.api
+
+    real = repfx.api.run_to_fixed_point
+
+    def corrupting(gm, cost):
+        results = real(gm, cost)
+        for name, param in gm.named_parameters():
+            if name.startswith("repfx_"):
+                param.data.add_(0.5)
+                break
+        return results
+
+    monkeypatch.setattr(repfx.api, "run_to_fixed_point", corrupting)
+    with pytest.raises(repfx.VerificationError, match="max \\|difference\\|"):
+        repfx.reparameterize(block, (x,))
+
+
+def test_explain_reports_without_verifying(block, x):
+    report = repfx.explain(block, (x,))
+    assert isinstance(report, repfx.Report)
+    assert report.max_abs_error is None and "verify" not in report.seconds
+    assert report.ops_before["batch_norm"] == 3 and report.ops_after["batch_norm"] == 0
+    assert len(report.rewrites) == 1
+
+
+def test_report_is_readable_and_serializable(block, x):
+    report = repfx.reparameterize(block, (x,)).meta["repfx"]
+    text = str(report)
+    for needle in ("executed ops", "convolution", "batch_norm", "verification", "merged (1)", "refused"):
+        assert needle in text
+    assert report.to_dict()["ops_after"]["convolution"] == 1
+    assert set(report.seconds) >= {"capture", "rewrite", "verify"}
+
+
+def test_bad_cost_policy_is_rejected(block, x):
+    with pytest.raises(ValueError, match="cost"):
+        repfx.reparameterize(block, (x,), cost="fastest")
+
+
+def test_cli_runs_a_bundled_sample():
+    result = subprocess.run([sys.executable, "-m", "repfx", "--sample", "acb_block"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "executed ops" in result.stdout and "merged (1)" in result.stdout
