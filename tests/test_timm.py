@@ -81,7 +81,7 @@ def randomize_bn_calibrated_(model: nn.Module, input_shape: tuple[int, ...], see
         # errors of 1e-4 even in the unfused model: floor the variance.
         var = bn.running_var.clamp_min(max(1e-2, 0.1 * bn.running_var.median().item()))
         std = var.sqrt()
-        bn.running_var.copy_(var * (0.7 + 0.7 * torch.rand(shape, generator=gen)))
+        bn.running_var.copy_(var * (0.5 + 1.5 * torch.rand(shape, generator=gen)))
         bn.running_mean.add_(0.1 * std * torch.randn(shape, generator=gen))
         bn.momentum = momentum
         bn.num_batches_tracked.zero_()
