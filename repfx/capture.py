@@ -27,11 +27,23 @@ def capture(model: SupportedModel, example_inputs: Sequence[Any], *, dynamic_bat
     example_inputs = _as_tuple(example_inputs)
     program = _export(model, example_inputs, dynamic_batch)
     _reject_training_ops(program)
-    try:
-        program = program.run_decompositions({})
-    except Exception as error:
-        raise CaptureError(f"functionalizing the exported graph failed: {_first_line(error)}") from error
+    if _has_mutation(program):
+        try:
+            program = program.run_decompositions({})
+        except Exception as error:
+            raise CaptureError(f"functionalizing the exported graph failed: {_first_line(error)}") from error
     return program.module()
+
+
+def _has_mutation(program: torch.export.ExportedProgram) -> bool:
+    """Whether any op writes into a tensor (``+=``, ``relu_``, slice assignment).
+
+    Folding treats every node as a value, which in-place writes break, so such
+    graphs are functionalized first; most graphs have none and skip that re-trace
+    (it costs as much as the export itself).
+    """
+    return any(isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
+               for node in program.graph.nodes if node.op == "call_function")
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
