@@ -26,13 +26,24 @@ def capture(model: SupportedModel, example_inputs: Sequence[Any], *, dynamic_bat
     """Aten GraphModule with eval semantics for ``model``; the model itself is never modified."""
     example_inputs = _as_tuple(example_inputs)
     program = _export(model, example_inputs, dynamic_batch)
-    _reject_training_ops(program)
+    _reject_training_program(program)
     if _has_mutation(program):
         try:
             program = program.run_decompositions({})
         except Exception as error:
             raise CaptureError(f"functionalizing the exported graph failed: {_first_line(error)}") from error
-    return program.module()
+    return _plain_graph_module(program.module())
+
+
+def _plain_graph_module(unlifted: fx.GraphModule) -> fx.GraphModule:
+    """A regular ``GraphModule`` in eval mode around the unlifted graph.
+
+    ``ExportedProgram.module()`` returns a subclass whose ``train()``/``eval()`` raise,
+    and deploy code calls ``.eval()`` routinely; the graph (and its pytree calling
+    convention) is kept as is.
+    """
+    gm = fx.GraphModule(unlifted, unlifted.graph, class_name=type(unlifted).__name__.removesuffix("Impl"))
+    return gm.eval()
 
 
 def _has_mutation(program: torch.export.ExportedProgram) -> bool:
@@ -85,7 +96,7 @@ def _eval_copy(model: nn.Module) -> nn.Module:
 def _export_module(module: nn.Module, inputs: tuple, dynamic_batch: bool, name: str) -> torch.export.ExportedProgram:
     dynamic_shapes = None
     if dynamic_batch:
-        inputs, dynamic_shapes = _dynamic_batch_spec(inputs)
+        inputs, dynamic_shapes = _dynamic_batch_spec(module, inputs)
     try:
         return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as error:
@@ -96,11 +107,12 @@ def _export_module(module: nn.Module, inputs: tuple, dynamic_batch: bool, name: 
         ) from error
 
 
-def _dynamic_batch_spec(inputs: tuple) -> tuple[tuple, Any]:
+def _dynamic_batch_spec(module: nn.Module, inputs: tuple) -> tuple[tuple, Any]:
     """Mark dim 0 of every tensor input as one shared dynamic batch.
 
     A batch of 1 would be specialized by export (sizes 0 and 1 are special), so
-    such inputs are repeated to a batch of 2 for capture only.
+    such inputs are repeated to a batch of 2 for capture only. Shapes are keyed by
+    tensor (``ShapesCollection``), which fits any forward signature, ``*args`` included.
     """
     batch = torch.export.Dim("batch", min=1, max=65536)
 
@@ -110,9 +122,11 @@ def _dynamic_batch_spec(inputs: tuple) -> tuple[tuple, Any]:
         return leaf
 
     inputs = pytree.tree_map(widen, inputs)
-    spec = pytree.tree_map(lambda leaf: {0: batch} if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 else None,
-                           inputs)
-    return inputs, spec
+    shapes = torch.export.ShapesCollection()
+    for leaf in pytree.tree_leaves(inputs):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            shapes[leaf] = {0: batch}
+    return inputs, shapes.dynamic_shapes(module, inputs)
 
 
 def _convert_torchscript(module: torch.jit.ScriptModule, inputs: tuple) -> torch.export.ExportedProgram:
@@ -128,20 +142,26 @@ def _convert_torchscript(module: torch.jit.ScriptModule, inputs: tuple) -> torch
                            "Fix: export the original nn.Module with torch.export instead.") from error
 
 
-def _is_training_batch_norm(node: torch.fx.Node) -> bool:
+def _updates_running_stats(node: fx.Node) -> bool:
     aten = torch.ops.aten
     if node.target in (aten._native_batch_norm_legit.default, aten._native_batch_norm_legit_functional.default):
         return True
     if node.target in (aten.batch_norm.default, aten.native_batch_norm.default):
-        return bool(node.args[5])
+        return bool(node.args[5]) and node.args[3] is not None
     return False
 
 
-def _reject_training_ops(program: torch.export.ExportedProgram) -> None:
+def _reject_training_program(program: torch.export.ExportedProgram) -> None:
+    """A program whose BatchNorm updates running statistics was exported in training mode.
+
+    (A BatchNorm with ``track_running_stats=False`` uses batch statistics in eval
+    too; it has no running statistics, stays in the graph and is simply not folded.)
+    """
     for node in program.graph.nodes:
-        if node.op == "call_function" and _is_training_batch_norm(node):
-            raise CaptureError(f"node {node.name} ({node.target}) is a training-mode batch norm: this program was "
-                               "exported from a model in training mode. Export it after model.eval().")
+        if node.op == "call_function" and _updates_running_stats(node):
+            raise CaptureError(f"node {node.name} ({node.target}) normalizes with batch statistics and updates "
+                               "running statistics: this program was exported from a model in training mode. "
+                               "Export it after model.eval().")
 
 
 def _first_line(error: Exception) -> str:
