@@ -25,21 +25,59 @@ pytestmark = pytest.mark.timm
 # adaptive pool head, so 128x128 is valid for all of them (fastvit_t8 is pure
 # RepMixer, no attention stage, and only needs a multiple of 32) and keeps the
 # file well inside its time budget on 2 CPU cores.
-# rtol is the default 1e-4 everywhere: none of these models needed a looser bound
-# (observed relative errors are ~1e-7 in fp32).
 CASES: dict[str, tuple[int, float]] = {
     "repvgg_a0": (128, 1e-4),
-    "mobileone_s0": (128, 1e-4),
+    # rtol 1e-3: the model's conditioning, not a repfx limitation. Every block of
+    # mobileone_s0 sums five or six branches of one input (4 convs, a 1x1 scale
+    # conv, a BN identity) whose random-sign BN gains partly cancel; the next,
+    # calibrated BN re-normalizes the small sum, so fp32 rounding is amplified
+    # over 42 blocks (21 depthwise + 21 pointwise). The *unfused* fp32 model is
+    # already 3.0e-5..3.7e-5 (seeds 0..2) away from its own float64 evaluation and
+    # timm's deploy form is as far from it as repfx's result (~5e-5): a 1e-4 bound
+    # would test rounding luck. With positive BN gains the same model is 1.4e-6
+    # off float64; random signs are kept because they catch sign mistakes in fusion.
+    "mobileone_s0": (128, 1e-3),
     "fastvit_t8": (128, 1e-4),
     "repghostnet_050": (128, 1e-4),
     "repvit_m0_9": (128, 1e-4),
     "ghostnetv3_050": (128, 1e-4),
+    # Beyond the six RepVGG-family models: timm nets with hand-written fuse() methods
+    # where repfx currently falls short (see KNOWN_FAILURES). Their attention biases
+    # are sized for 224x224 inputs, hence the larger resolution.
+    "efficientvit_m0": (224, 1e-4),
+    "levit_128s": (224, 1e-4),
 }
 
-# Cases where repfx is known to fall short; kept as strict xfails so a fix shows up.
-KNOWN_FAILURES: dict[str, str] = {}
+# Cases where repfx is known to fall short: strict xfails, so a fix shows up as XPASS.
+# name -> (exception the test currently fails with, reason)
+KNOWN_FAILURES: dict[str, tuple[type[BaseException], str]] = {
+    "efficientvit_m0": (RuntimeError, (
+        "BUG: the linear-region pass treats aten.clone (memory_format=contiguous) as an identity and drops it. "
+        "Any in-place op (timm's ReLU(inplace=True)) makes capture's run_decompositions re-trace, which lowers "
+        "x.transpose(...).reshape(...) to clone + _unsafe_view; without the clone, _unsafe_view gets a "
+        "non-contiguous tensor and the rewritten graph raises 'view size is not compatible with input "
+        "tensor's size and stride' (a raw RuntimeError, also with verify=False)")),
+    "levit_128s": (AssertionError, (
+        "GAP: BatchNorm1d after a Linear across flatten(0, 1) ... reshape_as (timm LinearNorm) is not folded "
+        "and no refusal says why: repfx leaves 46 batch_norm, timm's deploy form 0")),
+}
 
 BUCKETS = ("convolution", "batch_norm", "add")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Run this module's models on one intra-op thread.
+
+    These are batch-1 inferences of small nets: a second thread buys little, and
+    when another process holds one of the 2 cores, OpenMP's barrier waits make
+    every op take a scheduler time slice (ghostnetv3_050 forward: 0.035 s on one
+    thread, 9 s on two), which would push this file far past its time budget.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @torch.no_grad()
@@ -55,13 +93,15 @@ def randomize_bn_calibrated_(model: nn.Module, input_shape: tuple[int, ...], see
        ``bias ~ 0.1 N(0, 1)``);
     2. running statistics are calibrated on a seeded random batch in train mode
        (cumulative average), so each BN sees roughly its real input distribution;
-    3. variances are floored (see below), then the statistics are perturbed (``var *= U(0.5, 2)``, ``mean += 0.1 std N(0, 1)``)
-       so that no BN matches anything a fusion bug could accidentally rely on.
+    3. variances are floored (see below), then perturbed: ``var *= U(0.5, 2)``,
+       ``mean += 0.1 std N(0, 1)``, so that no BN matches anything a fusion bug
+       could accidentally rely on.
 
     All running statistics end up random and ``running_var`` is positive.
     """
     gen = torch.Generator().manual_seed(seed)
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
     momenta = []
     for bn in norms:
         shape = bn.running_mean.shape
@@ -97,8 +137,14 @@ def _table(rows: dict[str, dict[str, int]]) -> str:
 
 
 def _params() -> list:
-    return [pytest.param(name, id=name, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[name])]
-                         if name in KNOWN_FAILURES else []) for name in CASES]
+    params = []
+    for name in CASES:
+        marks = []
+        if name in KNOWN_FAILURES:
+            raises, reason = KNOWN_FAILURES[name]
+            marks.append(pytest.mark.xfail(strict=True, raises=raises, reason=reason))
+        params.append(pytest.param(name, id=name, marks=marks))
+    return params
 
 
 @pytest.mark.parametrize("name", _params())
