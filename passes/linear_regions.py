@@ -105,16 +105,26 @@ class _Analyzer:
         return self.result
 
     def _build(self, handler: Callable[..., Expr], node: fx.Node) -> Expr | None:
-        """Try with operands' expressions absorbed; on refusal, with operands as boundaries."""
+        """Try with operands' expressions absorbed; on refusal, with operands as boundaries.
+
+        Any other error (an op variant a handler did not foresee) leaves the node
+        alone with the error as its refusal: a graph is never half-understood.
+        """
         try:
             return handler(self, node, self._absorbing(node))
         except NotLinear:
             return None
         except NotExact as refusal:
             self.result.refuse(node, str(refusal))
+        except Exception as error:
+            self.result.refuse(node, f"not analyzed: {type(error).__name__}: {error}")
+            return None
         try:
             return handler(self, node, self._boundary)
         except (NotExact, NotLinear):
+            return None
+        except Exception as error:
+            self.result.refuse(node, f"not analyzed: {type(error).__name__}: {error}")
             return None
 
     # -- operands --------------------------------------------------------------------
