@@ -400,9 +400,16 @@ def _scale(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
 
 @_handles(aten.clone.default, aten.alias.default, aten.dropout.default, aten.contiguous.default)
 def _identity(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
+    """Value-preserving ops. They join a region only around a real linear op, whose
+    emitted convolution is a fresh tensor: a clone or contiguous() of a plain tensor
+    may be what a later view needs (strides), so it is left alone."""
     if node.target is aten.dropout.default and node.args[2]:
         raise NotLinear  # training-mode dropout is random
+    if node.kwargs.get("memory_format") not in (None, torch.preserve_format):
+        raise NotLinear  # a layout change, not a value change
     expr = operand(node.args[0])
+    if not expr.ops:
+        raise NotLinear
     return Expr(expr.terms, expr.ops | {node}, expr.shape)
 
 

@@ -856,3 +856,25 @@ def test_dynamic_batch(factory, example_batch):
         x = rand(batch, C, HW, HW, seed=batch)
         assert_matches(model, gm, x)
         assert_ops(gm, x, convolution=1, batch_norm=0, add=0)
+
+
+class ConvBNThenLayoutChange(nn.Module):
+    """conv-BN, an in-place ReLU (forces functionalization), then transpose + contiguous + view:
+    the contiguous copy is what makes the view legal and must survive the rewrite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(C)
+
+    def forward(self, x):
+        y = torch.relu_(self.bn(self.conv(x)))
+        return y.transpose(2, 3).contiguous().view(y.shape[0], -1)
+
+
+def test_layout_copy_before_a_view_is_kept():
+    model = build(ConvBNThenLayoutChange)
+    x = image()
+    gm, _ = reparam(model, x)
+    assert_matches(model, gm, x)
+    assert_ops(gm, x, convolution=1, batch_norm=0)
