@@ -72,6 +72,7 @@ def _run(model, example_inputs, *, verify, rtol, atol, dynamic_batch, cost) -> t
                                extra_batch=3 if dynamic_batch else None)
         report.max_abs_error, report.max_rel_error, report.tolerance = (
             stats.max_abs_error, stats.max_rel_error, stats.tolerance)
+        report.verification_note = stats.note or None
         ops_before, ops_after = stats.reference_ops, stats.candidate_ops
         clock = _lap(report, "verify", clock)
     else:

@@ -32,6 +32,7 @@ class Report:
     max_abs_error: float | None = None  # None when verification was skipped
     max_rel_error: float | None = None
     tolerance: float | None = None
+    verification_note: str | None = None  # e.g. an fp32 difference shown to be rounding noise in float64
     iterations: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -49,6 +50,8 @@ class Report:
         else:
             lines.append(f"verification: max |error| {self.max_abs_error:.3e}, relative {self.max_rel_error:.3e} "
                          f"(tolerance {self.tolerance:.3e})")
+            if self.verification_note:
+                lines.append(f"  note: {self.verification_note}")
         lines.append(f"passes ran {self.iterations} time(s); "
                      + ", ".join(f"{phase} {secs:.2f}s" for phase, secs in self.seconds.items()))
         lines += ["", f"merged ({len(self.rewrites)}):"]
