@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from .canonicalize import reshape_as_to_static_shape
 from .emit import Emitter, plan, remove_dead_code
 from .linear_regions import Analysis, CostPolicy, Expr, analyze
 
@@ -97,6 +98,16 @@ def choose_regions(gm: fx.GraphModule, cost: CostPolicy) -> tuple[list[tuple[fx.
     return chosen, refusals
 
 
+def _keeps_leading_shape(root: fx.Node, expr: Expr) -> bool:
+    """A channel-last region emits ``linear(source)``, which has the source's leading
+    dims; a reshape inside the region (flatten(0, 1) before a BatchNorm1d) is only
+    foldable when the region ends in the source's layout again."""
+    if not expr.channel_last:
+        return True
+    leading = str(tuple(root.meta["val"].shape[:-1]))
+    return all(str(tuple(term.source.meta["val"].shape[:-1])) == leading for term in expr.terms)
+
+
 def fold_linear_regions(gm: fx.GraphModule, cost: CostPolicy = "macs") -> PassResult:
     """Rewrite ``gm`` in place; see the module docstring for what is rewritten."""
     regions, refusals = choose_regions(gm, cost)
@@ -107,7 +118,7 @@ def fold_linear_regions(gm: fx.GraphModule, cost: CostPolicy = "macs") -> PassRe
     for root, expr in regions:
         executed = sorted((op for op in expr.ops if _is_executed(op)), key=order.__getitem__)
         emission = plan(expr)
-        if emission.op_count >= len(executed):
+        if emission.op_count >= len(executed) or not _keeps_leading_shape(root, expr):
             continue
         emitter.emit(root, emission)
         for op in sorted(expr.ops, key=order.__getitem__, reverse=True):
@@ -133,6 +144,7 @@ def fold_linear_regions(gm: fx.GraphModule, cost: CostPolicy = "macs") -> PassRe
 def run_to_fixed_point(gm: fx.GraphModule, cost: CostPolicy = "macs", max_iterations: int = 8) -> list[PassResult]:
     """Run the pass until it changes nothing (nested blocks like DBB need no more than one
     round by construction; the loop proves it and guards against a regression)."""
+    reshape_as_to_static_shape(gm)
     results = []
     for _ in range(max_iterations):
         with torch.no_grad():

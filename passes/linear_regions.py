@@ -51,6 +51,11 @@ class Expr:
         return math.prod(self.shape)
 
     @property
+    def channel_last(self) -> bool:
+        """Rank-0 (linear) forms act on the last dim; the others on dim 1."""
+        return self.terms[0].form.rank == 0
+
+    @property
     def cost(self) -> int:
         """MACs to compute the terms separately and add them up (an add costs one per element)."""
         return sum(term.cost for term in self.terms) + (len(self.terms) - 1) * self.numel
@@ -70,7 +75,7 @@ class Analysis:
         return sum(self.own_cost.get(op, 0) for op in expr.ops)
 
 
-Operand = Callable[[Any], Expr]
+Operand = Callable[..., Expr]  # (arg, channel_last=False) -> Expr
 _HANDLERS: dict[Any, Callable[..., Expr]] = {}
 
 
@@ -129,45 +134,63 @@ class _Analyzer:
 
     # -- operands --------------------------------------------------------------------
     def _absorbing(self, consumer: fx.Node) -> Operand:
-        def operand(arg: Any) -> Expr:
+        def operand(arg: Any, channel_last: bool = False) -> Expr:
             if not isinstance(arg, fx.Node):
                 raise NotLinear
             expr = self.result.exprs.get(arg)
-            if expr is None:
-                return self._boundary(arg)
+            if expr is None or expr.channel_last != self._rank0(arg, channel_last):
+                return self._boundary(arg, channel_last)
             if len(arg.users) > 1:
                 others = ", ".join(user.name for user in arg.users if user is not consumer)
                 self.result.refuse(arg, f"output also used by {others}; not merged into {consumer.name}")
-                return self._boundary(arg)
+                return self._boundary(arg, channel_last)
             return expr
         return operand
 
-    def _boundary(self, arg: Any) -> Expr:
+    def _boundary(self, arg: Any, channel_last: bool = False) -> Expr:
         if not isinstance(arg, fx.Node):
             raise NotLinear
-        shape = self.sample_shape(arg)
+        shape = self.sample_shape(arg, channel_last)
         form = ConvForm.identity(shape[0], len(shape) - 1)
         return Expr((Term(arg, form, 0),), frozenset(), shape)
 
-    def sample_shape(self, node: fx.Node) -> tuple[int, ...]:
+    def _rank0(self, node: fx.Node, channel_last: bool) -> bool:
+        """Whether ``node`` is read with rank-0 forms: channel-last reads, and every [N, C] tensor."""
+        value = node.meta.get("val")
+        return channel_last or (isinstance(value, torch.Tensor) and value.dim() == 2)
+
+    def channel_last_operands(self, node: fx.Node) -> bool:
+        """An elementwise op on an N-D tensor continues a channel-last (linear) region
+        when one of its operands already is one."""
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or value.dim() <= 2:
+            return False
+        exprs = (self.result.exprs.get(arg) for arg in node.args if isinstance(arg, fx.Node))
+        return any(expr is not None and expr.channel_last for expr in exprs)
+
+    def sample_shape(self, node: fx.Node, channel_last: bool = False) -> tuple[int, ...]:
         """Shape without the batch dim (the tensor must be float and at least [N, C]).
 
-        Symbolic sizes (dynamic spatial dims, as TorchScript conversion produces)
-        enter only the cost rule, which uses their example value: exactness never
-        depends on spatial size because merged forms share stride and alignment.
+        Channel-last reads (a linear on [..., C]) see ``(C,)``: the leading dims
+        act as batch. Symbolic sizes (dynamic spatial dims, as TorchScript
+        conversion produces) enter only the cost rule, which uses their example
+        value: exactness never depends on spatial size because merged forms share
+        stride and alignment.
         """
         value = node.meta.get("val")
         if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() < 2:
             raise NotLinear
-        shape = tuple(_example_size(size) for size in value.shape[1:])
+        sizes = value.shape[-1:] if channel_last else value.shape[1:]
+        shape = tuple(_example_size(size) for size in sizes)
         if shape[0] is None or not all(isinstance(size, int) for size in shape):
             raise NotExact(f"{node.name} has a symbolic channel count or an unknown size {tuple(value.shape[1:])}")
         return shape
 
     # -- combinators -----------------------------------------------------------------
-    def apply(self, outer: ConvForm, expr: Expr, node: fx.Node, extra_ops: Sequence[fx.Node] = ()) -> Expr:
+    def apply(self, outer: ConvForm, expr: Expr, node: fx.Node, extra_ops: Sequence[fx.Node] = (),
+              channel_last: bool = False) -> Expr:
         """Expression of ``outer(expr)``; ``node`` (and ``extra_ops``) join the region."""
-        shape = self.sample_shape(node)
+        shape = self.sample_shape(node, channel_last)
         ops = expr.ops | {node, *extra_ops}
         self.result.own_cost[node] = outer.macs(shape)
         separate_cost = expr.cost + outer.macs(shape)
@@ -192,8 +215,8 @@ class _Analyzer:
             result.append(Term(term.source, form, form.macs(shape)))
         return tuple(result)
 
-    def add(self, node: fx.Node, exprs: Sequence[Expr], operands: Sequence[fx.Node]) -> Expr:
-        shape = self.sample_shape(node)
+    def add(self, node: fx.Node, exprs: Sequence[Expr], operands: Sequence[fx.Node], channel_last: bool) -> Expr:
+        shape = self.sample_shape(node, channel_last)
         for operand in operands:
             if _symbolic_shape(operand) != _symbolic_shape(node):
                 raise NotExact(f"add broadcasts {_symbolic_shape(operand)} to {_symbolic_shape(node)}; "
@@ -308,12 +331,28 @@ def _convolution(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
 
 @_handles(aten.linear.default)
 def _linear(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
+    """A linear layer mixes the last dim; any leading dims act as batch."""
     x, weight, bias = (list(node.args) + [None])[:3]
-    if len(an.sample_shape(node)) != 1:
-        raise NotLinear  # linear acts on the last dim; regions use dim 1 as channels
     w = an.weight(node, weight)
     b = None if bias is None else an.weight(node, bias, "bias")
-    return an.apply(ConvForm.convolution(w, b, (), (), (), 1), operand(x), node)
+    form = ConvForm.convolution(w, b, (), (), (), 1)
+    return an.apply(form, operand(x, channel_last=True), node, channel_last=True)
+
+
+@_handles(aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.flatten.using_ints)
+def _channel_last_view(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
+    """A reshape that keeps the last dim commutes with ops that act on the last dim
+    (timm's LinearNorm: linear -> flatten(0, 1) -> BatchNorm1d -> reshape back)."""
+    source = node.args[0]
+    before, after = source.meta.get("val"), node.meta.get("val")
+    if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor) or min(before.dim(), after.dim()) < 2:
+        raise NotLinear
+    if str(before.shape[-1]) != str(after.shape[-1]):
+        raise NotLinear
+    expr = operand(source, channel_last=True)
+    if not expr.ops or not expr.channel_last:
+        raise NotLinear
+    return Expr(expr.terms, expr.ops | {node}, an.sample_shape(node, channel_last=True))
 
 
 def _batch_norm_form(an: _Analyzer, node: fx.Node, args: Sequence[Any], eps: float) -> ConvForm:
@@ -352,14 +391,16 @@ def _add(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
     alpha = node.kwargs.get("alpha", 1)
     if node.target in (aten.sub.Tensor, aten.sub.Scalar):
         alpha = -alpha
-    shape = an.sample_shape(node)
+    cl = an.channel_last_operands(node)
+    shape = an.sample_shape(node, cl)
     const_a, const_b = an.constants.value(a), an.constants.value(b)
     if isinstance(a, fx.Node) and const_a is None and isinstance(b, fx.Node) and const_b is None:
-        eb = operand(b)
+        eb = operand(b, cl)
         if alpha != 1:
             eb = an.apply(ConvForm.affine(torch.full((shape[0],), float(alpha), dtype=torch.float64),
-                                          torch.zeros(shape[0], dtype=torch.float64), len(shape) - 1), eb, node)
-        return an.add(node, [operand(a), eb], [a, b])
+                                          torch.zeros(shape[0], dtype=torch.float64), len(shape) - 1), eb, node,
+                          channel_last=cl)
+        return an.add(node, [operand(a, cl), eb], [a, b], cl)
     if const_a is None:  # x + alpha * c
         shift = an.per_channel(const_b, shape)
         scale = 1.0
@@ -373,12 +414,13 @@ def _add(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
     if shift is None:
         raise NotLinear
     form = ConvForm.affine(torch.full((shape[0],), scale, dtype=torch.float64), shift * factor, len(shape) - 1)
-    return an.apply(form, operand(x), node)
+    return an.apply(form, operand(x, cl), node, channel_last=cl)
 
 
 @_handles(aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.neg.default)
 def _scale(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
-    shape = an.sample_shape(node)
+    cl = an.channel_last_operands(node)
+    shape = an.sample_shape(node, cl)
     if node.target is aten.neg.default:
         x, factor = node.args[0], -1.0
     else:
@@ -395,7 +437,7 @@ def _scale(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
     if scale is None:
         raise NotLinear
     form = ConvForm.affine(scale, torch.zeros(shape[0], dtype=torch.float64), len(shape) - 1)
-    return an.apply(form, operand(x), node)
+    return an.apply(form, operand(x, cl), node, channel_last=cl)
 
 
 @_handles(aten.clone.default, aten.alias.default, aten.dropout.default, aten.contiguous.default)
@@ -407,7 +449,7 @@ def _identity(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
         raise NotLinear  # training-mode dropout is random
     if node.kwargs.get("memory_format") not in (None, torch.preserve_format):
         raise NotLinear  # a layout change, not a value change
-    expr = operand(node.args[0])
+    expr = operand(node.args[0], an.channel_last_operands(node))
     if not expr.ops:
         raise NotLinear
     return Expr(expr.terms, expr.ops | {node}, expr.shape)

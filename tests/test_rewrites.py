@@ -878,3 +878,40 @@ def test_layout_copy_before_a_view_is_kept():
     gm, _ = reparam(model, x)
     assert_matches(model, gm, x)
     assert_ops(gm, x, convolution=1, batch_norm=0)
+
+
+class LinearNormTokens(nn.Module):
+    """timm's LeViT LinearNorm: a linear on [B, N, C] tokens, BatchNorm1d over flatten(0, 1), reshaped back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(C, C, bias=False)
+        self.bn = nn.BatchNorm1d(C)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class LinearNormTokensNotReshapedBack(LinearNormTokens):
+    def forward(self, x):
+        return self.bn(self.linear(x).flatten(0, 1))
+
+
+def test_linear_batchnorm_across_a_token_flatten_becomes_one_linear():
+    model = build(LinearNormTokens)
+    x = rand(2, 5, C)
+    gm, _ = reparam(model, x)
+    assert_matches(model, gm, x)
+    counts = ops(gm, x)
+    assert counts["batch_norm"] == 0 and counts["linear"] + counts["addmm"] + counts["mm"] == 1
+    assert_idempotent(gm, x)
+
+
+def test_region_ending_in_another_layout_is_left_alone():
+    """Emitting linear(x) would give [B, N, C], not the region's [B*N, C]: nothing is rewritten."""
+    model = build(LinearNormTokensNotReshapedBack)
+    x = rand(2, 5, C)
+    gm, report = reparam(model, x)
+    assert_matches(model, gm, x)
+    assert ops(gm, x)["batch_norm"] == 1 and not report.rewrites

@@ -5,7 +5,7 @@ then (a) ``repfx.reparameterize`` must reproduce the eval-mode model and (b) the
 result must execute no more convolutions, batch norms and adds than
 ``timm.utils.reparameterize_model`` (the hand-written, per-architecture fusion).
 The six re-parameterizable families come first; efficientvit_m0 and levit_128s
-(conv-BN / linear-BN fusion in timm) are extra cases, levit a strict xfail.
+(conv-BN / linear-BN fusion in timm) are extra cases.
 """
 
 from __future__ import annotations
@@ -56,11 +56,7 @@ CASES: dict[str, tuple[int, float]] = {
 
 # Cases where repfx is known to fall short: strict xfails, so a fix shows up as XPASS.
 # name -> (exception the test currently fails with, reason)
-KNOWN_FAILURES: dict[str, tuple[type[BaseException], str]] = {
-    "levit_128s": (AssertionError, (
-        "GAP: BatchNorm1d after a Linear across flatten(0, 1) ... reshape_as (timm LinearNorm) is not folded "
-        "and no refusal says why: repfx leaves 46 batch_norm, timm's deploy form 0")),
-}
+KNOWN_FAILURES: dict[str, tuple[type[BaseException], str]] = {}
 
 BUCKETS = ("convolution", "batch_norm", "add")
 
