@@ -202,7 +202,7 @@ class _Analyzer:
             terms = self._distribute(outer, expr.terms, shape)
         else:
             raise NotExact(f"{outer.describe()} applied to a sum of branches that read different tensors")
-        self._check_cost(node, sum(t.cost for t in terms) + (len(terms) - 1) * math.prod(shape), separate_cost)
+        self.check_cost(node, sum(t.cost for t in terms) + (len(terms) - 1) * math.prod(shape), separate_cost)
         return Expr(terms, frozenset(ops), shape)
 
     def _distribute(self, outer: ConvForm, terms: Sequence[Term], shape: tuple[int, ...]) -> tuple[Term, ...]:
@@ -237,7 +237,7 @@ class _Analyzer:
                 try:
                     merged = merge_parallel([cluster.form, term.form])
                     merged_cost = merged.macs(shape)
-                    self._check_cost(node, merged_cost, cluster.cost + term.cost + numel)
+                    self.check_cost(node, merged_cost, cluster.cost + term.cost + numel)
                 except NotExact as refusal:
                     self.result.refuse(node, str(refusal))
                     continue
@@ -251,7 +251,7 @@ class _Analyzer:
             self.result.refuse(node, f"branches read different tensors ({names}); kept as separate terms")
         return tuple(clusters)
 
-    def _check_cost(self, node: fx.Node, merged: int, separate: int) -> None:
+    def check_cost(self, node: fx.Node, merged: int, separate: int) -> None:
         if self.cost_policy == "macs" and merged > separate:
             raise NotExact(f"cost rule: merged op needs {merged:,} MACs per sample vs {separate:,} "
                            f"for the ops it would replace ({merged / max(separate, 1):.2f}x); kept separate")
@@ -590,7 +590,7 @@ def _cat(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
         raise NotExact(f"{node.name}: concatenated tensors are not all single branches of one input")
     form = stack_outputs([e.terms[0].form for e in exprs])
     merged_cost = form.macs(shape)
-    an._check_cost(node, merged_cost, sum(e.cost for e in exprs) + math.prod(shape))
+    an.check_cost(node, merged_cost, sum(e.cost for e in exprs) + math.prod(shape))
     ops = frozenset().union(*(e.ops for e in exprs)) | {node}
     an.result.own_cost[node] = math.prod(shape)
     return Expr((Term(exprs[0].terms[0].source, form, merged_cost),), ops, shape)
