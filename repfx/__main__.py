@@ -25,7 +25,7 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from samples import SAMPLES, build_sample, randomize_bn_, sample_input_shape
+    from repfx.samples import SAMPLES, build_sample, randomize_bn_, sample_input_shape
 
     parser = argparse.ArgumentParser(prog="python -m repfx", description=__doc__.splitlines()[0])
     parser.add_argument("--sample", default="repvgg_a0", choices=sorted(SAMPLES), metavar="NAME",

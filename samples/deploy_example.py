@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 import repfx
-from samples import build_sample, randomize_bn_, sample_input_shape
+from repfx.samples import build_sample, randomize_bn_, sample_input_shape
 
 
 def main(name: str = "repvgg_a0") -> None:
