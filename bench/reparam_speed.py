@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import repfx
-import samples
+from repfx import samples
 from repfx.opcount import count_ops, summarize
 
 try:
