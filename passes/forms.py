@@ -210,8 +210,11 @@ def merge_parallel(forms: Sequence[ConvForm]) -> ConvForm:
         raise NotExact(f"branches produce different channel counts {sorted(out_channels)}")
     groups = reduce(math.gcd, (form.groups for form in forms))
     weights, padding, dilation = _aligned_weights(forms, groups)
-    bias = torch.stack([form.bias for form in forms]).sum(0)
-    return ConvForm(torch.stack(weights).sum(0), bias, forms[0].stride, padding, dilation, groups)
+    weight, bias = weights[0].clone(), forms[0].bias.clone()
+    for other, form in zip(weights[1:], forms[1:]):
+        weight += other
+        bias += form.bias
+    return ConvForm(weight, bias, forms[0].stride, padding, dilation, groups)
 
 
 def stack_outputs(forms: Sequence[ConvForm]) -> ConvForm:
