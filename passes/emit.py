@@ -87,11 +87,11 @@ class Emitter:
         return node
 
     def _conv(self, root: fx.Node, source: fx.Node, form: ConvForm, bias: Tensor, dtype: torch.dtype) -> fx.Node:
-        weight_node = self._constant(root, "weight", form.weight, dtype)
         bias_node = self._constant(root, "bias", bias, dtype)
-        if form.rank == 0:
+        if form.rank == 0:  # a linear layer has no groups
             weight_node = self._constant(root, "weight", regroup(form.weight, form.groups, 1), dtype)
             return self._call(root, aten.linear.default, source, weight_node, bias_node)
+        weight_node = self._constant(root, "weight", form.weight, dtype)
         return self._call(root, _CONV[form.rank], source, weight_node, bias_node,
                           list(form.stride), list(form.padding), list(form.dilation), form.groups)
 

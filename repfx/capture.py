@@ -75,6 +75,7 @@ def _export(model: SupportedModel, inputs: tuple, dynamic_batch: bool) -> torch.
         return _export_module(program.module(), inputs, dynamic_batch, "TorchScript module") if dynamic_batch else program
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected nn.Module, GraphModule, ExportedProgram or ScriptModule, got {type(model).__name__}")
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: capture the model it wraps
     return _export_module(_eval_copy(model), inputs, dynamic_batch, type(model).__name__)
 
 

@@ -146,3 +146,22 @@ def test_rounding_noise_of_an_ill_conditioned_model_is_not_a_mismatch():
     assert report.ops_after["convolution"] == 1
     assert report.max_abs_error > report.tolerance  # the plain fp32 check alone would have refused it
     assert "rounding noise" in report.verification_note
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_model_dtype_is_kept_and_folded_once(dtype):
+    """Folding runs in float64 and casts back once, so low precision loses only one rounding."""
+    model = randomize_bn_(build_sample("repvgg_block"), 0).eval().to(dtype)
+    t = torch.randn(2, 32, 16, 16, generator=torch.Generator().manual_seed(3)).to(dtype)
+    gm = repfx.reparameterize(model, (t,))
+    assert all(p.dtype == dtype for p in gm.parameters())
+    assert summarize(count_ops(gm, (t,)))["batch_norm"] == 0
+    with torch.no_grad():
+        exact = model.double()(t.double())
+    error = (gm(t).double() - exact).abs().max().item()
+    original_error = (model.to(dtype)(t).double() - exact).abs().max().item()
+    assert error <= max(2 * original_error, 1e-9 * exact.abs().max().item())
+
+
+def test_torch_compile_wrapper_is_unwrapped(block, x):
+    _assert_plain_and_exact(repfx.reparameterize(torch.compile(block), (x,)), block, x)
