@@ -165,3 +165,23 @@ def test_model_dtype_is_kept_and_folded_once(dtype):
 
 def test_torch_compile_wrapper_is_unwrapped(block, x):
     _assert_plain_and_exact(repfx.reparameterize(torch.compile(block), (x,)), block, x)
+
+
+class TwoResidualAdds(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(2))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(8) for _ in range(2))
+
+    def forward(self, t):
+        for conv, bn in zip(self.convs, self.bns):
+            t = torch.relu(t + bn(conv(torch.relu(t))))
+        return t
+
+
+def test_each_refusal_is_reported_once_under_the_captured_names():
+    model = randomize_bn_(TwoResidualAdds(), 0).eval()
+    report = repfx.reparameterize(model, (torch.randn(1, 8, 8, 8),)).meta["repfx"]
+    assert report.iterations == 2  # the second round confirms the fixed point
+    assert [r.node for r in report.refusals] == ["add", "add_1"]
+    assert all("different tensors" in r.reason for r in report.refusals)
