@@ -47,6 +47,8 @@ class ConstantFolder:
 
     def _evaluate(self, node: fx.Node) -> Any:
         if node.op == "get_attr":
+            if any(_writes_into(user, node) for user in node.users):
+                return _NOT_CONSTANT  # state the model updates as it runs (a counter, running stats)
             return _fetch_attr(self._gm, node.target)
         if node.op != "call_function" or _is_nondeterministic(node.target):
             return _NOT_CONSTANT
@@ -66,6 +68,17 @@ def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
     for part in target.split("."):
         value = getattr(value, part)
     return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def _writes_into(user: fx.Node, tensor: fx.Node) -> bool:
+    """Whether ``user`` mutates ``tensor`` (``copy_``/``add_``... with it as the written argument)."""
+    schema = getattr(user.target, "_schema", None)
+    if schema is None:
+        return False
+    for argument, value in zip(schema.arguments, user.args):
+        if value is tensor and argument.alias_info is not None and argument.alias_info.is_write:
+            return True
+    return False
 
 
 def _is_nondeterministic(target: Any) -> bool:

@@ -26,6 +26,7 @@ class EmissionPlan:
     scales: tuple[Term, ...]  # per-channel scale (one mul)
     identities: tuple[Term, ...]  # the source itself
     bias: Tensor  # total shift of the expression, placed once
+    rank: int  # spatial rank of the forms (0: linear, channel is the last dim)
 
     @property
     def bias_needs_add(self) -> bool:
@@ -46,7 +47,7 @@ def plan(expr: Expr) -> EmissionPlan:
         else:
             convs.append(term)
     bias = torch.stack([term.form.bias for term in expr.terms]).sum(0)
-    return EmissionPlan(tuple(convs), tuple(scales), tuple(identities), bias)
+    return EmissionPlan(tuple(convs), tuple(scales), tuple(identities), bias, expr.terms[0].form.rank)
 
 
 class Emitter:
@@ -57,9 +58,10 @@ class Emitter:
         self.replaced: dict[fx.Node, fx.Node] = {}
 
     def emit(self, root: fx.Node, emission: EmissionPlan) -> fx.Node:
-        value = root.meta["val"]
-        dtype = value.dtype
-        rank = value.dim() - 2
+        dtype = root.meta["val"].dtype
+        # Per-channel constants broadcast along the forms' channel axis: dim 1 for
+        # convolutions, the last dim for rank-0 (linear) forms on [..., C] tensors.
+        rank = emission.rank
         graph = self.gm.graph
         with graph.inserting_before(root):
             parts: list[fx.Node] = []

@@ -118,8 +118,8 @@ def fold_linear_regions(gm: fx.GraphModule, cost: CostPolicy = "macs") -> PassRe
     for root, expr in regions:
         executed = sorted((op for op in expr.ops if _is_executed(op)), key=order.__getitem__)
         emission = plan(expr)
-        if emission.op_count >= len(executed) or not _keeps_leading_shape(root, expr):
-            continue
+        if not 0 < emission.op_count < len(executed) or not _keeps_leading_shape(root, expr):
+            continue  # not fewer ops; or an identity, whose result would alias its input
         emitter.emit(root, emission)
         for op in sorted(expr.ops, key=order.__getitem__, reverse=True):
             if not op.users:

@@ -116,7 +116,7 @@ class _Analyzer:
         alone with the error as its refusal: a graph is never half-understood.
         """
         try:
-            return handler(self, node, self._absorbing(node))
+            return self._same_dtype(node, handler(self, node, self._absorbing(node)))
         except NotLinear:
             return None
         except NotExact as refusal:
@@ -125,12 +125,23 @@ class _Analyzer:
             self.result.refuse(node, f"not analyzed: {type(error).__name__}: {error}")
             return None
         try:
-            return handler(self, node, self._boundary)
+            return self._same_dtype(node, handler(self, node, self._boundary))
         except (NotExact, NotLinear):
             return None
         except Exception as error:
             self.result.refuse(node, f"not analyzed: {type(error).__name__}: {error}")
             return None
+
+    @staticmethod
+    def _same_dtype(node: fx.Node, expr: Expr) -> Expr:
+        """Type promotion (an fp32 conv times an fp64 buffer) changes the dtype inside a
+        region; one emitted conv has one dtype, so such regions are not formed."""
+        dtype = node.meta["val"].dtype
+        for term in expr.terms:
+            if term.source.meta["val"].dtype != dtype:
+                raise NotExact(f"{node.name}: dtype changes from {term.source.meta['val'].dtype} to {dtype} "
+                               "inside the region (type promotion)")
+        return expr
 
     # -- operands --------------------------------------------------------------------
     def _absorbing(self, consumer: fx.Node) -> Operand:
@@ -317,6 +328,8 @@ def _convolution(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
     w = an.weight(node, weight)
     b = None if bias is None else an.weight(node, bias, "bias")
     rank = w.dim() - 2
+    if not isinstance(x, fx.Node) or x.meta["val"].dim() != rank + 2:
+        raise NotLinear  # unbatched input: dim 1 is not the channel dim
     dilation = _ints(dilation, rank)
     if isinstance(padding, str):
         if padding == "valid":
@@ -455,12 +468,17 @@ def _identity(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
     return Expr(expr.terms, expr.ops | {node}, expr.shape)
 
 
-@_handles(aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default)
+_POOL_RANK = {aten.avg_pool1d.default: 1, aten.avg_pool2d.default: 2, aten.avg_pool3d.default: 3}
+
+
+@_handles(*_POOL_RANK)
 def _avg_pool(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
     args = list(node.args) + [None] * (7 - len(node.args))
     x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor = args[:7]
     shape = an.sample_shape(node)
     rank = len(shape) - 1
+    if rank != _POOL_RANK[node.target]:
+        raise NotLinear  # unbatched input: dim 1 is not the channel dim
     kernel_size = _ints(kernel_size, rank)
     stride = _ints(stride, rank) if stride else kernel_size
     padding = _ints(padding or 0, rank)

@@ -15,6 +15,7 @@ from repfx.passes import run_to_fixed_point
 from .capture import SupportedModel, capture
 from .opcount import count_ops, summarize
 from .report import Refusal, Report, Rewrite
+from .verify import copy_inputs
 from .verify import verify as verify_outputs
 
 
@@ -77,7 +78,8 @@ def _run(model, example_inputs, *, verify, rtol, atol, dynamic_batch, cost) -> t
         ops_before, ops_after = stats.reference_ops, stats.candidate_ops  # counted while verifying
         _lap(report, "verify", clock)
     else:
-        ops_before, ops_after = count_ops(reference, example_inputs), count_ops(gm, example_inputs)
+        ops_before = count_ops(reference, copy_inputs(example_inputs))
+        ops_after = count_ops(gm, copy_inputs(example_inputs))
         _lap(report, "count", clock)
     report.ops_before, report.ops_after = summarize(ops_before), summarize(ops_after)
     report.parameters_before = _parameter_count(reference)

@@ -26,6 +26,9 @@ def capture(model: SupportedModel, example_inputs: Sequence[Any], *, dynamic_bat
     """Aten GraphModule with eval semantics for ``model``; the model itself is never modified."""
     example_inputs = _as_tuple(example_inputs)
     program = _export(model, example_inputs, dynamic_batch)
+    if program is model or isinstance(model, torch.jit.ScriptModule):
+        # The program's module would share the user's tensors (and advance any state it updates).
+        program = copy.deepcopy(program)
     _reject_training_program(program)
     if _has_mutation(program):
         try:

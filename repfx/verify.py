@@ -69,10 +69,13 @@ def verify(
     reference_counter, candidate_counter = OpCounter(), OpCounter()
     for set_index, inputs in enumerate(input_sets):
         # The example run doubles as the op count, saving two forward passes.
+        # Each run gets its own copy: a forward may write into its inputs (x.div_(255)),
+        # and the caller's tensors must come back untouched.
+        reference_inputs, candidate_inputs = copy_inputs(inputs), copy_inputs(inputs)
         with torch.no_grad(), (reference_counter if set_index == 0 else nullcontext()):
-            expected = pytree.tree_leaves(reference(*inputs))
+            expected = pytree.tree_leaves(reference(*reference_inputs))
         with torch.no_grad(), (candidate_counter if set_index == 0 else nullcontext()):
-            actual = pytree.tree_leaves(candidate(*inputs))
+            actual = pytree.tree_leaves(candidate(*candidate_inputs))
         if len(expected) != len(actual):
             raise VerificationError(f"rewritten graph returns {len(actual)} outputs, original {len(expected)}")
         for index, (want, got) in enumerate(zip(expected, actual)):
@@ -89,6 +92,10 @@ def verify(
                 worst = replace(worst, max_rel_error=error / _magnitude(want), tolerance=tolerance)
             worst = replace(worst, max_abs_error=max(error, worst.max_abs_error))
     return replace(worst, reference_ops=reference_counter.counts, candidate_ops=candidate_counter.counts)
+
+
+def copy_inputs(inputs: tuple) -> tuple:
+    return pytree.tree_map(lambda leaf: leaf.clone() if isinstance(leaf, torch.Tensor) else leaf, inputs)
 
 
 def _magnitude(tensor: torch.Tensor) -> float:
@@ -123,8 +130,9 @@ def _float64_second_opinion(reference: Callable, candidate: Callable, inputs: tu
     try:
         as64 = lambda leaf: leaf.double() if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() else leaf
         with torch.no_grad():
-            exact = pytree.tree_leaves(copy.deepcopy(reference).double()(*pytree.tree_map(as64, inputs)))[index]
-            rewritten = pytree.tree_leaves(copy.deepcopy(candidate).double()(*pytree.tree_map(as64, inputs)))[index]
+            inputs64 = pytree.tree_map(as64, inputs)
+            exact = pytree.tree_leaves(copy.deepcopy(reference).double()(*copy_inputs(inputs64)))[index]
+            rewritten = pytree.tree_leaves(copy.deepcopy(candidate).double()(*copy_inputs(inputs64)))[index]
     except Exception as failure:
         raise VerificationError(f"{message} (a float64 re-check was not possible: {failure})") from None
     magnitude = _magnitude(exact)

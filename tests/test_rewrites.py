@@ -915,3 +915,97 @@ def test_region_ending_in_another_layout_is_left_alone():
     gm, report = reparam(model, x)
     assert_matches(model, gm, x)
     assert ops(gm, x)["batch_norm"] == 1 and not report.rewrites
+
+
+# -- regressions from an adversarial review ------------------------------------------------
+
+class TokenLinearScaled(nn.Module):
+    """Per-channel scale on a linear's [B, N, C] output: the scale broadcasts on the last dim."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 6)
+        self.gain = nn.Parameter(torch.rand(6))
+
+    def forward(self, x):
+        y = self.linear(x)
+        return torch.relu(y * self.gain + y)
+
+
+class PromotedByBuffer(nn.Module):
+    """fp32 conv times an fp64 buffer: the region would change dtype midway."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.register_buffer("scale", torch.rand(4, 1, 1, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.conv(x) * self.scale
+
+
+class UnbatchedPool(nn.Module):
+    def forward(self, x):
+        return F.avg_pool1d(x, 3, 1, 1) * 2
+
+
+class WritesIntoInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x.div_(255)
+        return self.bn(self.conv(x))
+
+
+class Counter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.conv(x) * self.calls
+
+
+@pytest.mark.parametrize("factory,shape", [
+    pytest.param(TokenLinearScaled, (2, 3, 4), id="channel-last-scale"),
+    pytest.param(PromotedByBuffer, (1, 3, 8, 8), id="dtype-promotion"),
+    pytest.param(UnbatchedPool, (4, 10), id="unbatched-avgpool"),
+])
+def test_reviewed_models_come_back_exact(factory, shape):
+    model = build(factory)
+    x = rand(*shape)
+    gm, _ = reparam(model, x)
+    assert_matches(model, gm, x)
+
+
+def test_forward_writing_into_its_input_leaves_the_callers_tensor_alone():
+    model = build(WritesIntoInput)
+    x = image(3, 6)
+    before = x.clone()
+    gm, _ = reparam(model, x)
+    assert torch.equal(x, before)
+    assert_ops(gm, x.clone(), convolution=1, batch_norm=0)
+
+
+def test_state_the_model_updates_is_not_folded_as_a_constant():
+    model = Counter().eval()
+    x = image(3, 8)
+    program = torch.export.export(model, (x,))
+    state = {k: v.clone() for k, v in program.state_dict.items()}
+    gm, _ = reparam(program, x)  # would fail verification if calls were folded into the weights
+    assert all(torch.equal(state[k], v) for k, v in program.state_dict.items())
+
+
+def test_identity_region_does_not_return_its_input():
+    class TimesOne(nn.Module):
+        def forward(self, x):
+            return x * 1.0
+
+    x = image()
+    gm, _ = reparam(TimesOne().eval(), x)
+    assert gm(x).data_ptr() != x.data_ptr()
