@@ -261,14 +261,19 @@ def compose(outer: ConvForm, inner: ConvForm) -> ConvForm:
 def _compose_channel_maps(outer: ConvForm, inner: ConvForm) -> tuple[Tensor, int]:
     """Kernel and groups of ``outer`` after ``inner`` (one of them pointwise).
 
-    Per-channel scales take a fast path: they only rescale rows or columns, and
-    expanding them to a dense matrix would cost O(C^3) for wide layers.
+    Per-channel scales and depthwise kernels take fast paths: they only rescale
+    rows or columns (per tap), and expanding them to a dense matrix would cost
+    O(C^3 k) for wide layers.
     """
     if outer.is_diagonal and not any(outer.padding):
         scale = outer.weight.reshape((-1,) + (1,) * (inner.weight.dim() - 1))
         return scale * inner.weight, inner.groups
     if inner.is_diagonal:
         return kernels.scale_input_channels(outer.weight, outer.groups, inner.weight.reshape(-1)), outer.groups
+    if outer.weight.shape[1] == 1 and inner.is_pointwise:
+        return kernels.depthwise_after_pointwise(outer.weight, inner.weight), inner.groups
+    if inner.groups == inner.in_channels == inner.out_channels and outer.is_pointwise:
+        return kernels.pointwise_after_depthwise(outer.weight, outer.groups, inner.weight), outer.groups
     groups = math.gcd(outer.groups, inner.groups)
     outer_w = kernels.regroup(outer.weight, outer.groups, groups)
     inner_w = kernels.regroup(inner.weight, inner.groups, groups)

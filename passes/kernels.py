@@ -136,3 +136,24 @@ def scale_input_channels(weight: Tensor, groups: int, scale: Tensor) -> Tensor:
     weight_g = grouped_view(weight, groups)
     factor = scale.reshape((groups, 1, -1) + (1,) * (weight.dim() - 2))
     return (weight_g * factor).reshape(weight.shape)
+
+
+def depthwise_after_pointwise(outer: Tensor, inner: Tensor) -> Tensor:
+    """Kernel of a depthwise ``outer`` (one input channel per output, channel multiplier
+    ``m``) after a pointwise ``inner``: output ``o`` reads mid channel ``o // m``, so its
+    kernel is that mid channel's row of ``inner`` times ``o``'s taps. The result has
+    ``inner``'s groups (output blocks line up with the mid channels they read)."""
+    multiplier = outer.shape[0] // inner.shape[0]
+    rows = inner.reshape(inner.shape[0], -1).repeat_interleave(multiplier, dim=0)  # o, i
+    taps = outer.reshape((outer.shape[0], 1) + tuple(outer.shape[2:]))
+    return rows.reshape(rows.shape + (1,) * (outer.dim() - 2)) * taps
+
+
+def pointwise_after_depthwise(outer: Tensor, groups: int, inner: Tensor) -> Tensor:
+    """Kernel of a pointwise ``outer`` (``groups`` groups) after a depthwise ``inner``
+    (one kernel per channel, no multiplier): input channel ``c`` contributes through
+    ``c``'s taps, so each column of ``outer`` is scaled by them."""
+    outer_g = grouped_view(outer, groups).reshape(groups, outer.shape[0] // groups, outer.shape[1])
+    taps = inner.reshape((groups, 1, outer.shape[1]) + tuple(inner.shape[2:]))
+    product = outer_g.reshape(outer_g.shape + (1,) * (inner.dim() - 2)) * taps
+    return product.reshape((outer.shape[0], outer.shape[1]) + tuple(inner.shape[2:]))

@@ -204,3 +204,20 @@ def test_linear_forms_compose_and_merge(gen):
     x = torch.randn(3, 5, generator=gen, dtype=torch.float64)
     merged = compose(bn, merge_parallel([a, b]))
     assert_close(run(merged, x), run(bn, run(a, x) + run(b, x)))
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("case", ["dw-after-1x1", "dw-multiplier-after-grouped-1x1", "1x1-after-dw",
+                                  "grouped-1x1-after-dw"])
+def test_depthwise_compositions_equal_sequential_ops(gen, rank, case):
+    if case == "dw-after-1x1":
+        inner, outer = random_conv(gen, rank, 6, 8, 1), random_conv(gen, rank, 8, 8, 3, groups=8, padding=0)
+    elif case == "dw-multiplier-after-grouped-1x1":
+        inner = random_conv(gen, rank, 6, 8, 1, groups=2)
+        outer = random_conv(gen, rank, 8, 16, 3, groups=8, stride=2, padding=0)
+    elif case == "1x1-after-dw":
+        inner, outer = random_conv(gen, rank, 8, 8, 5, groups=8, dilation=2), random_conv(gen, rank, 8, 4, 1, padding=0)
+    else:
+        inner, outer = random_conv(gen, rank, 8, 8, 3, groups=8, stride=2), random_conv(gen, rank, 8, 6, 1, groups=2, padding=0)
+    x = random_input(gen, rank, inner.in_channels)
+    assert_close(run(compose(outer, inner), x), run(outer, run(inner, x)))
