@@ -115,22 +115,18 @@ class _Analyzer:
         Any other error (an op variant a handler did not foresee) leaves the node
         alone with the error as its refusal: a graph is never half-understood.
         """
-        try:
-            return self._same_dtype(node, handler(self, node, self._absorbing(node)))
-        except NotLinear:
-            return None
-        except NotExact as refusal:
-            self.result.refuse(node, str(refusal))
-        except Exception as error:
-            self.result.refuse(node, f"not analyzed: {type(error).__name__}: {error}")
-            return None
-        try:
-            return self._same_dtype(node, handler(self, node, self._boundary))
-        except (NotExact, NotLinear):
-            return None
-        except Exception as error:
-            self.result.refuse(node, f"not analyzed: {type(error).__name__}: {error}")
-            return None
+        for attempt, operand in enumerate((self._absorbing(node), self._boundary)):
+            try:
+                return self._same_dtype(node, handler(self, node, operand))
+            except NotLinear:
+                return None
+            except NotExact as refusal:
+                if attempt == 0:  # the first refusal explains the node; the retry's is not reported
+                    self.result.refuse(node, str(refusal))
+            except Exception as error:
+                self.result.refuse(node, f"not analyzed: {type(error).__name__}: {error}")
+                return None
+        return None
 
     @staticmethod
     def _same_dtype(node: fx.Node, expr: Expr) -> Expr:
