@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -28,6 +28,7 @@ def reparameterize(
     atol: float | None = None,
     dynamic_batch: bool = False,
     cost: Literal["macs", "always"] = "macs",
+    progress: Callable[[str], None] | None = None,
 ) -> fx.GraphModule:
     """Training-form ``model`` -> plain GraphModule with eval semantics; ``gm.meta["repfx"]`` is the Report.
 
@@ -36,10 +37,11 @@ def reparameterize(
     as compute it exactly, unless the merge would cost more MACs (``cost="always"``
     forces structural merges). With ``verify`` the result is checked against the
     captured original and ``VerificationError`` is raised instead of returning a
-    wrong graph. ``model`` is never modified.
+    wrong graph. ``model`` is never modified. ``progress`` is called with each phase's
+    name ("capture", "rewrite", "verify") as it starts.
     """
     gm, report = _run(model, example_inputs, verify=verify, rtol=rtol, atol=atol,
-                      dynamic_batch=dynamic_batch, cost=cost)
+                      dynamic_batch=dynamic_batch, cost=cost, progress=progress)
     return gm
 
 
@@ -49,15 +51,19 @@ def explain(model: SupportedModel, example_inputs: Sequence[Any], *, cost: Liter
     return report
 
 
-def _run(model, example_inputs, *, verify, rtol, atol, dynamic_batch, cost) -> tuple[fx.GraphModule, Report]:
+def _run(model, example_inputs, *, verify, rtol, atol, dynamic_batch, cost,
+         progress=None) -> tuple[fx.GraphModule, Report]:
     if cost not in ("macs", "always"):
         raise ValueError(f"cost must be 'macs' or 'always', got {cost!r}")
+    progress = progress or (lambda phase: None)
+    progress("capture")
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     report = Report(model=_model_name(model))
     clock = time.perf_counter()
     gm = capture(model, example_inputs, dynamic_batch=dynamic_batch)
     reference = copy.deepcopy(gm)
     clock = _lap(report, "capture", clock)
+    progress("rewrite")
 
     results = run_to_fixed_point(gm, cost)
     report.iterations = len(results)
@@ -69,6 +75,7 @@ def _run(model, example_inputs, *, verify, rtol, atol, dynamic_batch, cost) -> t
     report.refusals = [Refusal(node, reason) for node, reason in results[0].refusals]
     clock = _lap(report, "rewrite", clock)
 
+    progress("verify" if verify else "count")
     if verify:
         stats = verify_outputs(reference, gm, example_inputs, rtol=rtol, atol=atol,
                                extra_batch=3 if dynamic_batch else None)

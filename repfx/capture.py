@@ -100,7 +100,7 @@ def _eval_copy(model: nn.Module) -> nn.Module:
 def _export_module(module: nn.Module, inputs: tuple, dynamic_batch: bool, name: str) -> torch.export.ExportedProgram:
     dynamic_shapes = None
     if dynamic_batch:
-        inputs, dynamic_shapes = _dynamic_batch_spec(module, inputs)
+        inputs, dynamic_shapes = dynamic_batch_spec(module, inputs)
     try:
         return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as error:
@@ -111,7 +111,7 @@ def _export_module(module: nn.Module, inputs: tuple, dynamic_batch: bool, name: 
         ) from error
 
 
-def _dynamic_batch_spec(module: nn.Module, inputs: tuple) -> tuple[tuple, Any]:
+def dynamic_batch_spec(module: nn.Module, inputs: tuple) -> tuple[tuple, Any]:
     """Mark dim 0 of every tensor input as one shared dynamic batch.
 
     A batch of 1 would be specialized by export (sizes 0 and 1 are special), so

@@ -1,4 +1,4 @@
-"""The two errors users can act on."""
+"""The errors users can act on."""
 
 
 class CaptureError(RuntimeError):
@@ -7,3 +7,14 @@ class CaptureError(RuntimeError):
 
 class VerificationError(RuntimeError):
     """The rewritten graph does not reproduce the original outputs within tolerance."""
+
+
+class BackendUnavailable(RuntimeError):
+    """A lowering backend's dependency (torch_tensorrt, TensorRT, a CUDA device, onnxruntime) is missing.
+
+    The message names the missing piece and how to get it; nothing was built.
+    """
+
+
+class LoweringError(RuntimeError):
+    """A backend could not lower the plain graph (export to ONNX, TensorRT build); names the step."""

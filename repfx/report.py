@@ -35,6 +35,12 @@ class Report:
     verification_note: str | None = None  # e.g. an fp32 difference shown to be rounding noise in float64
     iterations: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    # Set by repfx.compile / repfx.export: where the plain graph was lowered and how it checked out.
+    backend: str | None = None
+    precision: str | None = None
+    backend_max_abs_error: float | None = None  # backend output vs the fp32 plain graph
+    backend_tolerance: float | None = None
+    notes: list[str] = field(default_factory=list)  # e.g. an artifact that was not built, and why
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +58,12 @@ class Report:
                          f"(tolerance {self.tolerance:.3e})")
             if self.verification_note:
                 lines.append(f"  note: {self.verification_note}")
+        if self.backend is not None:
+            checked = ("not verified" if self.backend_max_abs_error is None else
+                       f"max |error| vs plain fp32 graph {self.backend_max_abs_error:.3e} "
+                       f"(tolerance {self.backend_tolerance:.3e})")
+            lines.append(f"backend: {self.backend} {self.precision}, {checked}")
+        lines += [f"note: {note}" for note in self.notes]
         lines.append(f"passes ran {self.iterations} time(s); "
                      + ", ".join(f"{phase} {secs:.2f}s" for phase, secs in self.seconds.items()))
         lines += ["", f"merged ({len(self.rewrites)}):"]

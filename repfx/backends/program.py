@@ -1,0 +1,79 @@
+"""The plain graph as an ``ExportedProgram``: the one artifact every backend lowers from.
+
+torch-tensorrt's dynamo path, ``torch.onnx.export(dynamo=True)`` and
+``torch.export.save`` all take an ExportedProgram, so the re-parameterized
+GraphModule is re-exported once, with the batch dimension symbolic when asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from ..capture import dynamic_batch_spec
+from ..errors import LoweringError
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision]
+
+
+def cast_floating(value: Any, dtype: torch.dtype, device: torch.device | str | None = None) -> Any:
+    """``value``'s floating tensors in ``dtype`` (and on ``device``); everything else as it is."""
+    def cast(leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        leaf = leaf.to(device) if device is not None else leaf
+        return leaf.to(dtype) if leaf.is_floating_point() else leaf
+
+    return torch.utils._pytree.tree_map(cast, value)
+
+
+def in_precision(plain: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModule:
+    """A copy of ``plain`` whose floating weights are ``dtype`` (folding already happened in fp32/fp64)."""
+    import copy
+
+    clone = copy.deepcopy(plain)
+    return clone if dtype == torch.float32 else clone.to(dtype)
+
+
+def export_program(plain: fx.GraphModule, example_inputs: Sequence[Any], *,
+                   dynamic_batch: bool = False) -> torch.export.ExportedProgram:
+    """``plain`` re-exported (no dispatch-level changes: it already is an aten graph)."""
+    inputs, dynamic_shapes = tuple(example_inputs), None
+    if dynamic_batch:
+        inputs, dynamic_shapes = dynamic_batch_spec(plain, inputs)
+    try:
+        with torch.no_grad():
+            return torch.export.export(plain, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as error:
+        raise LoweringError(f"re-exporting the plain graph failed: {_first_line(error)}") from error
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:500]
+
+
+def user_input_nodes(program: torch.export.ExportedProgram) -> list[fx.Node]:
+    names = set(program.graph_signature.user_inputs)
+    return [node for node in program.graph.nodes if node.op == "placeholder" and node.name in names]
+
+
+def output_values(program: torch.export.ExportedProgram) -> list[Any]:
+    """The fake values of the program's outputs, flattened."""
+    output = next(node for node in program.graph.nodes if node.op == "output")
+    return [node.meta["val"] for node in torch.utils._pytree.tree_leaves(output.args[0])
+            if isinstance(node, fx.Node)]
+
+
+def output_names(program: torch.export.ExportedProgram) -> list[str]:
+    """``output0..N``: torch-tensorrt's engine binding names, given to the ONNX outputs as well."""
+    return [f"output{index}" for index in range(len(output_values(program)))]

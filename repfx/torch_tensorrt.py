@@ -1,0 +1,77 @@
+"""One line for existing torch-tensorrt scripts: ``repfx.torch_tensorrt.install()``.
+
+It registers repfx as torch-tensorrt's first aten lowering pass, so
+``torch_tensorrt.compile(model, ...)`` re-parameterizes every graph before
+conversion. Lowering passes see the aten graph torch-tensorrt is about to convert,
+with weights as ``get_attr`` constants, which is exactly the form repfx folds.
+
+A lowering pass gets no example inputs, so verification draws seeded random
+inputs from the shapes recorded on the graph's placeholders (``meta["val"]``)
+and compares the graph before and after; a mismatch raises ``VerificationError``
+instead of letting torch-tensorrt build a wrong engine.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import fx
+
+from .errors import VerificationError
+from .verify import verify
+
+_installed: list[Any] = []
+
+
+def repfx_lowering_pass(gm: fx.GraphModule, settings: Any = None) -> fx.GraphModule:
+    """torch-tensorrt's lowering-pass signature ``(gm, settings) -> gm``: fold every linear region of ``gm``."""
+    from repfx.passes import run_to_fixed_point
+
+    inputs = _inputs_from_placeholder_meta(gm)
+    original = copy.deepcopy(gm) if inputs is not None else None
+    results = run_to_fixed_point(gm, "macs")
+    if not any(step.modified for step in results):
+        return gm
+    gm.graph.lint()
+    gm.recompile()
+    if original is None:
+        raise VerificationError("repfx lowering pass: the graph's placeholders carry no shapes (meta['val']), "
+                                "so the rewrite cannot be verified; refusing to hand an unverified graph on")
+    verify(original, gm, inputs)
+    return gm
+
+
+def _inputs_from_placeholder_meta(gm: fx.GraphModule) -> tuple | None:
+    """Seeded random tensors shaped like each placeholder's fake value (symbolic sizes at their hints)."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            return None
+        shape = [int(getattr(size, "node", None).hint) if isinstance(size, torch.SymInt) else int(size)
+                 for size in value.shape]
+        tensor = torch.randn(shape, generator=generator) if value.is_floating_point() else torch.zeros(shape)
+        inputs.append(tensor.to(dtype=value.dtype, device=value.device))
+    return tuple(inputs)
+
+
+def install(index: int = 0) -> None:
+    """Register ``repfx_lowering_pass`` with torch-tensorrt at ``index`` (idempotent)."""
+    from .backends.availability import require_torch_tensorrt
+
+    require_torch_tensorrt()
+    if _installed:
+        return
+    # The package star-imports this module, which does not re-export underscore names.
+    from torch_tensorrt.dynamo.lowering.passes._aten_lowering_pass import _aten_lowering_pass
+
+    _aten_lowering_pass(repfx_lowering_pass, index=index)
+    _installed.append(repfx_lowering_pass)
+
+
+__all__ = ["install", "repfx_lowering_pass"]
