@@ -10,7 +10,7 @@
 from . import dynamo_backend
 from .api import explain, reparameterize
 from .errors import BackendUnavailable, CaptureError, LoweringError, VerificationError
-from .export import ExportResult, export
+from .exporter import ExportResult, export
 from .lowering import DeployedModel, compile
 from .report import Refusal, Report, Rewrite
 

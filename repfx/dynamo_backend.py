@@ -24,28 +24,52 @@ BACKEND_NAME = "repfx"
 
 
 def repfx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **inductor_options: Any) -> Callable:
+    """The dynamo backend: fold ``gm``'s linear regions, then compile the plain graph with inductor."""
     from torch._inductor.compile_fx import compile_fx
 
-    from .api import reparameterize
-    from .errors import CaptureError, VerificationError
-
-    state_positions = _module_state_positions(gm)
-    if not state_positions:  # nothing constant to fold
+    folded = plain_graph(gm, example_inputs)
+    if folded is None:
         return compile_fx(gm, list(example_inputs), **inductor_options)
-    runtime_positions = [i for i in range(len(example_inputs)) if i not in state_positions]
-    bound = _bind_module_state(gm, {i: example_inputs[i] for i in state_positions})
-    runtime_inputs = [example_inputs[i] for i in runtime_positions]
-    try:
-        plain = reparameterize(bound, tuple(runtime_inputs))
-    except (CaptureError, VerificationError) as error:
-        warnings.warn(f"repfx backend: graph compiled without re-parameterization: {error}", stacklevel=2)
-        return compile_fx(gm, list(example_inputs), **inductor_options)
-    compiled = compile_fx(plain, runtime_inputs, **inductor_options)
+    plain, runtime_positions = folded
+    compiled = compile_fx(plain, [example_inputs[i] for i in runtime_positions], **inductor_options)
 
     def run(*args: Any) -> Any:
         return compiled(*[args[i] for i in runtime_positions])
 
     return run
+
+
+def plain_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list[int]] | None:
+    """(re-parameterized graph taking only the runtime inputs, their positions), or None to compile ``gm`` as is."""
+    from .api import reparameterize
+    from .errors import CaptureError, VerificationError
+
+    state_positions = _module_state_positions(gm)
+    if not state_positions:
+        return None  # no module state: nothing constant to fold
+    runtime_positions = [i for i in range(len(example_inputs)) if i not in state_positions]
+    bound = _bind_module_state(gm, {i: example_inputs[i] for i in state_positions})
+    try:
+        plain = reparameterize(bound, tuple(example_inputs[i] for i in runtime_positions))
+    except (CaptureError, VerificationError) as error:
+        warnings.warn(f"repfx backend: graph compiled without re-parameterization: {error}", stacklevel=3)
+        return None
+    _drop_export_guards(plain)
+    return plain, runtime_positions
+
+
+def _drop_export_guards(gm: fx.GraphModule) -> None:
+    """Remove the input-shape guard module ``torch.export`` puts in unlifted graphs.
+
+    Dynamo already guards the inputs of the graph it compiled, and the guard module
+    holds unpicklable closures that make inductor's cache skip the graph.
+    """
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+        gm.recompile()
 
 
 def _module_state_positions(gm: fx.GraphModule) -> set[int]:

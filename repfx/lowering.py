@@ -19,7 +19,8 @@ from torch.utils import _pytree as pytree
 from .api import reparameterize
 from .backends import BACKENDS, resolve_backend
 from .backends.onnx import compile_onnx
-from .backends.program import cast_floating, export_program, in_precision, precision_dtype
+from .backends.program import (cast_floating, export_program, in_precision, precision_dtype,
+                               record_tensorrt_coverage)
 from .backends.tensorrt import compile_tensorrt
 from .capture import SupportedModel
 from .report import Report
@@ -98,11 +99,12 @@ def compile(
     if progress is not None:
         progress("build")
     runner = _build(name, deploy_graph, deploy_inputs, dynamic_batch=dynamic_batch, batch_range=batch_range,
-                    options=backend_options)
+                    options=backend_options, report=report)
     deployed = DeployedModel(runner, backend=name, precision=precision, plain=plain, report=report, device=device)
     report.backend, report.precision = name, precision
     if verify:
-        stats = verify_outputs(plain, _outputs_on_cpu(deployed) if device is not None else deployed, inputs,
+        stats = verify_outputs(plain, _outputs_on(_device_of(inputs), deployed) if device is not None else deployed,
+                               inputs,
                                rtol=PRECISION_RTOL[precision] if rtol is None else rtol,
                                extra_batch=3 if dynamic_batch else None)
         report.backend_max_abs_error = stats.max_abs_error
@@ -111,7 +113,7 @@ def compile(
 
 
 def _build(name: str, graph: fx.GraphModule, inputs: tuple, *, dynamic_batch: bool,
-           batch_range: tuple[int, int, int] | None, options: dict) -> Callable:
+           batch_range: tuple[int, int, int] | None, options: dict, report: Report) -> Callable:
     if name == "eager":
         return graph
     if name == "inductor":
@@ -119,19 +121,25 @@ def _build(name: str, graph: fx.GraphModule, inputs: tuple, *, dynamic_batch: bo
     program = export_program(graph, inputs, dynamic_batch=dynamic_batch)
     if name == "onnx":
         return compile_onnx(program, **options)
+    record_tensorrt_coverage(program, report)  # says which op would block a single engine
     if dynamic_batch and batch_range is None:
         batch = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) else 1
         batch_range = (1, batch, max(batch, 64))
     return compile_tensorrt(program, inputs, batch_range=batch_range if dynamic_batch else None, **options)
 
 
-def _outputs_on_cpu(module: Callable) -> Callable:
-    """Verification compares on the reference's device (the CPU) when the backend runs on CUDA."""
+def _outputs_on(device: torch.device, module: Callable) -> Callable:
+    """Verification compares on the reference's device when the backend runs elsewhere (TensorRT on CUDA)."""
     def run(*args: Any, **kwargs: Any) -> Any:
-        return pytree.tree_map(lambda leaf: leaf.cpu() if isinstance(leaf, torch.Tensor) else leaf,
+        return pytree.tree_map(lambda leaf: leaf.to(device) if isinstance(leaf, torch.Tensor) else leaf,
                                module(*args, **kwargs))
 
     return run
+
+
+def _device_of(inputs: tuple) -> torch.device:
+    return next((leaf.device for leaf in pytree.tree_leaves(inputs) if isinstance(leaf, torch.Tensor)),
+                torch.device("cpu"))
 
 
 __all__ = ["BACKENDS", "DeployedModel", "compile"]

@@ -41,6 +41,9 @@ class Report:
     backend_max_abs_error: float | None = None  # backend output vs the fp32 plain graph
     backend_tolerance: float | None = None
     notes: list[str] = field(default_factory=list)  # e.g. an artifact that was not built, and why
+    # torch-tensorrt converter coverage of the plain program, from the op list kept as data.
+    tensorrt_ops_source: str | None = None  # e.g. "torch-tensorrt 2.14.0"
+    tensorrt_unconvertible: list[str] = field(default_factory=list)  # "node: op (reason)": would fall back
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,6 +66,11 @@ class Report:
                        f"max |error| vs plain fp32 graph {self.backend_max_abs_error:.3e} "
                        f"(tolerance {self.backend_tolerance:.3e})")
             lines.append(f"backend: {self.backend} {self.precision}, {checked}")
+        if self.tensorrt_ops_source is not None:
+            lines.append(f"TensorRT conversion ({self.tensorrt_ops_source} converter list): " + (
+                f"{len(self.tensorrt_unconvertible)} op(s) would fall back to PyTorch" if self.tensorrt_unconvertible
+                else "every op has a converter (no PyTorch fallback expected)"))
+            lines += [f"  {entry}" for entry in self.tensorrt_unconvertible]
         lines += [f"note: {note}" for note in self.notes]
         lines.append(f"passes ran {self.iterations} time(s); "
                      + ", ".join(f"{phase} {secs:.2f}s" for phase, secs in self.seconds.items()))

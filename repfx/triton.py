@@ -113,7 +113,7 @@ def render_config(
     Pure: validates and formats, touches no files, so the config can be previewed or
     tested without a repository.
     """
-    _check_model_name(model_name)
+    check_model_name(model_name)
     _check_platform(platform)
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 0:
         raise ValueError(f"max_batch_size must be an int >= 0 (0 disables batching), got {max_batch_size!r}")
@@ -263,7 +263,7 @@ def _config_dims(spec: TensorSpec, max_batch_size: int) -> tuple[int, ...]:
     return dims
 
 
-def _check_model_name(name: str) -> None:
+def check_model_name(name: str) -> None:
     """Refuse names that are not one safe directory component."""
     if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):
         raise ValueError(

@@ -209,6 +209,7 @@ class ConverterTable:
         they stay in the graph and are reported as decomposed, rather than being rewritten the
         way torch would and checked against the wrong result.
         """
+        # Private torch helpers, but the very ones torch-tensorrt 2.14 calls to build its table.
         from torch._export.utils import _collect_all_valid_cia_ops_for_aten_namespace, _get_decomp_for_cia
 
         enabled = [op for e in self._decomposed_entries("torch") if (op := _torch_op(e["op"])) is not None]
@@ -272,7 +273,7 @@ def _torch_op(name: str) -> OpOverload | OpOverloadPacket | None:
     try:
         op = getattr(getattr(torch.ops, namespace), rest.split(".")[0])
         return getattr(op, rest.split(".")[1]) if "." in rest else op
-    except (AttributeError, RuntimeError):
+    except AttributeError:
         return None
 
 
@@ -290,7 +291,9 @@ def load_converter_table(version: str = DEFAULT_VERSION) -> ConverterTable:
     return ConverterTable(data)
 
 
-def lower_like_torch_tensorrt(program: torch.export.ExportedProgram, table: ConverterTable | None = None):
+def lower_like_torch_tensorrt(
+    program: torch.export.ExportedProgram, table: ConverterTable | None = None
+) -> torch.export.ExportedProgram:
     """``program`` after the decompositions ``torch_tensorrt.dynamo.compile`` runs first.
 
     This is what the converter registry sees, so an exported graph is checked after it, not
@@ -301,7 +304,10 @@ def lower_like_torch_tensorrt(program: torch.export.ExportedProgram, table: Conv
     return program.run_decompositions(table.torch_decompositions())
 
 
-def analyze(graph: fx.GraphModule | torch.export.ExportedProgram, table: ConverterTable | None = None) -> SupportReport:
+Graph = fx.GraphModule | torch.export.ExportedProgram
+
+
+def analyze(graph: Graph, table: ConverterTable | None = None) -> SupportReport:
     """Classifies every call node of ``graph`` as torch-tensorrt would treat it."""
     table = table or load_converter_table()
     lowered = isinstance(graph, torch.export.ExportedProgram)
@@ -310,26 +316,26 @@ def analyze(graph: fx.GraphModule | torch.export.ExportedProgram, table: Convert
     unconvertible, conditional, decomposed = [], [], []
     verdict: dict[fx.Node, Coverage | None] = {}
     for node in graph.graph.nodes:
-        if node.op in ("placeholder", "get_attr", "output"):
+        if node.op in ("placeholder", "get_attr", "output") or _is_guard_check(node):
             continue
-        name = op_name(node.target) if node.op == "call_function" else f"{node.op} {node.target}"
+        name = (op_name(node.target) or repr(node.target)) if node.op == "call_function" else f"{node.op} {node.target}"
         support, reason = _classify(node, table, verdict, lowered)
         verdict[node] = support.coverage if support else None
         if support is None:
-            unconvertible.append(UnconvertibleOp(node.name, str(name), reason))
+            unconvertible.append(UnconvertibleOp(node.name, name, reason))
         elif support.coverage is Coverage.CONDITIONAL:
-            conditional.append(ConditionalOp(node.name, str(name), support.conditions))
+            conditional.append(ConditionalOp(node.name, name, support.conditions))
         elif support.coverage is Coverage.DECOMPOSED:
-            decomposed.append(DecomposedOp(node.name, str(name), support.how))
+            decomposed.append(DecomposedOp(node.name, name, support.how))
     return SupportReport(table.source, tuple(unconvertible), tuple(conditional), tuple(decomposed))
 
 
-def unconvertible_ops(graph: fx.GraphModule | torch.export.ExportedProgram, table: ConverterTable | None = None) -> list[UnconvertibleOp]:
+def unconvertible_ops(graph: Graph, table: ConverterTable | None = None) -> list[UnconvertibleOp]:
     """The call nodes torch-tensorrt cannot convert; empty means the graph lowers whole."""
     return list(analyze(graph, table).unconvertible)
 
 
-def conditional_ops(graph: fx.GraphModule | torch.export.ExportedProgram, table: ConverterTable | None = None) -> list[ConditionalOp]:
+def conditional_ops(graph: Graph, table: ConverterTable | None = None) -> list[ConditionalOp]:
     """The call nodes whose conversion a validator decides at compile time; not failures."""
     return list(analyze(graph, table).conditional)
 
@@ -347,6 +353,14 @@ def _classify(node: fx.Node, table: ConverterTable, verdict: dict, lowered: bool
     if dynamic and table.support(node.target, torch_decomposed=lowered) is not None:
         return None, "symbolic shapes, and no converter for it supports dynamic shapes"
     return None, f"no converter in {table.source} and not decomposed before conversion"
+
+
+def _is_guard_check(node: fx.Node) -> bool:
+    """The input-guard call ``ExportedProgram.module()`` inserts; exporting the module drops it.
+
+    torch itself recognises it by this name (``torch._inductor.aot_compile``, ``export._swap``).
+    """
+    return node.op == "call_module" and node.target == "_guards_fn"
 
 
 def _getitem(node: fx.Node, verdict: dict) -> tuple[Support | None, str]:

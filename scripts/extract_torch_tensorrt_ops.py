@@ -212,8 +212,9 @@ class Resolver:
             source, attribute = module.imported[name]
             if attribute is None:
                 return [MODULE_ALIASES.get(source, source)]
-            if source in self.modules and (attribute in self.modules[source].assigned or attribute in self.modules[source].imported):
-                return self._global(self.modules[source], attribute)
+            origin = self.modules.get(source)
+            if origin is not None and (attribute in origin.assigned or attribute in origin.imported):
+                return self._global(origin, attribute)
             return [f"{MODULE_ALIASES.get(source, source)}.{attribute}"]
         raise Unresolvable(f"{name!r} is not bound at module level in {module.relpath}")
 
@@ -315,8 +316,8 @@ def registrations(module: Module, callee: str) -> list[Registration]:
         if not (isinstance(node, ast.Call) and _callee_name(node.func) == callee):
             continue
         owner = module.parent.get(node)
-        decorated = owner.name if isinstance(owner, (ast.FunctionDef, ast.AsyncFunctionDef)) and node in owner.decorator_list else None
-        found.append(Registration(module, node, decorated))
+        decorates = isinstance(owner, (ast.FunctionDef, ast.AsyncFunctionDef)) and node in owner.decorator_list
+        found.append(Registration(module, node, owner.name if decorates else None))
     return sorted(found, key=lambda r: r.line)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import operator
+import os
+import sys
 import textwrap
 from importlib import resources
 from pathlib import Path
@@ -20,7 +22,6 @@ import repfx
 from repfx.samples import build_sample, randomize_bn_, sample_input_shape
 from repfx.trt_support import (
     Coverage,
-    UnconvertibleOp,
     analyze,
     conditional_ops,
     load_converter_table,
@@ -52,9 +53,19 @@ def table():
 def plain(request):
     """(name, plain GraphModule, example input) for a re-parameterized sample."""
     name = request.param
+    torch.manual_seed(0)
     x = torch.randn(*sample_input_shape(name))
-    gm = repfx.reparameterize(randomize_bn_(build_sample(name), 0).eval(), (x,))
+    # verify=False: numerics are test_samples.py's job; here only the ops matter, and verifying
+    # would triple the forward passes this module spends its time budget on.
+    gm = repfx.reparameterize(randomize_bn_(build_sample(name), 0).eval(), (x,), verify=False)
     return name, gm, x
+
+
+@pytest.fixture(scope="module")
+def program(plain):
+    """The plain graph exported: what ``torch_tensorrt.dynamo.compile`` is given."""
+    _, gm, x = plain
+    return torch.export.export(gm, (x,))
 
 
 def _call_targets(graph_module) -> set[str]:
@@ -81,6 +92,22 @@ def test_data_names_its_source(table):
 ])
 def test_plain_conv_net_ops_have_converters(table, op):
     assert op in table.converters
+
+
+def test_every_torch_op_in_the_data_exists_in_this_torch(table):
+    """A misread key would name no real op; torch-tensorrt's own ``tensorrt.*`` ops are exempt."""
+    raw = json.loads(resources.files("repfx.data").joinpath("torch_tensorrt_2.14.0_ops.json").read_text())
+    names = {e["op"] for section in ("converters", "decomposed", "kept_whole") for e in raw[section]}
+    missing = []
+    for name in sorted(names):
+        namespace, op, *overload = name.split(".")
+        if namespace in ("aten", "prims"):
+            packet = getattr(getattr(torch.ops, namespace), op, None)
+            if packet is None or (overload and overload[0] not in packet.overloads()):
+                missing.append(name)
+        elif namespace not in ("_operator", "torch", "tensorrt"):
+            missing.append(name)
+    assert missing == []
 
 
 def test_unknown_version_is_refused():
@@ -123,19 +150,15 @@ def test_plain_graph_module_is_convertible(plain):
     assert unconvertible_ops(gm) == []
 
 
-def test_exported_plain_graph_is_convertible(plain):
+def test_exported_plain_graph_is_convertible(program):
     """What dynamo.compile receives: the export, decomposed as torch-tensorrt decomposes it."""
-    _, gm, x = plain
-    program = torch.export.export(gm, (x,))
     report = analyze(program)
     assert report.unconvertible == ()
     assert {c.op for c in report.conditional} == {"aten.convolution.default"}
     assert {c.conditions for c in report.conditional} == {("capability_validator convolution_capability_validator",)}
 
 
-def test_export_is_checked_after_torch_tensorrt_decompositions(plain):
-    _, gm, x = plain
-    program = torch.export.export(gm, (x,))
+def test_export_is_checked_after_torch_tensorrt_decompositions(program):
     before, after = _call_targets(program.graph_module), _call_targets(lower_like_torch_tensorrt(program).graph_module)
     assert "aten.conv2d.default" in before and "aten.conv2d.default" not in after
     assert "aten.convolution.default" in after
@@ -189,10 +212,19 @@ def test_symbolic_batch_is_checked_with_dynamic_converters():
     ]
 
 
-def test_conditional_ops_are_listed_apart(plain):
+def test_validated_ops_are_conditional_not_unconvertible():
+    """An unfolded eval BN lowers to a validated converter plus a getitem that follows it."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    program = torch.export.export(model, (torch.randn(1, 3, 8, 8),))
+    found = {c.node: c.conditions for c in conditional_ops(program)}
+    assert unconvertible_ops(program) == []
+    assert found["_native_batch_norm_legit_no_training"] == ("capability_validator one_user_validator",)
+    assert found["getitem"] == ("_native_batch_norm_legit_no_training is converted",)
+
+
+def test_graph_module_conv2d_is_decomposed_before_any_validator(plain):
     _, gm, _ = plain
-    assert conditional_ops(gm) == []  # conv2d is decomposed before any validator runs
-    assert all(isinstance(u, UnconvertibleOp) for u in unconvertible_ops(gm))
+    assert conditional_ops(gm) == []
 
 
 # --------------------------------------------------------------------------- the extractor
@@ -276,6 +308,7 @@ def fake_extraction(tmp_path_factory):
         (root / relpath).write_text(textwrap.dedent(text))
     spec = importlib.util.spec_from_file_location("extract_torch_tensorrt_ops", SCRIPT)
     script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # dataclasses look their module up there
     spec.loader.exec_module(script)
     return script.extract(root)
 
@@ -316,3 +349,11 @@ def test_extractor_reads_decompositions(fake_extraction):
     assert {k["op"] for k in fake_extraction["kept_whole"]} == {
         "aten.linear.default", "aten.scaled_dot_product_attention.default",
     }
+
+
+@pytest.mark.skipif(not os.environ.get("REPFX_TORCH_TENSORRT_WHEEL"),
+                    reason="set REPFX_TORCH_TENSORRT_WHEEL to a torch_tensorrt-2.14.0 wheel to re-extract")
+def test_committed_data_is_what_the_wheel_gives(fake_extraction):
+    script = sys.modules["extract_torch_tensorrt_ops"]
+    committed = json.loads(resources.files("repfx.data").joinpath("torch_tensorrt_2.14.0_ops.json").read_text())
+    assert script.extract(Path(os.environ["REPFX_TORCH_TENSORRT_WHEEL"])) == committed

@@ -77,3 +77,12 @@ def output_values(program: torch.export.ExportedProgram) -> list[Any]:
 def output_names(program: torch.export.ExportedProgram) -> list[str]:
     """``output0..N``: torch-tensorrt's engine binding names, given to the ONNX outputs as well."""
     return [f"output{index}" for index in range(len(output_values(program)))]
+
+
+def record_tensorrt_coverage(program: torch.export.ExportedProgram, report: Any) -> None:
+    """Put torch-tensorrt's converter coverage of ``program`` into ``report`` (no torch_tensorrt needed)."""
+    from ..trt_support import analyze
+
+    coverage = analyze(program)
+    report.tensorrt_ops_source = coverage.source
+    report.tensorrt_unconvertible = [f"{op.node}: {op.op} ({op.reason})" for op in coverage.unconvertible]

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import BackendUnavailable, CaptureError, LoweringError, VerificationError
 from ..backends.program import output_names, precision_dtype, output_values, user_input_nodes
-from ..export import FORMATS, ExportResult, export
+from ..exporter import FORMATS, ExportResult, export
 from .loading import BadInput, LoadedModel, load_model
 from .progress import PhaseProgress
 
@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     progress = PhaseProgress(enabled=not args.quiet)
     try:
         model, inputs, name = _resolve_model(args, progress)
+        if args.triton_repo:
+            from ..triton import check_model_name
+
+            check_model_name(name)  # before any work: a bad name must not leave exported files behind
         result = export(
             model, inputs, args.out, args.formats, name=name, precision=args.precision,
             dynamic_batch=args.dynamic_batch is not None, batch_range=args.dynamic_batch,
@@ -78,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         progress.close()
     except VerificationError as error:
         progress.close(failed=True)
-        return _fail(f"verification failed: {error}", EXIT_VERIFICATION_FAILED)
+        print(f"repfx.trt: verification failed: {error}", file=sys.stderr)  # all the numbers, not one line
+        return EXIT_VERIFICATION_FAILED
     except (BadInput, CaptureError, BackendUnavailable, LoweringError, ValueError, FileNotFoundError) as error:
         progress.close(failed=True)
         return _fail(str(error), EXIT_BAD_INPUT)

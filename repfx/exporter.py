@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +23,14 @@ from .api import reparameterize
 from .artifacts import staged
 from .backends.availability import probe_torch_tensorrt, require_onnxruntime, require_torch_tensorrt
 from .backends.onnx import OnnxRuntimeModule, export_onnx
-from .backends.program import cast_floating, export_program, in_precision, precision_dtype
+from .backends.program import cast_floating, export_program, in_precision, precision_dtype, record_tensorrt_coverage
 from .capture import SupportedModel
 from .errors import VerificationError
 from .report import Report
 from .verify import verify as verify_outputs
 
 FORMATS = ("pt2", "onnx", "engine")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 ONNX_RTOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2}
 
 
@@ -67,6 +69,8 @@ def export(
     ``protected`` paths (the input model) are never overwritten.
     """
     progress = progress or (lambda phase: None)
+    if not SAFE_NAME.fullmatch(name):
+        raise ValueError(f"name {name!r} must be a plain file name (letters, digits, '_', '.', '-')")
     wanted, skipped = _resolve_formats(formats)
     dtype = precision_dtype(precision)
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -77,6 +81,7 @@ def export(
     deploy_graph, deploy_inputs = in_precision(plain, dtype), cast_floating(inputs, dtype)
     progress("export")
     program = export_program(deploy_graph, deploy_inputs, dynamic_batch=dynamic_batch)
+    record_tensorrt_coverage(program, report)
 
     with staged(out_dir, protected) as staging:
         if "pt2" in wanted:
