@@ -221,10 +221,10 @@ def skip_reason(runtime: Runtime, args: argparse.Namespace) -> str | None:
         return "--skip-compile"
     if runtime.key == "onnx" and not probe_onnxruntime().usable:
         return probe_onnxruntime().reason
+    if runtime.key == "tensorrt" and not probe_torch_tensorrt().usable:
+        return probe_torch_tensorrt().reason  # names the missing piece: the package, its libraries or the GPU
     if runtime.device == "cuda" and not torch.cuda.is_available():
         return "torch.cuda.is_available() is False (no CUDA device)"
-    if runtime.key == "tensorrt" and not probe_torch_tensorrt().usable:
-        return probe_torch_tensorrt().reason
     return None
 
 

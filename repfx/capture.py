@@ -8,7 +8,9 @@ and parameters are ``get_attr`` nodes whose values the passes can fold.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -70,10 +72,18 @@ def _as_tuple(example_inputs: Any) -> tuple:
 
 def _export(model: SupportedModel, inputs: tuple, dynamic_batch: bool) -> torch.export.ExportedProgram:
     if isinstance(model, torch.export.ExportedProgram):
-        if not dynamic_batch:
+        check_program_inputs(model, inputs)
+        if not dynamic_batch or _has_dynamic_batch(model):
             return model
-        return _export_module(model.module(), inputs, dynamic_batch, type(model).__name__)
+        try:
+            return _export_module(model.module(), inputs, dynamic_batch, type(model).__name__)
+        except CaptureError as error:
+            raise CaptureError(f"{str(error).splitlines()[0]} (the ExportedProgram was exported with a static batch "
+                               "size; export it with a dynamic batch dimension to use dynamic_batch)") from error
     if isinstance(model, torch.jit.ScriptModule):
+        if dynamic_batch:
+            # Convert at the widened batch: the converted program guards the batch it was converted at.
+            inputs, _ = dynamic_batch_spec(model, inputs, shapes=False)
         program = _convert_torchscript(model, inputs)
         return _export_module(program.module(), inputs, dynamic_batch, "TorchScript module") if dynamic_batch else program
     if not isinstance(model, nn.Module):
@@ -111,14 +121,44 @@ def _export_module(module: nn.Module, inputs: tuple, dynamic_batch: bool, name: 
         ) from error
 
 
-def dynamic_batch_spec(module: nn.Module, inputs: tuple) -> tuple[tuple, Any]:
+def check_program_inputs(program: torch.export.ExportedProgram, inputs: tuple) -> None:
+    """Example inputs must fit the shapes the program was exported for (its guards would fail later)."""
+    placeholders = [node for node in program.graph.nodes
+                    if node.op == "placeholder" and node.name in set(program.graph_signature.user_inputs)]
+    tensors = [leaf for leaf in pytree.tree_leaves(inputs) if isinstance(leaf, torch.Tensor)]
+    expected = [node.meta.get("val") for node in placeholders]
+    if len(tensors) != len(expected):
+        raise CaptureError(f"the ExportedProgram takes {len(expected)} tensor input(s), got {len(tensors)}")
+    for index, (tensor, value) in enumerate(zip(tensors, expected)):
+        if not isinstance(value, torch.Tensor):
+            continue
+        wanted = tuple(size if isinstance(size, int) else None for size in value.shape)
+        if len(wanted) != tensor.dim() or any(w is not None and w != got for w, got in zip(wanted, tensor.shape)):
+            shown = "x".join("?" if w is None else str(w) for w in wanted)
+            raise CaptureError(f"input {index} ({placeholders[index].name}) has shape "
+                               f"{'x'.join(map(str, tensor.shape))}; the ExportedProgram was exported for {shown}")
+        if tensor.dtype != value.dtype:
+            raise CaptureError(f"input {index} ({placeholders[index].name}) is {tensor.dtype}; "
+                               f"the ExportedProgram was exported for {value.dtype}")
+
+
+def _has_dynamic_batch(program: torch.export.ExportedProgram) -> bool:
+    """Whether every batched user input already has a symbolic dim 0 (its own range is kept)."""
+    names = set(program.graph_signature.user_inputs)
+    values = [node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder" and node.name in names]
+    batched = [value for value in values if isinstance(value, torch.Tensor) and value.dim() > 0]
+    return bool(batched) and all(isinstance(value.shape[0], torch.SymInt) for value in batched)
+
+
+def dynamic_batch_spec(module: nn.Module, inputs: tuple, *, shapes: bool = True,
+                       batch: Any = None) -> tuple[tuple, Any]:
     """Mark dim 0 of every tensor input as one shared dynamic batch.
 
     A batch of 1 would be specialized by export (sizes 0 and 1 are special), so
     such inputs are repeated to a batch of 2 for capture only. Shapes are keyed by
     tensor (``ShapesCollection``), which fits any forward signature, ``*args`` included.
     """
-    batch = torch.export.Dim("batch", min=1, max=65536)
+    batch = batch if batch is not None else torch.export.Dim("batch", min=1, max=65536)
 
     def widen(leaf: Any) -> Any:
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == 1:
@@ -126,11 +166,13 @@ def dynamic_batch_spec(module: nn.Module, inputs: tuple) -> tuple[tuple, Any]:
         return leaf
 
     inputs = pytree.tree_map(widen, inputs)
-    shapes = torch.export.ShapesCollection()
+    if not shapes:
+        return inputs, None
+    collection = torch.export.ShapesCollection()
     for leaf in pytree.tree_leaves(inputs):
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-            shapes[leaf] = {0: batch}
-    return inputs, shapes.dynamic_shapes(module, inputs)
+            collection[leaf] = {0: batch}
+    return inputs, collection.dynamic_shapes(module, inputs)
 
 
 def _convert_torchscript(module: torch.jit.ScriptModule, inputs: tuple) -> torch.export.ExportedProgram:
@@ -140,10 +182,25 @@ def _convert_torchscript(module: torch.jit.ScriptModule, inputs: tuple) -> torch
     try:
         from torch._export.converter import TS2EPConverter
 
-        return TS2EPConverter(module, inputs).convert()
+        # The converter warns about every BatchNorm's num_batches_tracked and logs each
+        # specialized dim; none of it is actionable for the user.
+        with warnings.catch_warnings(), _quiet_logger("torch._export.non_strict_utils"):
+            warnings.simplefilter("ignore", UserWarning)
+            return TS2EPConverter(module, inputs).convert()
     except Exception as error:
         raise CaptureError(f"converting the TorchScript module to an ExportedProgram failed: {_first_line(error)}\n"
                            "Fix: export the original nn.Module with torch.export instead.") from error
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _updates_running_stats(node: fx.Node) -> bool:

@@ -71,7 +71,7 @@ def export(
     progress = progress or (lambda phase: None)
     if not SAFE_NAME.fullmatch(name):
         raise ValueError(f"name {name!r} must be a plain file name (letters, digits, '_', '.', '-')")
-    wanted, skipped = _resolve_formats(formats)
+    wanted, skipped = _resolve_formats(formats, precision)
     dtype = precision_dtype(precision)
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
@@ -101,12 +101,21 @@ def export(
     return ExportResult(files, report, skipped, program, plain)
 
 
-def _resolve_formats(formats: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
+def _resolve_formats(formats: Sequence[str] | None, precision: str) -> tuple[list[str], dict[str, str]]:
     if formats is None:
+        wanted, skipped = ["pt2"], {}
+        if precision == "bf16":
+            # Written unverified it would break the rule that every artifact is checked.
+            skipped["onnx"] = ("onnxruntime has no bfloat16 Conv kernel to check it with; "
+                               "use --precision fp16 for ONNX, or bf16 for the TensorRT engine")
+        else:
+            wanted.append("onnx")
         tensorrt = probe_torch_tensorrt()
         if tensorrt.usable:
-            return list(FORMATS), {}
-        return ["pt2", "onnx"], {"engine": f"needs TensorRT on an NVIDIA GPU ({tensorrt.reason})"}
+            wanted.append("engine")
+        else:
+            skipped["engine"] = f"needs TensorRT on an NVIDIA GPU ({tensorrt.reason})"
+        return wanted, skipped
     unknown = [fmt for fmt in formats if fmt not in FORMATS]
     if unknown or not formats:
         raise ValueError(f"formats must be a non-empty subset of {', '.join(FORMATS)}, got {list(formats)!r}")

@@ -18,13 +18,23 @@ _BUCKETS = {
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts every aten op dispatched while active, by overload packet name."""
+    """Counts every aten op dispatched while active, by overload packet name.
+
+    Control flow (``torch.cond``, ``while_loop``: higher-order operators, e.g. from a
+    converted TorchScript ``if``) is counted as one op under its own name and run
+    with the counter popped, so the ops inside its branches are not counted.
+    """
+
+    supports_higher_order_operators = True
 
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            self.counts[func.name()] += 1
+            return func(*args, **(kwargs or {}))
         self.counts[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
 

@@ -185,3 +185,33 @@ def test_each_refusal_is_reported_once_under_the_captured_names():
     assert report.iterations == 2  # the second round confirms the fixed point
     assert [r.node for r in report.refusals] == ["add", "add_1"]
     assert all("different tensors" in r.reason for r in report.refusals)
+
+
+class _BranchOnValues(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        if y.sum() > 0:
+            return y * 2
+        return y - 1
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_torchscript_data_dependent_if_becomes_cond_and_still_folds(sign):
+    """TorchScript's converter turns the ``if`` into ``torch.cond``; conv+BN before it folds, both branches stay."""
+    model = randomize_bn_(_BranchOnValues(), 0).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(model)
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    gm = repfx.reparameterize(scripted, (x,))
+    report = gm.meta["repfx"]
+    assert (report.ops_before["batch_norm"], report.ops_after["batch_norm"]) == (1, 0)
+    counts = count_ops(gm, (x,))
+    assert counts["cond"] == 1
+    probe = sign * 50 * torch.ones(1, 3, 8, 8)  # large inputs of either sign: the branch taken follows the data
+    with torch.no_grad():
+        assert torch.allclose(gm(probe), model(probe), rtol=1e-4, atol=1e-4)

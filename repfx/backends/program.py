@@ -49,7 +49,9 @@ def export_program(plain: fx.GraphModule, example_inputs: Sequence[Any], *,
     """``plain`` re-exported (no dispatch-level changes: it already is an aten graph)."""
     inputs, dynamic_shapes = tuple(example_inputs), None
     if dynamic_batch:
-        inputs, dynamic_shapes = dynamic_batch_spec(plain, inputs)
+        # Dim.DYNAMIC: the plain graph keeps the batch range it was captured with (a program
+        # exported with its own range, e.g. max=64, must not be widened to repfx's default).
+        inputs, dynamic_shapes = dynamic_batch_spec(plain, inputs, batch=torch.export.Dim.DYNAMIC)
     try:
         with torch.no_grad():
             return torch.export.export(plain, inputs, dynamic_shapes=dynamic_shapes, strict=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -87,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     except (BadInput, CaptureError, BackendUnavailable, LoweringError, ValueError, FileNotFoundError) as error:
         progress.close(failed=True)
         return _fail(str(error), EXIT_BAD_INPUT)
+    except Exception as error:  # a bug of ours or torch's: still one line, the traceback on request
+        progress.close(failed=True)
+        if os.environ.get("REPFX_TRACEBACK"):
+            raise
+        return _fail(f"unexpected {type(error).__name__} while processing the model: {error} "
+                     "(set REPFX_TRACEBACK=1 for the traceback and please report it)", EXIT_BAD_INPUT)
     _print_result(args, result, triton_dir, benchmark)
     return EXIT_OK
 
