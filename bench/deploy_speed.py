@@ -259,6 +259,15 @@ def interleaved_latency(runners: dict[str, Callable], x: torch.Tensor, *, rounds
     return {form: statistics.median(times) for form, times in per_round.items()}
 
 
+def release(runtime: Runtime) -> None:
+    """Drop what the last row left behind, so it neither holds memory nor guards the next compile."""
+    gc.collect()
+    if runtime.key == "inductor":
+        torch._dynamo.reset()
+    if runtime.device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def measure(runtime: Runtime, name: str, model: nn.Module, deploy: nn.Module, batch: int,
             reference: torch.Tensor, args: argparse.Namespace) -> Row:
     """One table row; an exception is printed whole (it is a finding) and recorded, not re-raised."""
@@ -272,10 +281,8 @@ def measure(runtime: Runtime, name: str, model: nn.Module, deploy: nn.Module, ba
         print(f"\n[{runtime.key}] {name} batch {batch} raised:\n{traceback.format_exc()}", file=sys.stderr)
         row.error = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
     finally:
-        runners = None
-        gc.collect()
-        if runtime.key == "inductor":
-            torch._dynamo.reset()
+        runners = None  # compiled forms, ORT sessions and CUDA copies go before the next row builds
+        release(runtime)
     progress = ", ".join(f"{f} {row.ms[f]:.2f} ms (first call {row.first_call_s[f]:.1f} s)" for f in row.ms)
     print(f"[{runtime.key}] {name} batch {batch}: {row.error or progress}", file=sys.stderr, flush=True)
     return row
@@ -396,9 +403,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)}")
     parser.add_argument("--batches", default=None, help="comma-separated CPU batch sizes (default 1,8)")
     parser.add_argument("--gpu-batch", type=int, default=128, help="batch of the CUDA rows (default 128)")
-    parser.add_argument("--rounds", type=int, default=None, help="timing rounds per form (default 3, quick 2)")
-    parser.add_argument("--repeat", type=int, default=None, help="timed runs per round (default 7, quick 5)")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up runs per round (default 2, quick 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="timing rounds per form (default 5, quick 2)")
+    parser.add_argument("--repeat", type=int, default=None, help="timed runs per round (default 5, quick 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up runs per round (default 1, quick 1)")
     parser.add_argument("--seed", type=int, default=0, help="weights and BN statistics seed (default 0)")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the rows and verdicts here")
     args = parser.parse_args(argv)
@@ -407,7 +414,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)}")
     args.batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else ((1,) if args.quick else (1, 8))
-    for name, full, quick in (("rounds", 3, 2), ("repeat", 7, 5), ("warmup", 2, 1)):
+    for name, full, quick in (("rounds", 5, 2), ("repeat", 5, 5), ("warmup", 1, 1)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     return args

@@ -35,16 +35,29 @@ class Staging:
         return self.path / name
 
     def commit(self) -> dict[str, Path]:
-        published = {}
-        for name in self.names:
-            source = self.path / name
-            if not source.exists():
-                continue
-            target = self.destination / name
-            if target.is_dir() and source.is_dir():
-                shutil.rmtree(target)
-            os.replace(source, target)
-            published[name] = target
+        """Move every staged file into place; on any failure, put the destination back as it was."""
+        moves = [(self.path / name, self.destination / name) for name in self.names if (self.path / name).exists()]
+        for _, target in moves:
+            if target.is_dir():
+                raise ValueError(f"cannot write {target}: a directory of that name is in the way")
+        backups: list[tuple[Path, Path]] = []
+        published: dict[str, Path] = {}
+        try:
+            for source, target in moves:
+                if target.exists():
+                    backup = self.path / f".previous-{target.name}"
+                    os.replace(target, backup)
+                    backups.append((backup, target))
+                os.replace(source, target)
+                published[target.name] = target
+        except BaseException:
+            restored = {target for _, target in backups}
+            for target in published.values():
+                if target not in restored:
+                    target.unlink(missing_ok=True)
+            for backup, target in backups:
+                os.replace(backup, target)
+            raise
         return published
 
 
@@ -54,9 +67,14 @@ def staged(destination: os.PathLike, protected: Sequence[os.PathLike] = ()) -> I
     destination = Path(destination)
     if destination.exists() and not destination.is_dir():
         raise ValueError(f"output directory {destination} exists and is not a directory")
+    created = not destination.exists()
     destination.mkdir(parents=True, exist_ok=True)
     staging = Staging(destination, protected)
     try:
         yield staging
-    finally:
+    except BaseException:
         shutil.rmtree(staging.path, ignore_errors=True)
+        if created and not any(destination.iterdir()):
+            destination.rmdir()  # a failed run leaves no trace, not even the directory it made
+        raise
+    shutil.rmtree(staging.path, ignore_errors=True)

@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from .batching import example_batch_size, is_batched, with_batch
 from .errors import CaptureError
 
 SupportedModel = nn.Module | fx.GraphModule | torch.export.ExportedProgram | torch.jit.ScriptModule
@@ -73,7 +74,7 @@ def _as_tuple(example_inputs: Any) -> tuple:
 def _export(model: SupportedModel, inputs: tuple, dynamic_batch: bool) -> torch.export.ExportedProgram:
     if isinstance(model, torch.export.ExportedProgram):
         check_program_inputs(model, inputs)
-        if not dynamic_batch or _has_dynamic_batch(model):
+        if not dynamic_batch or has_dynamic_batch(model):
             return model
         try:
             return _export_module(model.module(), inputs, dynamic_batch, type(model).__name__)
@@ -142,7 +143,7 @@ def check_program_inputs(program: torch.export.ExportedProgram, inputs: tuple) -
                                f"the ExportedProgram was exported for {value.dtype}")
 
 
-def _has_dynamic_batch(program: torch.export.ExportedProgram) -> bool:
+def has_dynamic_batch(program: torch.export.ExportedProgram) -> bool:
     """Whether every batched user input already has a symbolic dim 0 (its own range is kept)."""
     names = set(program.graph_signature.user_inputs)
     values = [node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder" and node.name in names]
@@ -152,25 +153,25 @@ def _has_dynamic_batch(program: torch.export.ExportedProgram) -> bool:
 
 def dynamic_batch_spec(module: nn.Module, inputs: tuple, *, shapes: bool = True,
                        batch: Any = None) -> tuple[tuple, Any]:
-    """Mark dim 0 of every tensor input as one shared dynamic batch.
+    """Mark dim 0 of the batched tensor inputs (``repfx.batching``) as one shared dynamic batch.
 
     A batch of 1 would be specialized by export (sizes 0 and 1 are special), so
-    such inputs are repeated to a batch of 2 for capture only. Shapes are keyed by
+    batched inputs are repeated to a batch of 2 for capture only. Shapes are keyed by
     tensor (``ShapesCollection``), which fits any forward signature, ``*args`` included.
     """
     batch = batch if batch is not None else torch.export.Dim("batch", min=1, max=65536)
+    size = example_batch_size(inputs)
 
     def widen(leaf: Any) -> Any:
-        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == 1:
-            return leaf.expand(2, *leaf.shape[1:]).clone()
-        return leaf
+        return with_batch(leaf, 2) if size == 1 and is_batched(leaf, size) else leaf
 
     inputs = pytree.tree_map(widen, inputs)
     if not shapes:
         return inputs, None
+    size = example_batch_size(inputs)
     collection = torch.export.ShapesCollection()
     for leaf in pytree.tree_leaves(inputs):
-        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+        if is_batched(leaf, size):
             collection[leaf] = {0: batch}
     return inputs, collection.dynamic_shapes(module, inputs)
 

@@ -24,7 +24,7 @@ from .artifacts import staged
 from .backends.availability import probe_torch_tensorrt, require_onnxruntime, require_torch_tensorrt
 from .backends.onnx import OnnxRuntimeModule, export_onnx
 from .backends.program import cast_floating, export_program, in_precision, precision_dtype, record_tensorrt_coverage
-from .capture import SupportedModel
+from .capture import SupportedModel, has_dynamic_batch
 from .errors import VerificationError
 from .report import Report
 from .verify import verify as verify_outputs
@@ -75,6 +75,8 @@ def export(
     dtype = precision_dtype(precision)
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
+    # A program exported with a dynamic batch stays dynamic: writing it out static would drop that silently.
+    dynamic_batch = dynamic_batch or (isinstance(model, torch.export.ExportedProgram) and has_dynamic_batch(model))
     plain = reparameterize(model, inputs, verify=verify, dynamic_batch=dynamic_batch, cost=cost, progress=progress)
     report: Report = plain.meta["repfx"]
     report.precision = precision
@@ -95,7 +97,7 @@ def export(
             progress("build")
             _build_engine(staging, name, deploy_graph, deploy_inputs, dynamic_batch, batch_range, tensorrt_options)
         report.notes += [f"{fmt} not written: {why}" for fmt, why in skipped.items()]
-        staging.file("report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+        staging.file(f"{name}.report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
         written = staging.commit()
     files = {_format_of(path.name, name): path for path in written.values()}
     return ExportResult(files, report, skipped, program, plain)
@@ -121,6 +123,9 @@ def _resolve_formats(formats: Sequence[str] | None, precision: str) -> tuple[lis
         raise ValueError(f"formats must be a non-empty subset of {', '.join(FORMATS)}, got {list(formats)!r}")
     if "onnx" in formats:
         require_onnxruntime()
+        if precision == "bf16":
+            raise ValueError("ONNX at bf16 cannot be checked: onnxruntime has no bfloat16 Conv kernel; "
+                             "use precision fp16 for ONNX, or bf16 for the TensorRT engine")
     if "engine" in formats:
         require_torch_tensorrt()
     return list(dict.fromkeys(formats)), {}
@@ -128,16 +133,13 @@ def _resolve_formats(formats: Sequence[str] | None, precision: str) -> tuple[lis
 
 def _check_onnx(onnx_model: bytes, program: torch.export.ExportedProgram, plain: torch.fx.GraphModule,
                 inputs: tuple, precision: str, dynamic_batch: bool, report: Report) -> None:
-    """The written ONNX file, run by onnxruntime, must reproduce the plain fp32 graph."""
-    session = OnnxRuntimeModule(onnx_model, program.call_spec.out_spec)
-    dtype = precision_dtype(precision)
+    """The written ONNX file, run by onnxruntime, must reproduce the plain graph (fed like a deployed model)."""
+    from .lowering import DeployedModel
 
-    def run_onnx(*args: Any) -> Any:
-        outputs = session(*cast_floating(args, dtype))
-        return cast_floating(outputs, torch.float32) if dtype != torch.float32 else outputs
-
+    session = DeployedModel(OnnxRuntimeModule(onnx_model, program), backend="onnx", precision=precision,
+                            plain=plain, report=report)
     try:
-        stats = verify_outputs(plain, run_onnx, inputs, rtol=ONNX_RTOL[precision],
+        stats = verify_outputs(plain, session, inputs, rtol=ONNX_RTOL[precision],
                                extra_batch=3 if dynamic_batch else None)
     except VerificationError as error:
         raise VerificationError(f"the ONNX model does not match the plain graph in onnxruntime: {error}") from error
@@ -167,4 +169,4 @@ def _dtypes(inputs: tuple) -> list[torch.dtype]:
 
 def _format_of(filename: str, name: str) -> str:
     return {f"{name}.pt2": "pt2", f"{name}.onnx": "onnx", f"{name}.engine": "engine",
-            f"{name}_trt.pt2": "trt_pt2", "report.json": "report"}.get(filename, filename)
+            f"{name}_trt.pt2": "trt_pt2", f"{name}.report.json": "report"}.get(filename, filename)

@@ -22,7 +22,7 @@ from .backends.onnx import compile_onnx
 from .backends.program import (cast_floating, export_program, in_precision, precision_dtype,
                                record_tensorrt_coverage)
 from .backends.tensorrt import compile_tensorrt
-from .capture import SupportedModel
+from .capture import SupportedModel, has_dynamic_batch
 from .report import Report
 from .verify import verify as verify_outputs
 
@@ -84,11 +84,13 @@ def compile(
     backend (torch_tensorrt.dynamo.compile settings, torch.compile kwargs, ``threads`` for onnxruntime).
     """
     dtype = precision_dtype(precision)
-    name, reason = resolve_backend(backend)
+    name, reason = resolve_backend(backend, precision)
     if backend == "auto":
         logger.info("repfx.compile: backend %r (%s)", name, reason)
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
+    # A program exported with a dynamic batch stays dynamic: writing it out static would drop that silently.
+    dynamic_batch = dynamic_batch or (isinstance(model, torch.export.ExportedProgram) and has_dynamic_batch(model))
     plain = reparameterize(model, inputs, verify=verify, dynamic_batch=dynamic_batch, cost=cost, progress=progress)
     report: Report = plain.meta["repfx"]
     device = torch.device("cuda") if name == "tensorrt" else None

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from .batching import example_batch_size, is_batched, with_batch
 from .errors import VerificationError
 from .opcount import OpCounter
 
@@ -39,13 +40,21 @@ class ErrorStats:
 
 
 def random_like(example_inputs: Sequence[Any], seed: int, batch: int | None = None) -> tuple:
-    """Seeded inputs with the examples' shapes and dtypes (batch overridden when given)."""
+    """Seeded inputs with the examples' shapes and dtypes; with ``batch``, batched inputs get that batch.
+
+    Integer and bool inputs (ids, masks) keep their values: random ones could be out of
+    range. Resized, they repeat their own rows.
+    """
     generator = torch.Generator().manual_seed(seed)
+    size = example_batch_size(example_inputs)
 
     def draw(leaf: Any) -> Any:
-        if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
+        if not isinstance(leaf, torch.Tensor):
             return leaf
-        shape = (batch, *leaf.shape[1:]) if batch is not None and leaf.dim() else leaf.shape
+        resize = batch is not None and is_batched(leaf, size)
+        if not leaf.is_floating_point():
+            return with_batch(leaf, batch) if resize else leaf
+        shape = (batch, *leaf.shape[1:]) if resize else leaf.shape
         return torch.randn(shape, generator=generator, dtype=torch.float32).to(leaf.dtype)
 
     return tuple(pytree.tree_map(draw, list(example_inputs)))

@@ -2,7 +2,7 @@
 
 TensorRT is not installable on the CI machines, so the engine is never built here:
 what is checked is everything the command does without it (the .pt2, the .onnx,
-report.json, the Triton entry), what it says about the missing engine, and how it
+<name>.report.json, the Triton entry), what it says about the missing engine, and how it
 fails. Every model is a small training-form net built in this file with randomized
 BatchNorm, saved the three ways a user hands it over (torch.jit.save,
 torch.export.save, torch.save), so every written file can be checked against the
@@ -261,7 +261,7 @@ END_TO_END = cases("torchscript", "exported_program", "trusted_pickle")
 def test_writes_pt2_onnx_and_report(cli, case):
     result = cli(case)
     assert result.returncode == 0, result.explain()
-    assert sorted(path.name for path in result.out.iterdir()) == ["net.onnx", "net.pt2", "report.json"]
+    assert sorted(path.name for path in result.out.iterdir()) == ["net.onnx", "net.pt2", "net.report.json"]
     assert not [name for name in leftovers(result) if Path(name).name.startswith(".")], leftovers(result)
 
 
@@ -304,7 +304,7 @@ def test_json_report_is_the_only_stdout_and_counts_the_merges(cli, case):
     assert sorted(payload["files"]) == ["onnx", "pt2", "report"]
     assert all((result.cwd / path).is_file() for path in payload["files"].values()), payload["files"]
     assert "TensorRT" in payload["skipped"]["engine"]
-    assert json.loads((result.out / "report.json").read_text()) == report
+    assert json.loads((result.out / "net.report.json").read_text()) == report
 
 
 @pytest.mark.parametrize("case", cases("exported_program"))
@@ -339,7 +339,7 @@ def test_quiet_hides_progress(cli, case):
 def test_model_without_convolutions_passes_through_unchanged(cli, models, case):
     result = cli(case)
     assert result.returncode == 0, result.explain()
-    assert sorted(path.name for path in result.out.iterdir()) == ["mlp.onnx", "mlp.pt2", "report.json"]
+    assert sorted(path.name for path in result.out.iterdir()) == ["mlp.onnx", "mlp.pt2", "mlp.report.json"]
     report = json.loads(result.stdout)["report"]
     assert report["rewrites"] == [] and report["ops_before"] == report["ops_after"]
     assert report["ops_after"]["convolution"] == 0
@@ -376,10 +376,10 @@ def test_fp16_onnx_is_half_precision_and_close_to_the_fp32_model(cli, models, ca
 def test_sample_writes_only_the_requested_format(cli, case):
     result = cli(case)
     assert result.returncode == 0, result.explain()
-    assert sorted(path.name for path in result.out.iterdir()) == ["report.json", "repvgg_block.pt2"]
+    assert sorted(path.name for path in result.out.iterdir()) == ["repvgg_block.pt2", "repvgg_block.report.json"]
     counts = aten_op_counts(torch.export.load(str(result.out / "repvgg_block.pt2")))
     assert convolutions(counts) == 1 and not [name for name in counts if "batch_norm" in name], counts
-    assert json.loads((result.out / "report.json").read_text())["max_abs_error"] is None  # --no-verify
+    assert json.loads((result.out / "repvgg_block.report.json").read_text())["max_abs_error"] is None  # --no-verify
 
 
 # --- Triton -----------------------------------------------------------------------------------------------------------

@@ -276,3 +276,131 @@ def test_export_fp16_onnx_is_half_and_checked(net, x, tmp_path):
     model = onnx.load(str(result.files["onnx"]))
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     assert result.report.backend_max_abs_error <= result.report.backend_tolerance
+
+
+@needs_tensorrt
+def test_export_engine_where_tensorrt_exists(net, x, tmp_path):
+    result = repfx.export(net, (x,), tmp_path, formats=("pt2", "engine"), name="acb")
+    assert result.files["engine"].stat().st_size > 0
+    loaded = torch.export.load(str(result.files["trt_pt2"])).module()
+    assert_matches(net.cuda(), loaded, x.cuda())
+
+
+# --- regressions from review ---------------------------------------------------------------------------------------
+
+class _CountsCalls(nn.Module):
+    """Writes a buffer in forward: freezing it would bake the compile-time count into the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.bn(self.conv(x)) * self.calls
+
+
+def test_torch_compile_backend_does_not_freeze_state_the_model_writes():
+    model = randomize_bn_(_CountsCalls(), 0).eval()
+    reference = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="repfx")
+    x = rand(1, 3, 8, 8)
+    with torch.no_grad(), pytest.warns(UserWarning, match="writes module state"):
+        first = compiled(x)
+    with torch.no_grad():
+        assert torch.allclose(first, reference(x), rtol=1e-4, atol=1e-5)
+        assert torch.allclose(compiled(x), reference(x), rtol=1e-4, atol=1e-5)
+    assert model.calls.item() == reference.calls.item() == 2
+
+
+def test_torch_compile_backend_leaves_graphs_that_need_gradients_alone(net, x):
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="inference backend"):
+        out = torch.compile(net, backend="repfx")(x)
+    assert out.requires_grad
+
+
+@pytest.mark.parametrize("kwargs", [{"mode": "max-autotune-no-cudagraphs"}, {"options": {"max_autotune": False}}])
+def test_torch_compile_backend_takes_torch_compile_options(net, x, kwargs):
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert_matches(net, torch.compile(net, backend="repfx", **kwargs), x)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x, y, scale: float = 2.0):
+        return {"sum": self.bn(self.conv(x)) * scale + y, "pair": (y, None)}
+
+
+def test_onnx_backend_binds_keywords_by_name_and_refuses_other_baked_scalars():
+    model = randomize_bn_(_TwoInputs(), 0).eval()
+    x, y = rand(2, 3, 8, 8, seed=1), rand(2, 4, 8, 8, seed=2)
+    deployed = repfx.compile(model, (x, y, 2.0), backend="onnx")
+    with torch.no_grad():
+        expected = model(x, y)
+        got = deployed(y=y, x=x, scale=2.0)
+    assert torch.allclose(got["sum"], expected["sum"], rtol=1e-4, atol=1e-5)
+    assert got["pair"][1] is None and torch.equal(got["pair"][0], y)
+    with pytest.raises(ValueError, match="baked in"):
+        deployed(x, y, scale=3.0)
+
+
+def test_float64_model_deploys_at_fp32_and_answers_in_float64(net, x):
+    model = copy.deepcopy(net).double()
+    deployed = repfx.compile(model, (x.double(),), backend="eager")
+    assert {p.dtype for p in deployed.runner.parameters()} <= {torch.float32}
+    with torch.no_grad():
+        expected, got = model(x.double()), deployed(x.double())
+    assert got.dtype == torch.float64
+    assert (got - expected).abs().max() <= 1e-4 * max(1.0, expected.abs().max().item())
+
+
+class _IdsAndGain(nn.Module):
+    """A batched integer input (ids) and a side input that broadcasts over the batch (gain [1, C, 1, 1])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, ids, gain):
+        x = self.embed(ids).permute(0, 3, 1, 2)
+        return self.bn(self.conv(x)) * gain
+
+
+def test_dynamic_batch_batches_only_inputs_with_the_batch_dimension():
+    model = randomize_bn_(_IdsAndGain(), 0).eval()
+    ids = torch.randint(0, 10, (2, 5, 5), generator=torch.Generator().manual_seed(0))
+    gain = rand(1, 4, 1, 1)
+    deployed = repfx.compile(model, (ids, gain), backend="eager", dynamic_batch=True)
+    wider = torch.randint(0, 10, (6, 5, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(deployed(wider, gain), model(wider, gain), rtol=1e-4, atol=1e-5)
+
+
+def test_a_program_with_a_dynamic_batch_is_exported_dynamic(net, tmp_path):
+    program = torch.export.export(net, (rand(2, 3, 64, 64),), dynamic_shapes=({0: torch.export.Dim("b", max=16)},))
+    result = repfx.export(program, (rand(2, 3, 64, 64),), tmp_path, formats=("pt2", "onnx"))
+    (value,) = [n.meta["val"] for n in torch.export.load(str(result.files["pt2"])).graph.nodes
+                if n.op == "placeholder" and n.name in result.program.graph_signature.user_inputs]
+    assert not isinstance(value.shape[0], int)
+    assert onnx.load(str(result.files["onnx"])).graph.input[0].type.tensor_type.shape.dim[0].dim_param
+
+
+def test_commit_puts_the_directory_back_when_a_move_fails(tmp_path):
+    from repfx.artifacts import staged
+
+    (tmp_path / "model.pt2").write_text("old")
+    (tmp_path / "model.onnx").mkdir()
+    with pytest.raises(ValueError, match="in the way"), staged(tmp_path) as staging:
+        staging.file("model.pt2").write_text("new")
+        staging.file("model.onnx").write_text("new")
+        staging.commit()
+    assert (tmp_path / "model.pt2").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.pt2"]

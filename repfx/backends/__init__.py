@@ -7,7 +7,7 @@ from .availability import probe_onnxruntime, probe_torch_tensorrt, require_onnxr
 BACKENDS = ("auto", "tensorrt", "onnx", "inductor", "eager")
 
 
-def resolve_backend(backend: str) -> tuple[str, str]:
+def resolve_backend(backend: str, precision: str = "fp32") -> tuple[str, str]:
     """(backend to use, why); raises ``BackendUnavailable`` for an explicit backend that cannot run here."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -20,6 +20,9 @@ def resolve_backend(backend: str) -> tuple[str, str]:
         require_torch_tensorrt()
     if backend == "onnx":
         require_onnxruntime()
+        if precision == "bf16":
+            raise ValueError("the onnx backend cannot run bf16: onnxruntime has no bfloat16 Conv kernel; "
+                             "use precision='fp16'")
     return backend, "requested"
 
 

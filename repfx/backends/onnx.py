@@ -7,6 +7,7 @@ node. Sessions use ``ORT_ENABLE_ALL`` and the CUDA provider when onnxruntime has
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,13 +46,16 @@ def providers() -> list[str]:
 
 
 class OnnxRuntimeModule(torch.nn.Module):
-    """Runs an ONNX model in onnxruntime behind the plain graph's calling convention.
+    """Runs an ONNX model in onnxruntime behind the exported program's calling convention.
 
-    Inputs are flattened like ``torch.export`` flattened them; outputs come back as
-    torch tensors on the first input's device, in the program's output structure.
+    Arguments are bound to the program's signature (keywords by name, not by the order
+    they are written) and flattened like ``torch.export`` flattened them. Non-tensor
+    arguments were baked into the ONNX graph at export, so a call with different
+    values is refused. Outputs come back as torch tensors on the first input's device,
+    in the program's output structure, constants (``None``) included.
     """
 
-    def __init__(self, model: bytes | os.PathLike, out_spec: pytree.TreeSpec | None = None,
+    def __init__(self, model: bytes | os.PathLike, program: torch.export.ExportedProgram,
                  *, threads: int | None = None) -> None:
         super().__init__()
         ort = require_onnxruntime()
@@ -64,18 +68,47 @@ class OnnxRuntimeModule(torch.nn.Module):
         except Exception as error:
             raise LoweringError(f"onnxruntime cannot load the exported model: {_first_line(error)}") from error
         self.input_names = [value.name for value in self.session.get_inputs()]
-        self.out_spec = out_spec
+        self.signature = inspect.signature(program.module().forward)
+        self.in_spec, self.out_spec = program.call_spec.in_spec, program.call_spec.out_spec
+        example_leaves = pytree.tree_leaves(program.example_inputs) if program.example_inputs else []
+        self.baked = {index: leaf for index, leaf in enumerate(example_leaves) if not isinstance(leaf, torch.Tensor)}
+        output = next(node for node in program.graph.nodes if node.op == "output")
+        self.output_template = [None if isinstance(value, torch.fx.Node) else value
+                                for value in pytree.tree_leaves(output.args[0])]
+        self.output_is_tensor = [isinstance(value, torch.fx.Node) for value in pytree.tree_leaves(output.args[0])]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        leaves = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
-        if len(leaves) != len(self.input_names):
-            raise ValueError(f"the ONNX model takes {len(self.input_names)} tensor inputs, got {len(leaves)}")
-        device = leaves[0].device if leaves else torch.device("cpu")
-        feeds = {name: leaf.detach().cpu().contiguous().numpy() for name, leaf in zip(self.input_names, leaves)}
-        outputs = [torch.from_numpy(array).to(device) for array in self.session.run(None, feeds)]
-        if self.out_spec is None:
-            return outputs[0] if len(outputs) == 1 else tuple(outputs)
-        return pytree.tree_unflatten(outputs, self.out_spec)
+        leaves = self._flatten(args, kwargs)
+        tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        if len(tensors) != len(self.input_names):
+            raise ValueError(f"the ONNX model takes {len(self.input_names)} tensor inputs, got {len(tensors)}")
+        device = tensors[0].device if tensors else torch.device("cpu")
+        feeds = {name: leaf.detach().cpu().contiguous().numpy() for name, leaf in zip(self.input_names, tensors)}
+        results = iter(torch.from_numpy(array).to(device) for array in self.session.run(None, feeds))
+        flat = [next(results) if is_tensor else constant
+                for is_tensor, constant in zip(self.output_is_tensor, self.output_template)]
+        return pytree.tree_unflatten(flat, self.out_spec)
+
+    def _flatten(self, args: tuple, kwargs: dict) -> list[Any]:
+        """Bind like the program's forward, order like its ``in_spec``, and check baked constants."""
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"the ONNX model's inputs are {self.signature}: {error}") from None
+        bound.apply_defaults()
+        positional_count = self.in_spec.child(0).num_children
+        names = list(bound.arguments)
+        keyword_names = self.in_spec.child(1).context
+        call = (tuple(bound.arguments[name] for name in names[:positional_count]),
+                {name: bound.arguments[name] for name in keyword_names})
+        leaves, spec = pytree.tree_flatten(call)
+        if spec != self.in_spec:
+            raise ValueError(f"inputs are structured as {spec}, the exported model takes {self.in_spec}")
+        for index, value in self.baked.items():
+            if leaves[index] != value:
+                raise ValueError(f"input {index} is {leaves[index]!r}, but the ONNX model was exported with "
+                                 f"{value!r} baked in (non-tensor inputs are constants in ONNX)")
+        return leaves
 
 
 def compile_onnx(program: torch.export.ExportedProgram, *, threads: int | None = None,
@@ -83,7 +116,7 @@ def compile_onnx(program: torch.export.ExportedProgram, *, threads: int | None =
     model = export_onnx(program)
     if save_to is not None:
         Path(save_to).write_bytes(model)
-    return OnnxRuntimeModule(model, program.call_spec.out_spec, threads=threads)
+    return OnnxRuntimeModule(model, program, threads=threads)
 
 
 def _first_line(error: Exception) -> str:

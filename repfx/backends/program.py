@@ -37,11 +37,14 @@ def cast_floating(value: Any, dtype: torch.dtype, device: torch.device | str | N
 
 
 def in_precision(plain: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModule:
-    """A copy of ``plain`` whose floating weights are ``dtype`` (folding already happened in fp32/fp64)."""
+    """A copy of ``plain`` whose floating weights are ``dtype`` (folding already happened in fp32/fp64).
+
+    Always cast, fp32 included: a float64 model deployed at fp32 must not keep float64
+    weights next to the float32 inputs the deployed model is fed.
+    """
     import copy
 
-    clone = copy.deepcopy(plain)
-    return clone if dtype == torch.float32 else clone.to(dtype)
+    return copy.deepcopy(plain).to(dtype)
 
 
 def export_program(plain: fx.GraphModule, example_inputs: Sequence[Any], *,

@@ -116,7 +116,8 @@ def _inputs_for(loaded: LoadedModel, args: argparse.Namespace) -> tuple:
         if loaded.example_inputs is not None and len(args.input_shape) != len(loaded.example_inputs):
             raise BadInput(f"{args.model} takes {len(loaded.example_inputs)} input(s), "
                            f"--input-shape was given {len(args.input_shape)} time(s)")
-        return _random_inputs(args.input_shape, args.seed)
+        recorded = [t.dtype for t in loaded.example_inputs] if loaded.example_inputs is not None else None
+        return _random_inputs(args.input_shape, args.seed, dtypes=recorded)
     if loaded.example_inputs is None:
         raise BadInput(f"{args.model} ({loaded.kind}) does not record its input shapes: pass --input-shape, "
                        "e.g. --input-shape 1x3x224x224 (once per input)")
@@ -143,14 +144,19 @@ def _write_triton(args: argparse.Namespace, result: ExportResult, name: str) -> 
     artifact, platform = (engine, "tensorrt_plan") if engine else (result.files.get("onnx"), "onnxruntime_onnx")
     if artifact is None:
         raise BadInput("--triton-repo needs the ONNX model or the TensorRT engine among --formats")
-    dynamic = (0,) if args.dynamic_batch else ()
-    inputs = [TensorSpec.like(node.name, node.meta["val"], dynamic) for node in user_input_nodes(result.program)]
-    outputs = [TensorSpec.like(output_name, value, dynamic)
+    inputs = [TensorSpec.like(node.name, node.meta["val"], _symbolic_dims(node.meta["val"]))
+              for node in user_input_nodes(result.program)]
+    outputs = [TensorSpec.like(output_name, value, _symbolic_dims(value))
                for output_name, value in zip(output_names(result.program), output_values(result.program))]
     return write_model_repository(args.triton_repo, name, artifact_path=artifact, platform=platform,
                                   inputs=inputs, outputs=outputs,
                                   max_batch_size=args.dynamic_batch[2] if args.dynamic_batch else 0,
                                   dynamic_batching=bool(args.dynamic_batch), overwrite=True)
+
+
+def _symbolic_dims(value: torch.Tensor) -> tuple[int, ...]:
+    """Dimensions the program leaves dynamic: ``-1`` in the Triton config."""
+    return tuple(index for index, size in enumerate(value.shape) if not isinstance(size, int))
 
 
 def _benchmark(model: Any, result: ExportResult, inputs: tuple, progress: PhaseProgress) -> list[dict]:
@@ -163,7 +169,7 @@ def _benchmark(model: Any, result: ExportResult, inputs: tuple, progress: PhaseP
     rows = [{"what": "as given (eager, fp32)", "ms": median_latency_ms(original, inputs)},
             {"what": "repfx plain (eager, fp32)", "ms": median_latency_ms(result.plain, inputs)}]
     if "onnx" in result.files:
-        session = OnnxRuntimeModule(result.files["onnx"], result.program.call_spec.out_spec)
+        session = OnnxRuntimeModule(result.files["onnx"], result.program)
         deploy_inputs = tuple(t.to(precision_dtype(result.report.precision)) if t.is_floating_point() else t
                               for t in inputs)
         rows.append({"what": f"repfx plain (onnxruntime, {result.report.precision})",
