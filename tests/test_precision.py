@@ -21,7 +21,7 @@ from repfx.precision import (
     summarize_ranges,
     weight_range_report,
 )
-from samples import build_sample, randomize_bn_, sample_input_shape
+from samples import build_sample, randomize_bn_
 
 X = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 
@@ -58,8 +58,9 @@ def conv_weight_row(gm: fx.GraphModule, rows: list[LayerRange]) -> LayerRange:
 
 
 def test_sample_has_no_problem():
+    # RepVGG-A0's weights at a small input: the folded weights do not depend on the input size.
     model = randomize_bn_(build_sample("repvgg_a0"), 0).eval()
-    gm = repfx.reparameterize(model, (torch.randn(sample_input_shape("repvgg_a0")),))
+    gm = repfx.reparameterize(model, (torch.randn(1, 3, 64, 64),), verify=False)
 
     rows = weight_range_report(gm)
 
