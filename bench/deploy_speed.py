@@ -176,13 +176,13 @@ def cuda_eager_forms(dtype: torch.dtype, device: str = "cuda") -> Callable[..., 
 
 def tensorrt_forms(model: nn.Module, deploy: nn.Module, x: torch.Tensor, threads: int) -> Factories:
     """torch-tensorrt fuses conv+BN itself but cannot merge branches; repfx hands it the merged graph."""
-    import torch_tensorrt
+    import torch_tensorrt  # only here: importing it without TensorRT's libraries fails (see skip_reason)
 
     def trt(module: nn.Module) -> Callable:
         x_cuda = x.cuda()
         return torch_tensorrt.compile(copy.deepcopy(module).cuda(), ir="dynamo", inputs=[x_cuda])
 
-    # repfx verifies on the CPU (the example input is the CPU batch) and moves the engine's input there.
+    # repfx.compile verifies against the CPU example itself and moves inputs to CUDA; the timed input is there.
     return {"training": lambda: trt(model), "timm": lambda: trt(deploy),
             "repfx": lambda: repfx.compile(model, (x,), backend="tensorrt", verify=True)}
 

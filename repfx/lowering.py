@@ -119,7 +119,7 @@ def _build(name: str, graph: fx.GraphModule, inputs: tuple, *, dynamic_batch: bo
     if name == "eager":
         return graph
     if name == "inductor":
-        return torch.compile(graph, dynamic=True if dynamic_batch else None, **options)
+        return torch.compile(graph, **({"dynamic": True if dynamic_batch else None} | options))
     program = export_program(graph, inputs, dynamic_batch=dynamic_batch)
     if name == "onnx":
         return compile_onnx(program, **options)
