@@ -11,6 +11,7 @@ import torch
 from torch import fx
 
 from repfx.passes import run_to_fixed_point
+from repfx.passes.inplace_activations import inplace_activations
 
 from .capture import SupportedModel, capture
 from .opcount import count_ops, summarize
@@ -66,6 +67,7 @@ def _run(model, example_inputs, *, verify, rtol, atol, dynamic_batch, cost,
     progress("rewrite")
 
     results = run_to_fixed_point(gm, cost)
+    inplace_activations(gm)  # before verification, so the check covers it
     report.iterations = len(results)
     for step in results:
         report.rewrites += [Rewrite(r.kind, r.replaced_ops, r.kernel_shapes, r.ops_before, r.ops_after)

@@ -499,7 +499,7 @@ def test_no_merge_across_relu():
     gm, _ = reparam(model, x)
     assert_matches(model, gm, x)
     counts = assert_ops(gm, x, convolution=2, batch_norm=0, add=0)
-    assert counts["relu"] == 1
+    assert counts["relu"] + counts["relu_"] == 1  # the activation still runs once (in place when it may)
 
 
 class ReturnsIntermediate(nn.Module):
@@ -1009,3 +1009,25 @@ def test_identity_region_does_not_return_its_input():
     x = image()
     gm, _ = reparam(TimesOne().eval(), x)
     assert gm(x).data_ptr() != x.data_ptr()
+
+
+class ActivationReadTwice(nn.Module):
+    """The pre-activation value is also returned: the ReLU must not overwrite it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return torch.relu(y), y
+
+
+def test_activation_runs_in_place_only_where_nothing_else_reads_its_input():
+    x = image()
+    plain_gm, _ = reparam(build(AcrossReLU), x)
+    assert ops(plain_gm, x)["relu_"] == 1 and ops(plain_gm, x)["relu"] == 0
+    model = build(ActivationReadTwice)
+    gm, _ = reparam(model, x)
+    assert ops(gm, x)["relu"] == 1 and ops(gm, x)["relu_"] == 0
+    assert_matches(model, gm, x)
