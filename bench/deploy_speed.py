@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 import repfx
+from _tables import table, verdict  # bench/ is on sys.path when a script runs
 from repfx.backends import probe_onnxruntime, probe_torch_tensorrt
 from repfx.backends.onnx import compile_onnx
 from repfx.backends.program import export_program
@@ -307,18 +308,6 @@ def run_model(name: str, plan: list[tuple[Runtime, tuple[int, ...]]], sections: 
 
 
 # ----------------------------------------------------------------------------- printing
-
-def table(header: list[str], rows: list[list[str]], title: str) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    line = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    out = [title, line.format(*header), line.format(*("-" * w for w in widths))]
-    out += [line.format(*map(str, row)) for row in rows]
-    return "\n".join(out)
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
 
 def format_row(row: Row) -> list[str]:
     label = [MODELS[row.model], str(row.batch)]

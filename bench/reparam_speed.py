@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 import repfx
+from _tables import table, verdict  # bench/ is on sys.path when a script runs
 from repfx import samples
 from repfx.opcount import count_ops, summarize
 
@@ -54,18 +55,6 @@ LATENCY_NOISE = 1.10  # repfx / timm-deploy ratio still counted as "as fast" (ti
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def table(header: list[str], rows: list[list[str]], title: str) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    line = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    out = [title, line.format(*header), line.format(*("-" * w for w in widths))]
-    out += [line.format(*map(str, row)) for row in rows]
-    return "\n".join(out)
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
 
 def seeded_randn(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))

@@ -20,7 +20,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .batching import example_batch_size, is_batched, with_batch
-from .errors import CaptureError
+from .errors import CaptureError, first_line
 
 SupportedModel = nn.Module | fx.GraphModule | torch.export.ExportedProgram | torch.jit.ScriptModule
 
@@ -37,7 +37,7 @@ def capture(model: SupportedModel, example_inputs: Sequence[Any], *, dynamic_bat
         try:
             program = program.run_decompositions({})
         except Exception as error:
-            raise CaptureError(f"functionalizing the exported graph failed: {_first_line(error)}") from error
+            raise CaptureError(f"functionalizing the exported graph failed: {first_line(error)}") from error
     return _plain_graph_module(program.module())
 
 
@@ -104,7 +104,7 @@ def _eval_copy(model: nn.Module) -> nn.Module:
         clone = copy.deepcopy(model)
     except Exception as error:
         raise CaptureError(f"cannot copy {type(model).__name__} to capture it without modifying it: "
-                           f"{_first_line(error)}") from error
+                           f"{first_line(error)}") from error
     return clone.eval()
 
 
@@ -116,7 +116,7 @@ def _export_module(module: nn.Module, inputs: tuple, dynamic_batch: bool, name: 
         return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as error:
         raise CaptureError(
-            f"torch.export could not capture {name}: {_first_line(error)}\n"
+            f"torch.export could not capture {name}: {first_line(error)}\n"
             "Fix: make forward() traceable (no data-dependent Python control flow or .item() on tensors, "
             "see https://pytorch.org/docs/stable/export.html), or pass an ExportedProgram you exported yourself."
         ) from error
@@ -189,7 +189,7 @@ def _convert_torchscript(module: torch.jit.ScriptModule, inputs: tuple) -> torch
             warnings.simplefilter("ignore", UserWarning)
             return TS2EPConverter(module, inputs).convert()
     except Exception as error:
-        raise CaptureError(f"converting the TorchScript module to an ExportedProgram failed: {_first_line(error)}\n"
+        raise CaptureError(f"converting the TorchScript module to an ExportedProgram failed: {first_line(error)}\n"
                            "Fix: export the original nn.Module with torch.export instead.") from error
 
 
@@ -225,7 +225,3 @@ def _reject_training_program(program: torch.export.ExportedProgram) -> None:
                                "running statistics: this program was exported from a model in training mode. "
                                "Export it after model.eval().")
 
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:500]

@@ -18,3 +18,9 @@ class BackendUnavailable(RuntimeError):
 
 class LoweringError(RuntimeError):
     """A backend could not lower the plain graph (export to ONNX, TensorRT build); names the step."""
+
+
+def first_line(error: BaseException, limit: int = 500) -> str:
+    """The first line of ``error``'s message (or its type), for one-line reports; chained causes keep the rest."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:limit]

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, first_line
 
 TENSORRT_INSTALL_HINT = ("install it on a machine with an NVIDIA GPU and TensorRT: "
                          "pip install 'repfx[tensorrt]' (torch-tensorrt 2.14 pins torch 2.14 and TensorRT 11.1)")
@@ -36,7 +36,7 @@ def probe_torch_tensorrt() -> Probe:
     try:
         module = importlib.import_module("torch_tensorrt")
     except Exception as error:  # ImportError, OSError from a missing libnvinfer, ...
-        return Probe(False, f"torch_tensorrt is installed but does not import ({_first_line(error)}); "
+        return Probe(False, f"torch_tensorrt is installed but does not import ({first_line(error)}); "
                             "TensorRT's native libraries are missing or do not match")
     if not torch.cuda.is_available():
         return Probe(False, "torch_tensorrt imports but no CUDA device is visible; TensorRT engines are built "
@@ -68,7 +68,3 @@ def require_onnxruntime() -> ModuleType:
         raise BackendUnavailable(f"the ONNX backend is unavailable: {probe.reason}")
     return importlib.import_module("onnxruntime")
 
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]

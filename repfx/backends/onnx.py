@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from ..errors import LoweringError
+from ..errors import LoweringError, first_line
 from .availability import require_onnxruntime
 from .program import output_names
 
@@ -29,7 +29,7 @@ def export_onnx(program: torch.export.ExportedProgram) -> bytes:
                                          output_names=output_names(program))
         return onnx_program.model_proto.SerializeToString()
     except Exception as error:
-        raise LoweringError(f"torch.onnx.export failed on the plain graph: {_first_line(error)}") from error
+        raise LoweringError(f"torch.onnx.export failed on the plain graph: {first_line(error)}") from error
 
 
 def session_options():
@@ -66,7 +66,7 @@ class OnnxRuntimeModule(torch.nn.Module):
         try:
             self.session = ort.InferenceSession(source, options, providers=providers())
         except Exception as error:
-            raise LoweringError(f"onnxruntime cannot load the exported model: {_first_line(error)}") from error
+            raise LoweringError(f"onnxruntime cannot load the exported model: {first_line(error)}") from error
         self.input_names = [value.name for value in self.session.get_inputs()]
         self.signature = inspect.signature(program.module().forward)
         self.in_spec, self.out_spec = program.call_spec.in_spec, program.call_spec.out_spec
@@ -118,7 +118,3 @@ def compile_onnx(program: torch.export.ExportedProgram, *, threads: int | None =
         Path(save_to).write_bytes(model)
     return OnnxRuntimeModule(model, program, threads=threads)
 
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:500]

@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from ..capture import dynamic_batch_spec
-from ..errors import LoweringError
+from ..errors import LoweringError, first_line
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -59,12 +59,8 @@ def export_program(plain: fx.GraphModule, example_inputs: Sequence[Any], *,
         with torch.no_grad():
             return torch.export.export(plain, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as error:
-        raise LoweringError(f"re-exporting the plain graph failed: {_first_line(error)}") from error
+        raise LoweringError(f"re-exporting the plain graph failed: {first_line(error)}") from error
 
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:500]
 
 
 def user_input_nodes(program: torch.export.ExportedProgram) -> list[fx.Node]:

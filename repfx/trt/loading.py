@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..errors import first_line
+
 
 class BadInput(ValueError):
     """The CLI's input is unusable; the message is one line a user can act on (exit code 2)."""
@@ -36,13 +38,13 @@ def load_model(path: Path, *, trust_pickle: bool = False) -> LoadedModel:
         try:
             program = torch.export.load(str(path))
         except Exception as error:
-            raise BadInput(f"{path}: not a loadable ExportedProgram ({_first_line(error)})") from error
+            raise BadInput(f"{path}: not a loadable ExportedProgram ({first_line(error)})") from error
         return LoadedModel(program, kind, _program_example_inputs(program))
     if kind == "torchscript":
         try:
             return LoadedModel(torch.jit.load(str(path), map_location="cpu"), kind, None)
         except Exception as error:
-            raise BadInput(f"{path}: not a loadable TorchScript archive ({_first_line(error)})") from error
+            raise BadInput(f"{path}: not a loadable TorchScript archive ({first_line(error)})") from error
     if kind == "pickle":
         if not trust_pickle:
             raise BadInput(f"{path} is a pickled Python object (torch.save(model)); unpickling runs arbitrary code, "
@@ -51,7 +53,7 @@ def load_model(path: Path, *, trust_pickle: bool = False) -> LoadedModel:
         try:
             model = torch.load(str(path), map_location="cpu", weights_only=False)
         except Exception as error:
-            raise BadInput(f"{path}: unpickling failed ({_first_line(error)})") from error
+            raise BadInput(f"{path}: unpickling failed ({first_line(error)})") from error
         if not isinstance(model, torch.nn.Module):
             raise BadInput(f"{path} holds a {type(model).__name__}, not an nn.Module (a state_dict needs the "
                            "model's code: build the model, load the weights, then torch.export.save it)")
@@ -95,7 +97,3 @@ def _program_example_inputs(program: torch.export.ExportedProgram) -> tuple | No
             inputs.append(torch.zeros(shape, dtype=value.dtype))
     return tuple(inputs) or None
 
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]
