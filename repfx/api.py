@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-import torch
 from torch import fx
 
 from repfx.passes import run_to_fixed_point

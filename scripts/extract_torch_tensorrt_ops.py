@@ -40,7 +40,7 @@ import re
 import sys
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 PACKAGE = "torch_tensorrt"
 CONVERSION_DIR = "dynamo/conversion"
