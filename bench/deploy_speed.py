@@ -39,7 +39,6 @@ import argparse
 import copy
 import gc
 import json
-import os
 import statistics
 import sys
 import time
@@ -52,7 +51,7 @@ import torch
 from torch import nn
 
 import repfx
-from _tables import table, verdict  # bench/ is on sys.path when a script runs
+from _tables import print_environment, table, verdict  # bench/ is on sys.path when a script runs
 from repfx.backends import probe_onnxruntime, probe_torch_tensorrt
 from repfx.backends.onnx import compile_onnx
 from repfx.backends.program import export_program
@@ -409,17 +408,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def print_environment(args: argparse.Namespace) -> None:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    print(f"repfx {repfx.__version__}, torch {torch.__version__}, timm {timm.__version__}, "
-          f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; "
-          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}{'; QUICK mode' if args.quick else ''}")
-    if load[0] > 0.5 * (os.cpu_count() or 1):
-        print(f"NOTE: load average {load[0]:.2f} on {os.cpu_count()} CPUs: another process is running and "
-              f"{args.threads}-thread timings can be far off; trust ratios within a row more than absolute ms.")
-    print()
-
-
 def write_json(path: str, sections: dict[str, Section], targets: list[tuple[str, bool | None, str]],
                args: argparse.Namespace) -> None:
     rows = [asdict(r) | ({"speedup": r.speedup, "repfx_over_timm": r.timm_ratio} if r.ms else {})
@@ -437,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    print_environment(args)
+    print_environment(args.quick, timm.__version__,
+                      f": another process is running and {args.threads}-thread timings can be far off; "
+                      "trust ratios within a row more than absolute ms.")
     start = time.perf_counter()
 
     runtimes = cpu_runtimes(args.threads) + gpu_runtimes()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
 import sys
 import time
@@ -39,7 +38,7 @@ import torch
 from torch import nn
 
 import repfx
-from _tables import table, verdict  # bench/ is on sys.path when a script runs
+from _tables import print_environment, table, verdict  # bench/ is on sys.path when a script runs
 from repfx import samples
 from repfx.opcount import count_ops, summarize
 
@@ -239,15 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    print(f"repfx {repfx.__version__}, torch {torch.__version__}, timm {getattr(timm, '__version__', 'not installed')}, "
-          f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; "
-          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}{'; QUICK mode' if args.quick else ''}")
-    if load[0] > 0.5 * (os.cpu_count() or 1):
-        print(f"NOTE: load average {load[0]:.2f} on {os.cpu_count()} CPUs. If another process is running, "
-              f"{torch.get_num_threads()} OpenMP threads stall and timings can be far off "
-              "(compare the 1-thread row of (a)).")
-    print()
+    print_environment(args.quick, getattr(timm, "__version__", "not installed"),
+                      f". If another process is running, {torch.get_num_threads()} OpenMP threads stall and "
+                      "timings can be far off (compare the 1-thread row of (a)).")
 
     results: dict[str, bool | None] = {}
     parts = {

@@ -57,7 +57,7 @@ def _run(model, example_inputs, *, verify, rtol, atol, dynamic_batch, cost,
         raise ValueError(f"cost must be 'macs' or 'always', got {cost!r}")
     progress = progress or (lambda phase: None)
     progress("capture")
-    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    example_inputs = as_input_tuple(example_inputs)
     report = Report(model=_model_name(model))
     clock = time.perf_counter()
     gm = capture(model, example_inputs, dynamic_batch=dynamic_batch)
@@ -94,6 +94,11 @@ def _run(model, example_inputs, *, verify, rtol, atol, dynamic_batch, cost,
     report.parameters_after = _parameter_count(gm)
     gm.meta["repfx"] = report
     return gm, report
+
+
+def as_input_tuple(example_inputs: Any) -> tuple:
+    """Example inputs as a tuple of positional arguments (a lone tensor or object is one argument)."""
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
 def _lap(report: Report, phase: str, start: float) -> float:

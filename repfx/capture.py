@@ -143,6 +143,11 @@ def check_program_inputs(program: torch.export.ExportedProgram, inputs: tuple) -
                                f"the ExportedProgram was exported for {value.dtype}")
 
 
+def keeps_dynamic_batch(model: Any, dynamic_batch: bool) -> bool:
+    """``dynamic_batch``, or True for a program exported with a dynamic batch: writing it out static would drop it."""
+    return dynamic_batch or (isinstance(model, torch.export.ExportedProgram) and has_dynamic_batch(model))
+
+
 def has_dynamic_batch(program: torch.export.ExportedProgram) -> bool:
     """Whether every batched user input already has a symbolic dim 0 (its own range is kept)."""
     names = set(program.graph_signature.user_inputs)

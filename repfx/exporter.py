@@ -19,12 +19,12 @@ from typing import Any, Literal
 
 import torch
 
-from .api import reparameterize
+from .api import as_input_tuple, reparameterize
 from .artifacts import staged
 from .backends.availability import probe_torch_tensorrt, require_onnxruntime, require_torch_tensorrt
 from .backends.onnx import OnnxRuntimeModule, export_onnx
 from .backends.program import cast_floating, export_program, in_precision, precision_dtype, record_tensorrt_coverage
-from .capture import SupportedModel, has_dynamic_batch
+from .capture import SupportedModel, keeps_dynamic_batch
 from .errors import VerificationError
 from .report import Report
 from .verify import verify as verify_outputs
@@ -73,10 +73,9 @@ def export(
         raise ValueError(f"name {name!r} must be a plain file name (letters, digits, '_', '.', '-')")
     wanted, skipped = _resolve_formats(formats, precision)
     dtype = precision_dtype(precision)
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    inputs = as_input_tuple(example_inputs)
 
-    # A program exported with a dynamic batch stays dynamic: writing it out static would drop that silently.
-    dynamic_batch = dynamic_batch or (isinstance(model, torch.export.ExportedProgram) and has_dynamic_batch(model))
+    dynamic_batch = keeps_dynamic_batch(model, dynamic_batch)
     plain = reparameterize(model, inputs, verify=verify, dynamic_batch=dynamic_batch, cost=cost, progress=progress)
     report: Report = plain.meta["repfx"]
     report.precision = precision
@@ -149,14 +148,11 @@ def _check_onnx(onnx_model: bytes, program: torch.export.ExportedProgram, plain:
 
 def _build_engine(staging, name: str, graph: torch.fx.GraphModule, inputs: tuple, dynamic_batch: bool,
                   batch_range: tuple[int, int, int] | None, options: dict) -> None:
-    from .backends.tensorrt import compile_tensorrt, save_compiled, serialize_engine
+    from .backends.tensorrt import compile_tensorrt, resolve_batch_range, save_compiled, serialize_engine
 
     cuda_graph, cuda_inputs = graph.to("cuda"), cast_floating(inputs, next(iter(_dtypes(inputs))), "cuda")
     program = export_program(cuda_graph, cuda_inputs, dynamic_batch=dynamic_batch)
-    if dynamic_batch and batch_range is None:
-        batch = cuda_inputs[0].shape[0]
-        batch_range = (1, batch, max(batch, 64))
-    batch_range = batch_range if dynamic_batch else None
+    batch_range = resolve_batch_range(cuda_inputs, dynamic_batch, batch_range)
     staging.file(f"{name}.engine").write_bytes(serialize_engine(program, cuda_inputs, batch_range=batch_range,
                                                                 **options))
     compiled = compile_tensorrt(program, cuda_inputs, batch_range=batch_range, **options)

@@ -16,13 +16,13 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .api import reparameterize
+from .api import as_input_tuple, reparameterize
 from .backends import BACKENDS, resolve_backend
 from .backends.onnx import compile_onnx
 from .backends.program import (cast_floating, export_program, in_precision, precision_dtype,
                                record_tensorrt_coverage)
-from .backends.tensorrt import compile_tensorrt
-from .capture import SupportedModel, has_dynamic_batch
+from .backends.tensorrt import compile_tensorrt, resolve_batch_range
+from .capture import SupportedModel, keeps_dynamic_batch
 from .report import Report
 from .verify import verify as verify_outputs
 
@@ -87,10 +87,9 @@ def compile(
     name, reason = resolve_backend(backend, precision)
     if backend == "auto":
         logger.info("repfx.compile: backend %r (%s)", name, reason)
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    inputs = as_input_tuple(example_inputs)
 
-    # A program exported with a dynamic batch stays dynamic: writing it out static would drop that silently.
-    dynamic_batch = dynamic_batch or (isinstance(model, torch.export.ExportedProgram) and has_dynamic_batch(model))
+    dynamic_batch = keeps_dynamic_batch(model, dynamic_batch)
     plain = reparameterize(model, inputs, verify=verify, dynamic_batch=dynamic_batch, cost=cost, progress=progress)
     report: Report = plain.meta["repfx"]
     device = torch.device("cuda") if name == "tensorrt" else None
@@ -124,10 +123,8 @@ def _build(name: str, graph: fx.GraphModule, inputs: tuple, *, dynamic_batch: bo
     if name == "onnx":
         return compile_onnx(program, **options)
     record_tensorrt_coverage(program, report)  # says which op would block a single engine
-    if dynamic_batch and batch_range is None:
-        batch = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) else 1
-        batch_range = (1, batch, max(batch, 64))
-    return compile_tensorrt(program, inputs, batch_range=batch_range if dynamic_batch else None, **options)
+    return compile_tensorrt(program, inputs, batch_range=resolve_batch_range(inputs, dynamic_batch, batch_range),
+                            **options)
 
 
 def _outputs_on(device: torch.device, module: Callable) -> Callable:

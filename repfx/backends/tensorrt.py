@@ -23,6 +23,20 @@ from .availability import require_torch_tensorrt
 FULL_GRAPH_OPTIONS = {"require_full_compilation": True, "min_block_size": 1}
 
 
+def resolve_batch_range(inputs: Sequence[Any], dynamic_batch: bool,
+                        batch_range: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+    """TensorRT's optimization profile for dim 0: None when static, else the given or a default range.
+
+    The default optimizes for the example's batch and admits 1..max(batch, 64).
+    """
+    if not dynamic_batch:
+        return None
+    if batch_range is not None:
+        return batch_range
+    batch = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) else 1
+    return (1, batch, max(batch, 64))
+
+
 def tensorrt_inputs(example_inputs: Sequence[Any], batch_range: tuple[int, int, int] | None) -> list[Any]:
     """Example tensors as ``torch_tensorrt.Input`` specs; with ``batch_range`` dim 0 spans (min, opt, max)."""
     torch_tensorrt = require_torch_tensorrt()
