@@ -33,7 +33,14 @@ class EmissionPlan:
         return not self.convs and bool(torch.any(self.bias))
 
     @property
+    def is_plain_copy(self) -> bool:
+        """The region computes its input exactly (``x*0.5 + x*0.5``): emitted as one copy, never an alias."""
+        return not self.convs and not self.scales and len(self.identities) == 1 and not self.bias_needs_add
+
+    @property
     def op_count(self) -> int:
+        if self.is_plain_copy:
+            return 1
         parts = len(self.convs) + len(self.scales) + len(self.identities)
         return len(self.convs) + len(self.scales) + max(parts - 1, 0) + int(self.bias_needs_add)
 
@@ -78,6 +85,8 @@ class Emitter:
             if emission.bias_needs_add:
                 shift = emission.bias.reshape((-1,) + (1,) * rank)
                 result = self._call(root, aten.add.Tensor, result, self._constant(root, "shift", shift, dtype))
+            if emission.is_plain_copy:
+                result = self._call(root, aten.clone.default, result)
         root.replace_all_uses_with(result)
         self.replaced[root] = result
         return result

@@ -119,7 +119,7 @@ def fold_linear_regions(gm: fx.GraphModule, cost: CostPolicy = "macs") -> PassRe
         executed = sorted((op for op in expr.ops if _is_executed(op)), key=order.__getitem__)
         emission = plan(expr)
         if not 0 < emission.op_count < len(executed) or not _keeps_leading_shape(root, expr):
-            continue  # not fewer ops; or an identity, whose result would alias its input
+            continue  # not fewer ops (a lone identity op stays as written)
         emitter.emit(root, emission)
         for op in sorted(expr.ops, key=order.__getitem__, reverse=True):
             if not op.users:
@@ -129,9 +129,10 @@ def fold_linear_regions(gm: fx.GraphModule, cost: CostPolicy = "macs") -> PassRe
             root=root.name,
             replaced_ops=tuple(op.name for op in executed),
             replaced_kinds=dict(Counter(_kind(op) for op in executed)),
-            produced=tuple(term.form.describe() for term in emission.convs)
-            + ("scale",) * len(emission.scales)
-            + ("add",) * (emission.op_count - len(emission.convs) - len(emission.scales)),
+            produced=("copy",) if emission.is_plain_copy else (
+                tuple(term.form.describe() for term in emission.convs)
+                + ("scale",) * len(emission.scales)
+                + ("add",) * (emission.op_count - len(emission.convs) - len(emission.scales))),
             kernel_shapes=tuple(tuple(term.form.weight.shape) for term in emission.convs),
             ops_before=len(executed),
             ops_after=emission.op_count,

@@ -1031,3 +1031,21 @@ def test_activation_runs_in_place_only_where_nothing_else_reads_its_input():
     gm, _ = reparam(model, x)
     assert ops(gm, x)["relu"] == 1 and ops(gm, x)["relu_"] == 0
     assert_matches(model, gm, x)
+
+
+class HalvesSum(nn.Module):
+    """``x*0.5 + x*0.5`` is exactly ``x``: one copy, never an alias of the input."""
+
+    def forward(self, x):
+        return x * 0.5 + x * 0.5
+
+
+def test_region_equal_to_its_input_becomes_one_copy():
+    x = image()
+    model = HalvesSum().eval()
+    gm, report = reparam(model, x)
+    counts = ops(gm, x)
+    assert counts["total"] == 1 and counts["clone"] == 1, dict(counts)
+    assert gm(x).data_ptr() != x.data_ptr()
+    assert_matches(model, gm, x)
+    assert_idempotent(gm, x)
