@@ -4,7 +4,7 @@
 be merged; ``emit`` and ``fold_linear_regions`` rewrite the graph.
 """
 
-from .fold_linear_regions import AppliedRewrite, PassResult, fold_linear_regions, run_to_fixed_point
+from .fold_linear_regions import AppliedRewrite, Candidate, PassResult, Prover, fold_linear_regions, run_to_fixed_point
 from .forms import ConvForm, NotExact
 
-__all__ = ["AppliedRewrite", "ConvForm", "NotExact", "PassResult", "fold_linear_regions", "run_to_fixed_point"]
+__all__ = ["AppliedRewrite", "Candidate", "ConvForm", "NotExact", "PassResult", "Prover", "fold_linear_regions", "run_to_fixed_point"]

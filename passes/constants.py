@@ -4,6 +4,12 @@ Folding needs the numbers behind a node (a conv weight, BN running stats, a pad
 value computed from BN parameters inside the graph as DBB does). A node is
 constant when it is a ``get_attr`` or a deterministic call whose arguments are
 all constant; its value is computed once and cached.
+
+Computed constants are evaluated in float64 (parameters are upcast on the way in),
+like the rest of the folding: DBB's pad value ``bias - mean * scale`` then equals the
+BN shift the fold computes to float64 rounding, not merely to the model's fp32
+rounding, so a float64 proof of the fold can hold it to a float64 bound. Parameters
+themselves are returned as stored (no copies of every weight).
 """
 
 from __future__ import annotations
@@ -57,10 +63,26 @@ class ConstantFolder:
         if args is _NOT_CONSTANT or kwargs is _NOT_CONSTANT:
             return _NOT_CONSTANT
         with torch.no_grad():
-            try:
-                return node.target(*args, **kwargs)
-            except Exception:  # an op that cannot run eagerly on its constants is simply not folded
-                return _NOT_CONSTANT
+            for cast in (_float64, lambda value: value):
+                try:
+                    return node.target(*cast(args), **cast(kwargs))
+                except Exception:  # an op without float64 support runs in the model's dtype; failing that,
+                    continue       # an op that cannot run eagerly on its constants is simply not folded
+            return _NOT_CONSTANT
+
+
+def written_attributes(gm: fx.GraphModule) -> list[str]:
+    """Parameters and buffers the graph writes as it runs (``self.step += 1``, running statistics).
+
+    Running the graph advances them, so anything that runs it for checking must run it on copies.
+    """
+    written = [node.target for node in gm.graph.nodes
+               if node.op == "get_attr" and any(_writes_into(user, node) for user in node.users)]
+    return list(dict.fromkeys(written))
+
+
+def _float64(value: Any) -> Any:
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.double() if t.is_floating_point() else t, value)
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:

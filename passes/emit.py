@@ -17,6 +17,7 @@ from .kernels import regroup
 from .linear_regions import Expr, Term
 
 aten = torch.ops.aten
+REWRITE_META = "repfx_rewrite"  # on every emitted node: the name of the region root it replaced
 _CONV = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}
 
 
@@ -57,65 +58,94 @@ def plan(expr: Expr) -> EmissionPlan:
     return EmissionPlan(tuple(convs), tuple(scales), tuple(identities), bias, expr.terms[0].form.rank)
 
 
+@dataclass(eq=False)
+class Emission:
+    """Nodes emitted for one region, not yet wired in: the region still computes the root.
+
+    ``exact`` holds the float64 value of every constant the nodes read (the stored
+    parameters are those values rounded once to the model's dtype), so a proof can
+    evaluate the emitted algebra without that rounding.
+    """
+
+    root: fx.Node
+    result: fx.Node
+    nodes: list[fx.Node]  # in graph order
+    exact: dict[str, Tensor]  # parameter name -> float64 value
+
+
 class Emitter:
-    """Inserts planned ops before a root node; registers new weights on the GraphModule."""
+    """Inserts planned ops before a root node; registers new weights on the GraphModule.
+
+    Emission and commitment are separate steps so a rewrite can be proven before
+    the graph depends on it: ``emit`` adds nodes that read the region's sources but
+    that nothing reads yet, ``commit`` reroutes the root's users to them and
+    ``discard`` erases them again.
+    """
 
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
-        self.replaced: dict[fx.Node, fx.Node] = {}
 
-    def emit(self, root: fx.Node, emission: EmissionPlan) -> fx.Node:
+    def emit(self, root: fx.Node, emission: EmissionPlan) -> Emission:
         dtype = root.meta["val"].dtype
         # Per-channel constants broadcast along the forms' channel axis: dim 1 for
         # convolutions, the last dim for rank-0 (linear) forms on [..., C] tensors.
         rank = emission.rank
-        graph = self.gm.graph
-        with graph.inserting_before(root):
+        out = Emission(root, root, [], {})
+        with self.gm.graph.inserting_before(root):
             parts: list[fx.Node] = []
             for index, term in enumerate(emission.convs):
                 bias = emission.bias if index == 0 else term.form.bias.new_zeros(term.form.out_channels)
-                parts.append(self._conv(root, self._source(term), term.form, bias, dtype))
+                parts.append(self._conv(out, term.source, term.form, bias, dtype))
             for term in emission.scales:
                 scale = term.form.weight.reshape((-1,) + (1,) * rank)
-                parts.append(self._call(root, aten.mul.Tensor, self._source(term), self._constant(root, "scale", scale, dtype)))
-            parts.extend(self._source(term) for term in emission.identities)
+                parts.append(self._call(out, aten.mul.Tensor, term.source, self._constant(out, "scale", scale, dtype)))
+            parts.extend(term.source for term in emission.identities)
             result = parts[0]
             for part in parts[1:]:
-                result = self._call(root, aten.add.Tensor, result, part)
+                result = self._call(out, aten.add.Tensor, result, part)
             if emission.bias_needs_add:
                 shift = emission.bias.reshape((-1,) + (1,) * rank)
-                result = self._call(root, aten.add.Tensor, result, self._constant(root, "shift", shift, dtype))
+                result = self._call(out, aten.add.Tensor, result, self._constant(out, "shift", shift, dtype))
             if emission.is_plain_copy:
-                result = self._call(root, aten.clone.default, result)
-        root.replace_all_uses_with(result)
-        self.replaced[root] = result
-        return result
+                result = self._call(out, aten.clone.default, result)
+        out.result = result
+        return out
 
-    def _source(self, term: Term) -> fx.Node:
-        node = term.source
-        while node in self.replaced:
-            node = self.replaced[node]
-        return node
+    @staticmethod
+    def commit(emission: Emission) -> None:
+        """The root's users read the emitted result from now on (later emissions too)."""
+        emission.root.replace_all_uses_with(emission.result)
 
-    def _conv(self, root: fx.Node, source: fx.Node, form: ConvForm, bias: Tensor, dtype: torch.dtype) -> fx.Node:
-        bias_node = self._constant(root, "bias", bias, dtype)
+    def discard(self, emission: Emission) -> None:
+        """Erase the emitted nodes; their parameters go with ``remove_dead_code``."""
+        for node in reversed(emission.nodes):
+            self.gm.graph.erase_node(node)
+
+    def _conv(self, out: Emission, source: fx.Node, form: ConvForm, bias: Tensor, dtype: torch.dtype) -> fx.Node:
+        bias_node = self._constant(out, "bias", bias, dtype)
         if form.rank == 0:  # a linear layer has no groups
-            weight_node = self._constant(root, "weight", regroup(form.weight, form.groups, 1), dtype)
-            return self._call(root, aten.linear.default, source, weight_node, bias_node)
-        weight_node = self._constant(root, "weight", form.weight, dtype)
-        return self._call(root, _CONV[form.rank], source, weight_node, bias_node,
+            weight_node = self._constant(out, "weight", regroup(form.weight, form.groups, 1), dtype)
+            return self._call(out, aten.linear.default, source, weight_node, bias_node)
+        weight_node = self._constant(out, "weight", form.weight, dtype)
+        return self._call(out, _CONV[form.rank], source, weight_node, bias_node,
                           list(form.stride), list(form.padding), list(form.dilation), form.groups)
 
-    def _call(self, root: fx.Node, target, *args) -> fx.Node:
+    def _call(self, out: Emission, target, *args) -> fx.Node:
         node = self.gm.graph.call_function(target, tuple(args))
-        node.meta.update({k: v for k, v in root.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
+        node.meta.update({k: v for k, v in out.root.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
+        node.meta[REWRITE_META] = out.root.name
+        out.nodes.append(node)
         return node
 
-    def _constant(self, root: fx.Node, kind: str, value: Tensor, dtype: torch.dtype) -> fx.Node:
-        name = _unique_attr(self.gm, f"repfx_{root.name}_{kind}")
-        self.gm.register_parameter(name, nn.Parameter(value.to(dtype).contiguous(), requires_grad=False))
+    def _constant(self, out: Emission, kind: str, value: Tensor, dtype: torch.dtype) -> fx.Node:
+        name = _unique_attr(self.gm, f"repfx_{out.root.name}_{kind}")
+        # contiguous_format strides, whatever layout the folding arithmetic left behind.
+        stored = value.to(dtype).clone(memory_format=torch.contiguous_format)
+        self.gm.register_parameter(name, nn.Parameter(stored, requires_grad=False))
+        out.exact[name] = value
         node = self.gm.graph.get_attr(name)
         node.meta["val"] = getattr(self.gm, name)
+        out.nodes.append(node)
         return node
 
 

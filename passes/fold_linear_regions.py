@@ -10,13 +10,15 @@ to do (idempotence).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import fx
 
 from .canonicalize import reshape_as_to_static_shape
-from .emit import Emitter, plan, remove_dead_code
+from .emit import Emission, EmissionPlan, Emitter, plan, remove_dead_code
 from .linear_regions import Analysis, CostPolicy, Expr, analyze
 
 
@@ -108,48 +110,85 @@ def _keeps_leading_shape(root: fx.Node, expr: Expr) -> bool:
     return all(str(tuple(term.source.meta["val"].shape[:-1])) == leading for term in expr.terms)
 
 
-def fold_linear_regions(gm: fx.GraphModule, cost: CostPolicy = "macs") -> PassResult:
-    """Rewrite ``gm`` in place; see the module docstring for what is rewritten."""
+@dataclass(frozen=True, eq=False)
+class Candidate:
+    """A region and its emitted replacement, awaiting proof (the graph still uses ``ops``)."""
+
+    ops: frozenset[fx.Node]  # the region as written; ``emission.root`` computes its value
+    sources: tuple[fx.Node, ...]  # tensors the region reads from outside (its boundary)
+    emission: Emission
+
+
+class Prover(Protocol):
+    """Decides, on values, whether each emitted replacement computes what its region computes.
+
+    Returns the candidates that failed, each with a one-line reason; those are not committed.
+    """
+
+    def __call__(self, gm: fx.GraphModule, candidates: Sequence[Candidate]) -> dict[Candidate, str]: ...
+
+
+def fold_linear_regions(gm: fx.GraphModule, cost: CostPolicy = "macs", prover: Prover | None = None) -> PassResult:
+    """Rewrite ``gm`` in place; see the module docstring for what is rewritten.
+
+    With a ``prover``, every replacement is emitted first, proven, and only then
+    wired in; a replacement that fails its proof is erased and the region stays as
+    written (reported as a refusal with the prover's reason).
+    """
     regions, refusals = choose_regions(gm, cost)
     order = {node: index for index, node in enumerate(gm.graph.nodes)}
     regions.sort(key=lambda region: order[region[0]])
     emitter = Emitter(gm)
     result = PassResult(False, refusals=[(node.name, reason) for node, reason in refusals])
+    candidates = []
     for root, expr in regions:
         executed = sorted((op for op in expr.ops if _is_executed(op)), key=order.__getitem__)
         emission = plan(expr)
         if not 0 < emission.op_count < len(executed) or not _keeps_leading_shape(root, expr):
             continue  # not fewer ops (a lone identity op stays as written)
-        emitter.emit(root, emission)
-        for op in sorted(expr.ops, key=order.__getitem__, reverse=True):
+        sources = tuple(dict.fromkeys(term.source for term in expr.terms))
+        candidates.append((Candidate(expr.ops, sources, emitter.emit(root, emission)), executed, emission))
+    failed = prover(gm, [candidate for candidate, _, _ in candidates]) if prover and candidates else {}
+    for candidate, executed, emission in candidates:
+        if candidate in failed:
+            emitter.discard(candidate.emission)
+            result.refusals.append((candidate.emission.root.name, failed[candidate]))
+            continue
+        emitter.commit(candidate.emission)
+        for op in sorted(candidate.ops, key=order.__getitem__, reverse=True):
             if not op.users:
                 gm.graph.erase_node(op)
         result.modified = True
-        result.rewrites.append(AppliedRewrite(
-            root=root.name,
-            replaced_ops=tuple(op.name for op in executed),
-            replaced_kinds=dict(Counter(_kind(op) for op in executed)),
-            produced=("copy",) if emission.is_plain_copy else (
-                tuple(term.form.describe() for term in emission.convs)
-                + ("scale",) * len(emission.scales)
-                + ("add",) * (emission.op_count - len(emission.convs) - len(emission.scales))),
-            kernel_shapes=tuple(tuple(term.form.weight.shape) for term in emission.convs),
-            ops_before=len(executed),
-            ops_after=emission.op_count,
-        ))
-    if result.modified:
+        result.rewrites.append(_applied(candidate.emission.root, executed, emission))
+    if candidates:
         remove_dead_code(gm)
     return result
 
 
-def run_to_fixed_point(gm: fx.GraphModule, cost: CostPolicy = "macs", max_iterations: int = 8) -> list[PassResult]:
+def _applied(root: fx.Node, executed: list[fx.Node], emission: EmissionPlan) -> AppliedRewrite:
+    return AppliedRewrite(
+        root=root.name,
+        replaced_ops=tuple(op.name for op in executed),
+        replaced_kinds=dict(Counter(_kind(op) for op in executed)),
+        produced=("copy",) if emission.is_plain_copy else (
+            tuple(term.form.describe() for term in emission.convs)
+            + ("scale",) * len(emission.scales)
+            + ("add",) * (emission.op_count - len(emission.convs) - len(emission.scales))),
+        kernel_shapes=tuple(tuple(term.form.weight.shape) for term in emission.convs),
+        ops_before=len(executed),
+        ops_after=emission.op_count,
+    )
+
+
+def run_to_fixed_point(gm: fx.GraphModule, cost: CostPolicy = "macs", max_iterations: int = 8,
+                       prover: Prover | None = None) -> list[PassResult]:
     """Run the pass until it changes nothing (nested blocks like DBB need no more than one
     round by construction; the loop proves it and guards against a regression)."""
     reshape_as_to_static_shape(gm)
     results = []
     for _ in range(max_iterations):
         with torch.no_grad():
-            step = fold_linear_regions(gm, cost)
+            step = fold_linear_regions(gm, cost, prover)
         results.append(step)
         if not step.modified:
             break

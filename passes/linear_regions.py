@@ -570,6 +570,9 @@ def _border_fill(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
         value = fill
         if isinstance(src, fx.Node) and src.target is aten.copy.default:
             ops |= {src, src.args[0]}
+            fill_node = src.args[1]
+            if isinstance(fill_node, fx.Node) and fill_node.target is aten.expand.default:
+                ops.add(fill_node)  # expand(c, [batch, ...]) is not constant under a dynamic batch
         size = shape[dim - 1]
         start = 0 if start is None else (start + size if start < 0 else start)
         end = size if end is None or end > size else (end + size if end < 0 else end)

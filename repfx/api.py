@@ -7,16 +7,22 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 from repfx.passes import run_to_fixed_point
 from repfx.passes.inplace_activations import inplace_activations
 
 from .capture import SupportedModel, capture
+from .local_proofs import LocalProver
+from .mismatch import judge
 from .opcount import count_ops, summarize
 from .report import Refusal, Report, Rewrite
-from .verify import copy_inputs
+from .verify import check_tolerances, copy_inputs, input_sets
 from .verify import verify as verify_outputs
+
+LOCAL_PROOF_TRIALS = 1  # seeded input sets besides the example inputs for the per-region proofs
 
 
 def reparameterize(
@@ -28,6 +34,7 @@ def reparameterize(
     atol: float | None = None,
     dynamic_batch: bool = False,
     cost: Literal["macs", "always"] = "macs",
+    strict: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> fx.GraphModule:
     """Training-form ``model`` -> plain GraphModule with eval semantics; ``gm.meta["repfx"]`` is the Report.
@@ -35,13 +42,20 @@ def reparameterize(
     Every linear region (convs, eval BN, identities, scales, avg-pools, zero pads,
     concats, linears with no nonlinearity inside) is folded into as few convolutions
     as compute it exactly, unless the merge would cost more MACs (``cost="always"``
-    forces structural merges). With ``verify`` the result is checked against the
-    captured original and ``VerificationError`` is raised instead of returning a
-    wrong graph. ``model`` is never modified. ``progress`` is called with each phase's
+    forces structural merges). ``model`` is never modified.
+
+    With ``verify``, each rewrite is first proven locally: the region and its
+    replacement are evaluated in float64 on the activations that reach it (example
+    and seeded inputs), and a rewrite that fails is undone and reported. Then the
+    whole result is compared with the captured original in the model's dtype. A
+    difference there, with every region proven, comes from fp32 rounding through
+    discontinuous ops (top-k, argmax...) or an ill-conditioned model: it is accepted
+    with a warning and a report note naming those ops, or refused with
+    ``VerificationError`` when ``strict``. ``progress`` is called with each phase's
     name ("capture", "rewrite", "verify") as it starts.
     """
     gm, report = _run(model, example_inputs, verify=verify, rtol=rtol, atol=atol,
-                      dynamic_batch=dynamic_batch, cost=cost, progress=progress)
+                      dynamic_batch=dynamic_batch, cost=cost, strict=strict, progress=progress)
     return gm
 
 
@@ -51,21 +65,27 @@ def explain(model: SupportedModel, example_inputs: Sequence[Any], *, cost: Liter
     return report
 
 
-def _run(model, example_inputs, *, verify, rtol, atol, dynamic_batch, cost,
+def _run(model, example_inputs, *, verify, rtol, atol, dynamic_batch, cost, strict=False,
          progress=None) -> tuple[fx.GraphModule, Report]:
     if cost not in ("macs", "always"):
         raise ValueError(f"cost must be 'macs' or 'always', got {cost!r}")
+    check_tolerances(rtol, atol)
     progress = progress or (lambda phase: None)
     progress("capture")
     example_inputs = as_input_tuple(example_inputs)
     report = Report(model=_model_name(model))
     clock = time.perf_counter()
-    gm = capture(model, example_inputs, dynamic_batch=dynamic_batch)
+    captured = capture(model, example_inputs, dynamic_batch=dynamic_batch)
+    gm = captured.graph
+    report.mode_changes = [str(change) for change in captured.mode_changes]
+    report.buffers_written = list(captured.buffers_written)
+    report.notes += _non_finite_input_notes(example_inputs)
     reference = copy.deepcopy(gm)
     clock = _lap(report, "capture", clock)
     progress("rewrite")
 
-    results = run_to_fixed_point(gm, cost)
+    prover = LocalProver(input_sets(example_inputs, LOCAL_PROOF_TRIALS)) if verify else None
+    results = run_to_fixed_point(gm, cost, prover=prover)
     inplace_activations(gm)  # before verification, so the check covers it
     report.iterations = len(results)
     for step in results:
@@ -73,27 +93,48 @@ def _run(model, example_inputs, *, verify, rtol, atol, dynamic_batch, cost,
                             for r in step.rewrites]
     # The first round sees the graph as captured (the user's node names) and is complete:
     # later rounds only confirm the fixed point and would repeat its refusals.
-    report.refusals = [Refusal(node, reason) for node, reason in results[0].refusals]
+    # Failed local proofs of later rounds are new; a region that failed stays as written and
+    # fails again in each round, so each (node, reason) is reported once.
+    refusals = list(results[0].refusals) + [(node, reason) for step in results[1:] for node, reason in step.refusals
+                                            if reason.startswith("local proof")]
+    report.refusals = [Refusal(node, reason) for node, reason in dict.fromkeys(refusals)]
     clock = _lap(report, "rewrite", clock)
 
+    # Running a graph that writes its buffers advances them: every check runs on copies,
+    # so the returned graph starts from the model's own state.
+    on_copy = copy.deepcopy if captured.buffers_written else (lambda graph: graph)
     progress("verify" if verify else "count")
     if verify:
-        stats = verify_outputs(reference, gm, example_inputs, rtol=rtol, atol=atol,
-                               extra_batch=3 if dynamic_batch else None)
+        report.local_proofs = prover.summary
+        stats = verify_outputs(on_copy(reference), on_copy(gm), example_inputs, rtol=rtol, atol=atol,
+                               extra_batch=3 if dynamic_batch else None, raise_on_mismatch=False)
         report.max_abs_error, report.max_rel_error, report.tolerance = (
             stats.max_abs_error, stats.max_rel_error, stats.tolerance)
-        report.verification_note = stats.note or None
+        if stats.mismatches:
+            report.verification_note = judge(stats, reference, gm, example_inputs, prover.summary,
+                                             rtol=rtol, atol=atol, extra_batch=3 if dynamic_batch else None,
+                                             strict=strict)
         ops_before, ops_after = stats.reference_ops, stats.candidate_ops  # counted while verifying
         _lap(report, "verify", clock)
     else:
-        ops_before = count_ops(reference, copy_inputs(example_inputs))
-        ops_after = count_ops(gm, copy_inputs(example_inputs))
+        ops_before = count_ops(on_copy(reference), copy_inputs(example_inputs))
+        ops_after = count_ops(on_copy(gm), copy_inputs(example_inputs))
         _lap(report, "count", clock)
     report.ops_before, report.ops_after = summarize(ops_before), summarize(ops_after)
     report.parameters_before = _parameter_count(reference)
     report.parameters_after = _parameter_count(gm)
     gm.meta["repfx"] = report
     return gm, report
+
+
+def _non_finite_input_notes(example_inputs: tuple) -> list[str]:
+    """Example inputs with NaN/inf still work (equal non-finite outputs agree), but prove less: say so."""
+    notes = []
+    for index, leaf in enumerate(pytree.tree_leaves(example_inputs)):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not bool(torch.isfinite(leaf).all()):
+            notes.append(f"example input {index} holds NaN or inf values; the proofs at those positions rest "
+                         "on the seeded random inputs")
+    return notes
 
 
 def as_input_tuple(example_inputs: Any) -> tuple:

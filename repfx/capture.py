@@ -13,21 +13,36 @@ import copy
 import logging
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from repfx.passes.constants import written_attributes
+
 from .batching import example_batch_size, is_batched, with_batch
 from .errors import CaptureError, first_line
+from .export_failure import export_failure_message, quiet_torch_logs
+from .model_state import ModeChange, describe_mode_changes, train_mode_changes
 
 SupportedModel = nn.Module | fx.GraphModule | torch.export.ExportedProgram | torch.jit.ScriptModule
 
 
-def capture(model: SupportedModel, example_inputs: Sequence[Any], *, dynamic_batch: bool = False) -> fx.GraphModule:
+@dataclass
+class Captured:
+    """The captured graph and what capture changed about the model as given."""
+
+    graph: fx.GraphModule
+    mode_changes: list[ModeChange] = field(default_factory=list)  # submodules switched from train to eval
+    buffers_written: list[str] = field(default_factory=list)  # state the forward updates as it runs
+
+
+def capture(model: SupportedModel, example_inputs: Sequence[Any], *, dynamic_batch: bool = False) -> Captured:
     """Aten GraphModule with eval semantics for ``model``; the model itself is never modified."""
     example_inputs = _as_tuple(example_inputs)
+    mode_changes = _warn_about_train_mode(model) if _is_plain_module(model) else []
     program = _export(model, example_inputs, dynamic_batch)
     if program is model or isinstance(model, torch.jit.ScriptModule):
         # The program's module would share the user's tensors (and advance any state it updates).
@@ -38,7 +53,37 @@ def capture(model: SupportedModel, example_inputs: Sequence[Any], *, dynamic_bat
             program = program.run_decompositions({})
         except Exception as error:
             raise CaptureError(f"functionalizing the exported graph failed: {first_line(error)}") from error
-    return _plain_graph_module(program.module())
+    graph = _plain_graph_module(program.module())
+    return Captured(graph, mode_changes, written_attributes(graph))
+
+
+def _is_plain_module(model: Any) -> bool:
+    return isinstance(model, nn.Module) and not isinstance(model, (fx.GraphModule, torch.jit.ScriptModule))
+
+
+def _warn_about_train_mode(model: nn.Module) -> list[ModeChange]:
+    """Name every module whose train mode the eval capture drops; warn once if there are any.
+
+    A model in train mode is the common slip (``eval()`` forgotten); an eval model with
+    some submodules left training is usually deliberate (test-time BN adaptation, MC
+    dropout), and its plain graph then computes something else: both are said loudly.
+    """
+    model = getattr(model, "_orig_mod", model)
+    changes = train_mode_changes(model)
+    name = type(model).__name__
+    if model.training:
+        warnings.warn(
+            f"{name} is in training mode: BatchNorm would use batch statistics and dropout would be random. "
+            "repfx re-parameterizes an eval() copy; the model passed in is unchanged."
+            + (f" Modules affected: {describe_mode_changes(changes)}." if changes else ""),
+            UserWarning, stacklevel=5)
+    elif changes:
+        warnings.warn(
+            f"{name} is in eval mode but {len(changes)} submodule(s) are in train mode; the plain graph computes "
+            f"them in eval mode, so its outputs differ from the model as given: {describe_mode_changes(changes)}. "
+            "Call .eval() on them (or model.eval()) if eval behaviour is what you deploy.",
+            UserWarning, stacklevel=5)
+    return changes
 
 
 def _plain_graph_module(unlifted: fx.GraphModule) -> fx.GraphModule:
@@ -95,11 +140,6 @@ def _export(model: SupportedModel, inputs: tuple, dynamic_batch: bool) -> torch.
 
 def _eval_copy(model: nn.Module) -> nn.Module:
     """A deep copy in eval mode: export must see eval BatchNorm, and the user's model keeps its state."""
-    if model.training:
-        warnings.warn(
-            f"{type(model).__name__} is in training mode: BatchNorm would use batch statistics and "
-            "dropout would be random. repfx re-parameterizes an eval() copy; the model passed in is unchanged.",
-            UserWarning, stacklevel=4)
     try:
         clone = copy.deepcopy(model)
     except Exception as error:
@@ -113,13 +153,10 @@ def _export_module(module: nn.Module, inputs: tuple, dynamic_batch: bool, name: 
     if dynamic_batch:
         inputs, dynamic_shapes = dynamic_batch_spec(module, inputs)
     try:
-        return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        with quiet_torch_logs():
+            return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as error:
-        raise CaptureError(
-            f"torch.export could not capture {name}: {first_line(error)}\n"
-            "Fix: make forward() traceable (no data-dependent Python control flow or .item() on tensors, "
-            "see https://pytorch.org/docs/stable/export.html), or pass an ExportedProgram you exported yourself."
-        ) from error
+        raise CaptureError(export_failure_message(name, error, module, inputs)) from error
 
 
 def check_program_inputs(program: torch.export.ExportedProgram, inputs: tuple) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,10 @@ class Report:
     max_abs_error: float | None = None  # None when verification was skipped
     max_rel_error: float | None = None
     tolerance: float | None = None
-    verification_note: str | None = None  # e.g. an fp32 difference shown to be rounding noise in float64
+    verification_note: str | None = None  # an accepted end-to-end difference and what explains it
+    local_proofs: Any = None  # repfx.local_proofs.ProofSummary: regions proven in float64, worst error
+    mode_changes: list[str] = field(default_factory=list)  # submodules the eval capture switched from train mode
+    buffers_written: list[str] = field(default_factory=list)  # state the model's forward updates as it runs
     iterations: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     # Set by repfx.compile / repfx.export: where the plain graph was lowered and how it checked out.
@@ -59,8 +63,20 @@ class Report:
         else:
             lines.append(f"verification: max |error| {self.max_abs_error:.3e}, relative {self.max_rel_error:.3e} "
                          f"(tolerance {self.tolerance:.3e})")
+            if self.local_proofs is not None:
+                proofs = self.local_proofs
+                lines.append(f"local proofs: {proofs.regions_proven} region(s) matched in float64 on "
+                             f"{proofs.input_sets} input set(s) (worst {proofs.worst_relative_error:.1e} relative)"
+                             + (f", {proofs.regions_failed} failed and were left as written"
+                                if proofs.regions_failed else ""))
             if self.verification_note:
                 lines.append(f"  note: {self.verification_note}")
+        if self.mode_changes:
+            lines.append(f"train-mode modules captured in eval mode ({len(self.mode_changes)}):")
+            lines += [f"  {change}" for change in self.mode_changes]
+        if self.buffers_written:
+            lines.append(f"buffers the forward writes (the plain graph keeps writing them): "
+                         f"{', '.join(self.buffers_written)}")
         if self.backend is not None:
             checked = ("not verified" if self.backend_max_abs_error is None else
                        f"max |error| vs plain fp32 graph {self.backend_max_abs_error:.3e} "

@@ -1,0 +1,142 @@
+"""What an end-to-end mismatch means once every rewritten region was proven exact, and what to do.
+
+Each region was checked in float64 on the activations that reach it
+(``repfx.local_proofs``), so the rewritten graph computes the same function as the
+original up to one rounding of the folded weights and a different order of fp32
+sums. Two things turn that into a visible output difference, and neither is a wrong
+rewrite: discontinuous ops after the regions (top-k, sort, argmax, comparisons,
+nonzero, gathers at data-dependent indices: a near-tie flips on the last bit), and
+models that amplify rounding (large cancelling branches; then the graphs agree in
+float64, where the order of sums stops mattering). Such a result is accepted with a
+note and a warning naming the cause; ``strict=True`` refuses it instead. A mismatch
+with no proven region to stand on, or one float64 confirms, is an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from repfx.passes.emit import REWRITE_META
+
+from .errors import VerificationError, first_line
+from .local_proofs import ProofSummary
+from .verify import DEFAULT_RTOL, ErrorStats, verify
+
+# Op name -> argument positions through which the op is discontinuous (None: every tensor argument).
+DISCONTINUOUS: dict[str, tuple[int, ...] | None] = {
+    **{name: None for name in (
+        "topk", "sort", "argsort", "argmax", "argmin", "kthvalue", "mode", "median", "nanmedian", "msort",
+        "gt", "lt", "ge", "le", "eq", "ne", "greater", "less", "greater_equal", "less_equal", "equal",
+        "isclose", "nonzero", "nonzero_static", "argwhere", "masked_select", "unique", "_unique2",
+        "unique_consecutive", "unique_dim", "searchsorted", "bucketize", "round", "floor", "ceil", "trunc",
+        "sign", "heaviside", "remainder", "fmod", "floor_divide", "histc", "bincount")},
+    # Values pass through continuously; the index (or mask) argument selects.
+    "max": None, "min": None,  # only the .dim overloads (values + indices) reach here, see _selects
+    "index": (1,), "gather": (2,), "index_select": (2,), "take_along_dim": (1,), "take": (1,),
+    "masked_fill": (1,), "where": (0,), "scatter": (2,), "scatter_add": (2,), "scatter_reduce": (2,),
+    "index_put": (1,), "embedding": (1,),
+}
+
+
+def judge(stats: ErrorStats, reference: fx.GraphModule, rewritten: fx.GraphModule, example_inputs: tuple,
+          proofs: ProofSummary | None, *, rtol: float | None, atol: float | None, extra_batch: int | None,
+          strict: bool) -> str:
+    """The note for an accepted mismatch; raises ``VerificationError`` when it cannot be accepted.
+
+    Accepted: every rewritten region was proven, and either discontinuous ops follow
+    the regions, or in float64 (where the order of sums no longer matters) the
+    rewritten graph with its stored weights is within the same tolerance of the
+    original, so the fp32 difference is rounding the model amplifies.
+    """
+    first = stats.mismatches[0]
+    more = f" ({len(stats.mismatches) - 1} more mismatch(es))" if len(stats.mismatches) > 1 else ""
+    if proofs is None or proofs.regions_proven == 0:
+        raise VerificationError(f"{first}{more}. The rewritten graph was not returned.")
+    ops = discontinuous_ops_after_rewrites(rewritten)
+    if ops:
+        cause = (f"discontinuous ops after the rewritten regions turn fp32 rounding into different selections: "
+                 f"{', '.join(ops[:8])}{' ...' if len(ops) > 8 else ''}")
+    else:
+        cause = _float64_agreement(reference, rewritten, example_inputs, rtol, atol, extra_batch, first + more)
+    note = (f"end-to-end check: {first}{more}, while each of the {proofs.regions_proven} rewritten "
+            f"region(s) matched the original in float64 (worst {proofs.worst_relative_error:.1e} relative); "
+            f"{cause}")
+    if strict:
+        raise VerificationError(f"{note}. Refused because strict=True.")
+    warnings.warn(f"repfx: outputs differ from the original beyond tolerance although every rewrite is exact: "
+                  f"{note}. Accepted (strict=True refuses).", UserWarning, stacklevel=4)
+    return note + ". Accepted (strict=True refuses)."
+
+
+def _float64_agreement(reference: fx.GraphModule, rewritten: fx.GraphModule, example_inputs: tuple,
+                       rtol: float | None, atol: float | None, extra_batch: int | None, mismatch: str) -> str:
+    """Why a mismatch without discontinuous ops is rounding, or ``VerificationError`` if it is not."""
+    dtype = next((leaf.dtype for leaf in pytree.tree_leaves(example_inputs)
+                  if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()), torch.float32)
+    rtol = DEFAULT_RTOL.get(dtype, 1e-4) if rtol is None else rtol
+    try:
+        stats = verify(_as_float64(reference), _as_float64(rewritten), _as_float64(example_inputs), rtol=rtol,
+                       atol=atol, extra_batch=extra_batch, raise_on_mismatch=False)
+    except Exception as error:
+        raise VerificationError(f"{mismatch}, and the float64 re-check that could tell rounding from a wrong "
+                                f"graph failed ({first_line(error, 200)}). The rewritten graph was not returned.") \
+            from error
+    if stats.mismatches:
+        raise VerificationError(f"{mismatch}; in float64 too: {stats.mismatches[0]}, so this is not fp32 rounding. "
+                                "The rewritten graph was not returned.")
+    return (f"no discontinuous op follows them, and in float64 the rewritten graph is within tolerance of the "
+            f"original (max |difference| {stats.max_abs_error:.1e}), so the model amplifies fp32 rounding "
+            "(ill-conditioned)")
+
+
+def _as_float64(value: Any) -> Any:
+    if isinstance(value, fx.GraphModule):
+        return copy.deepcopy(value).double()
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.double() if t.is_floating_point() else t, value)
+
+
+def discontinuous_ops_after_rewrites(gm: fx.GraphModule) -> list[str]:
+    """``"name (op)"`` for each discontinuous op that reads, where it selects, a value a rewrite computed."""
+    downstream = _reachable(node for node in gm.graph.nodes if REWRITE_META in node.meta)
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node not in downstream or not _selects(node, downstream):
+            continue
+        found.append(f"{node.name} ({_op_name(node)})")
+    return found
+
+
+def _reachable(starts: Iterable[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(starts)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(node.users)
+    return seen
+
+
+def _selects(node: fx.Node, downstream: set[fx.Node]) -> bool:
+    name = _op_name(node)
+    if name not in DISCONTINUOUS:
+        return False
+    if name in ("max", "min") and getattr(node.target, "_overloadname", "") != "dim":
+        return False  # a plain max/min is a continuous reduction
+    positions = DISCONTINUOUS[name]
+    args = list(node.args) if positions is None else [node.args[i] for i in positions if i < len(node.args)]
+    return any(isinstance(arg, fx.Node) and arg in downstream
+               for value in args for arg in pytree.tree_leaves(value))
+
+
+def _op_name(node: fx.Node) -> str:
+    packet = getattr(node.target, "overloadpacket", None)
+    return packet.__name__ if packet is not None else getattr(node.target, "__name__", str(node.target))
