@@ -11,6 +11,7 @@ import shutil
 import pytest
 import torch
 
+from repfx.artifacts import Refused
 from repfx.triton import TensorSpec, render_config, write_model_repository
 
 # Safety net only: tritonclient + grpcio are in the test extra.
@@ -170,31 +171,34 @@ def test_version_directory(repo, artifact):
     assert (model_dir / "3" / "model.onnx").is_file()
 
 
-def test_refuses_to_overwrite(repo, artifact, tmp_path):
+def test_existing_version_is_refused(repo, artifact, tmp_path):
     model_dir = write(repo, artifact)
     (model_dir / "marker").write_text("old")
     other = tmp_path / "other.bin"
     other.write_bytes(b"new")
 
-    with pytest.raises(ValueError, match="already exists.*overwrite=True"):
-        write(repo, other)
+    with pytest.raises(Refused, match="1 already exists.*never replaced"):
+        write(repo, other, version=1)
 
     assert (model_dir / "marker").read_text() == "old", "the existing model is untouched"
     assert (model_dir / "1" / "model.plan").read_bytes() == artifact.read_bytes()
+    assert listing(model_dir) == ["1", "1/model.plan", "config.pbtxt", "marker"]
     assert entries(repo) == ["repvgg"]
 
 
-def test_overwrite_replaces_whole_directory(repo, artifact, tmp_path):
+def test_second_write_adds_a_version_and_keeps_the_first(repo, artifact, tmp_path):
     model_dir = write(repo, artifact, platform="tensorrt_plan")
     (model_dir / "marker").write_text("old")
     onnx = tmp_path / "model.onnx"
     onnx.write_bytes(b"onnx")
 
-    assert write(repo, onnx, platform="onnxruntime_onnx", overwrite=True) == model_dir
+    assert write(repo, onnx, platform="onnxruntime_onnx") == model_dir
 
-    assert listing(model_dir) == ["1", "1/model.onnx", "config.pbtxt"]
-    assert parse((model_dir / "config.pbtxt").read_text()).platform == "onnxruntime_onnx"
-    assert entries(repo) == ["repvgg"], "the retired copy is removed"
+    assert listing(model_dir) == ["1", "1/model.plan", "2", "2/model.onnx", "config.pbtxt", "marker"]
+    assert (model_dir / "1" / "model.plan").read_bytes() == artifact.read_bytes()
+    assert (model_dir / "marker").read_text() == "old"
+    assert parse((model_dir / "config.pbtxt").read_text()).platform == "onnxruntime_onnx", "repfx's config updated"
+    assert entries(repo) == ["repvgg"], "no staging directory left behind"
 
 
 @pytest.mark.parametrize(
@@ -278,14 +282,15 @@ def test_failed_overwrite_keeps_old_model(repo, artifact, monkeypatch):
 
     monkeypatch.setattr(shutil, "copyfile", broken_copy)
     with pytest.raises(OSError, match="disk full"):
-        write(repo, artifact, max_batch_size=4, overwrite=True)
+        write(repo, artifact, max_batch_size=4)
     assert entries(repo) == ["repvgg"]
+    assert listing(model_dir) == ["1", "1/model.plan", "config.pbtxt"], "no version 2, no staging directory"
     assert (model_dir / "config.pbtxt").read_text() == before
 
 
 def test_path_that_is_a_file_is_refused(repo, artifact):
     repo.mkdir()
     (repo / "repvgg").write_text("not a model")
-    with pytest.raises(ValueError, match="not a directory"):
-        write(repo, artifact, overwrite=True)
+    with pytest.raises(Refused, match="not a directory"):
+        write(repo, artifact)
     assert (repo / "repvgg").read_text() == "not a model"

@@ -5,37 +5,61 @@ MODEL is a TorchScript archive (torch.jit.save), an ExportedProgram (torch.expor
 re-parameterized, verified, and written as <name>.pt2 and <name>.onnx, plus a
 TensorRT engine where TensorRT and an NVIDIA GPU are usable.
 
-Exit codes: 0 ok, 1 verification failed, 2 bad input (or a backend that was asked
-for explicitly and is not available).
+Exit codes: 0 ok, 1 verification failed, 2 bad input, a file or directory in the way,
+or an OS error such as a full disk (or a backend that was asked for explicitly and is
+not available), 130 interrupted (Ctrl-C). --out and --triton-repo are written together
+or not at all, and no file repfx did not write is ever replaced.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from ..errors import BackendUnavailable, CaptureError, LoweringError, VerificationError
 from ..backends.program import output_names, precision_dtype, output_values, user_input_nodes
-from ..exporter import FORMATS, ExportResult, export
+from ..artifacts import Transaction
+from ..exporter import FORMATS, ExportPlan, ExportResult, build_export, plan_export
+from ..triton import ModelEntry, TensorSpec, check_model_name, plan_model_entry, render_config
 from .loading import BadInput, LoadedModel, load_model
 from .progress import PhaseProgress
 
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
+INPUT_MEMORY_SHARE = 8  # inputs may take at most 1/8 of available memory (see _check_inputs_fit)
+
+# What a person can do about the OS errors a run meets most (appended to the one-line message).
+OS_ERROR_HINTS = {
+    errno.EACCES: "check its permissions, or choose another location",
+    errno.EPERM: "check its permissions, or choose another location",
+    errno.EROFS: "the file system is read-only: choose another location",
+    errno.ENOSPC: "the disk is full: free some space, or choose another location",
+    errno.EDQUOT: "the disk quota is used up: free some space, or choose another location",
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (exit 2): the usage block buried the message."""
+
+    def error(self, message: str) -> NoReturn:
+        first = message.strip().splitlines()[0] if message.strip() else "bad arguments"
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {first} (--help shows the usage)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from repfx.samples import SAMPLES
 
-    parser = argparse.ArgumentParser(prog="python -m repfx.trt", description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n")[2])
+    parser = OneLineParser(prog="python -m repfx.trt", description=__doc__.split("\n\n")[1],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[2])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("model", nargs="?", type=Path, help="TorchScript archive or ExportedProgram (.pt2)")
     source.add_argument("--sample", choices=sorted(SAMPLES), metavar="NAME",
@@ -51,64 +75,98 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what to write (default: pt2 and onnx, and the engine where TensorRT is usable; "
                              "naming engine makes a missing TensorRT an error)")
     parser.add_argument("--triton-repo", type=Path, metavar="DIR",
-                        help="also lay out a Triton Inference Server model repository (engine if built, else ONNX)")
+                        help="also add the model to a Triton Inference Server model repository, as a new "
+                             "version (engine if built, else ONNX)")
     parser.add_argument("--report", choices=("table", "json"), default="table")
     parser.add_argument("--benchmark", action="store_true", help="measure latency before/after on this device")
     parser.add_argument("--no-verify", action="store_true", help="skip the numerical checks (not recommended)")
     parser.add_argument("--cost", choices=("macs", "always"), default="macs", help="merge cost rule")
     parser.add_argument("--seed", type=int, default=0, help="seed for sample BN statistics and example inputs")
     parser.add_argument("--trust-pickle", action="store_true",
-                        help="allow a pickled nn.Module (torch.save(model)); unpickling runs arbitrary code")
+                        help="trust the model file: allow a pickled nn.Module (torch.save(model)) and turn off the "
+                             ".pt2 safety checks (pickled members, shape expressions, guards, pytree imports); "
+                             "loading an untrusted file this way can run arbitrary code")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command; returns the exit code. Ctrl-C anywhere is exit 130 with one line, nothing left behind."""
+    try:
+        return _main(build_parser().parse_args(argv))
+    except KeyboardInterrupt:  # the transaction has already removed what it staged
+        print("repfx.trt: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")  # TorchScript is deprecated
     progress = PhaseProgress(enabled=not args.quiet)
     try:
-        model, inputs, name = _resolve_model(args, progress)
-        if args.triton_repo:
-            from ..triton import check_model_name
-
-            check_model_name(name)  # before any work: a bad name must not leave exported files behind
-        result = export(
-            model, inputs, args.out, args.formats, name=name, precision=args.precision,
-            dynamic_batch=args.dynamic_batch is not None, batch_range=args.dynamic_batch,
-            verify=not args.no_verify, cost=args.cost, protected=[args.model] if args.model else [],
-            progress=progress)
-        triton_dir = _write_triton(args, result, name) if args.triton_repo else None
-        benchmark = _benchmark(model, result, inputs, progress) if args.benchmark else None
+        result, triton, benchmark = _run(args, progress)
         progress.close()
+    except KeyboardInterrupt:
+        progress.close(failed=True)
+        raise
     except VerificationError as error:
         progress.close(failed=True)
         print(f"repfx.trt: verification failed: {error}", file=sys.stderr)  # all the numbers, not one line
         return EXIT_VERIFICATION_FAILED
-    except (BadInput, CaptureError, BackendUnavailable, LoweringError, ValueError, FileNotFoundError) as error:
+    except (BadInput, CaptureError, BackendUnavailable, LoweringError, ValueError) as error:
         progress.close(failed=True)
         return _fail(str(error), EXIT_BAD_INPUT)
+    except OSError as error:  # permissions, a full disk, a read-only file system: the user's to fix
+        progress.close(failed=True)
+        return _fail(_os_error_line(error), EXIT_BAD_INPUT)
     except Exception as error:  # a bug of ours or torch's: still one line, the traceback on request
         progress.close(failed=True)
         if os.environ.get("REPFX_TRACEBACK"):
             raise
         return _fail(f"unexpected {type(error).__name__} while processing the model: {error} "
                      "(set REPFX_TRACEBACK=1 for the traceback and please report it)", EXIT_BAD_INPUT)
-    _print_result(args, result, triton_dir, benchmark)
+    _print_result(args, result, triton, benchmark)
     return EXIT_OK
 
 
-def _resolve_model(args: argparse.Namespace, progress: PhaseProgress) -> tuple[Any, tuple, str]:
+def _run(args: argparse.Namespace,
+         progress: PhaseProgress) -> tuple[ExportResult, ModelEntry | None, list[dict] | None]:
+    """Everything the command writes, in one transaction: claimed (and so checked) before the model is
+    even loaded, staged while it is rewritten, published together at the end or not at all."""
+    name = _output_name(args)
+    with Transaction(protected=[args.model] if args.model else []) as transaction:
+        plan = plan_export(transaction, args.out, args.formats, name=name, precision=args.precision)
+        entry = _plan_triton(transaction, args.triton_repo, plan) if args.triton_repo else None
+        transaction.check()  # the two destinations against each other
+        model, inputs = _resolve_model(args, progress)
+        result = build_export(plan, model, inputs, precision=args.precision,
+                              dynamic_batch=args.dynamic_batch is not None, batch_range=args.dynamic_batch,
+                              verify=not args.no_verify, cost=args.cost, progress=progress)
+        if entry is not None:
+            _stage_triton(entry, plan, result, args.dynamic_batch)
+        benchmark = _benchmark(model, result, plan, inputs, progress) if args.benchmark else None
+        transaction.commit()
+    return result, entry, benchmark
+
+
+def _output_name(args: argparse.Namespace) -> str:
+    """The base name of the written files (and the Triton model name, checked first: its rule is Triton's)."""
+    name = args.name or args.sample or args.model.stem
+    if args.triton_repo:
+        check_model_name(name)
+    return name
+
+
+def _resolve_model(args: argparse.Namespace, progress: PhaseProgress) -> tuple[Any, tuple]:
     if args.sample:
         from repfx.samples import build_sample, randomize_bn_, sample_input_shape
 
         torch.manual_seed(args.seed)
         model = randomize_bn_(build_sample(args.sample), args.seed).eval()
         shapes = args.input_shape or [sample_input_shape(args.sample)]
-        return model, _random_inputs(shapes, args.seed), args.name or args.sample
+        return model, _random_inputs(shapes, args.seed)
     progress("load")
     loaded = load_model(args.model, trust_pickle=args.trust_pickle)
-    return loaded.model, _inputs_for(loaded, args), args.name or args.model.stem
+    return loaded.model, _inputs_for(loaded, args)
 
 
 def _inputs_for(loaded: LoadedModel, args: argparse.Namespace) -> tuple:
@@ -126,32 +184,99 @@ def _inputs_for(loaded: LoadedModel, args: argparse.Namespace) -> tuple:
 
 
 def _random_inputs(shapes: list[tuple[int, ...]], seed: int, dtypes: list[torch.dtype] | None = None) -> tuple:
-    generator = torch.Generator().manual_seed(seed)
     dtypes = dtypes or [torch.float32] * len(shapes)
+    _check_inputs_fit(shapes, dtypes)
+    generator = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(shape, generator=generator).to(dtype) if dtype.is_floating_point
                  else torch.zeros(shape, dtype=dtype) for shape, dtype in zip(shapes, dtypes))
 
 
-def _write_triton(args: argparse.Namespace, result: ExportResult, name: str) -> Path:
-    """A Triton model repository around the engine (if built) or the ONNX model.
+def _check_inputs_fit(shapes: list[tuple[int, ...]], dtypes: list[torch.dtype]) -> None:
+    """Refuse inputs that would exhaust memory, before allocating them (else: the OOM killer, or swapping for hours).
+
+    Rule: the inputs may take at most 1/INPUT_MEMORY_SHARE of the memory available now.
+    The run holds them several times over (the example inputs, verification's seeded
+    random inputs of the same shapes and, with --dynamic-batch, another batch, float64
+    copies when a check is repeated in float64, the deploy-precision cast) plus the
+    activations of two graphs at once, the first of which is already several times the
+    input for a typical conv net. Where available memory cannot be read, nothing is refused.
+    """
+    needed = sum(math.prod(shape) * dtype.itemsize for shape, dtype in zip(shapes, dtypes))
+    available = available_memory()
+    if available is None or needed * INPUT_MEMORY_SHARE <= available:
+        return
+    shown = " ".join("x".join(map(str, shape)) for shape in shapes)
+    raise BadInput(f"inputs {shown} take {_gib(needed)} and the run needs about {INPUT_MEMORY_SHARE}x that, "
+                   f"but {_gib(available)} of memory is available: use a smaller --input-shape (e.g. batch 1)")
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still get: the kernel's MemAvailable, lowered by a cgroup v2 limit (containers)."""
+    known = [value for value in (_mem_available(), _cgroup_headroom()) if value is not None]
+    return min(known) if known else None
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the kernel reports kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # no /proc (macOS, BSD): free physical pages, where the platform has the name
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _cgroup_headroom() -> int | None:
+    """memory.max - memory.current of this cgroup (v2); None without a limit or cgroup v2."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB"
+
+
+# --- Triton ---------------------------------------------------------------------------------------------------------
+
+def _plan_triton(transaction: Transaction, repo: Path, plan: ExportPlan) -> ModelEntry:
+    """Claim the Triton entry (engine if one is built, else ONNX) before any work: its state is judged now."""
+    platform, _ = _triton_artifact(plan)
+    return plan_model_entry(transaction, repo, plan.name, platform=platform)
+
+
+def _triton_artifact(plan: ExportPlan) -> tuple[str, str]:
+    """(Triton platform, file kind of the artifact it serves)."""
+    if "engine" in plan.wanted:
+        return "tensorrt_plan", "engine"
+    if "onnx" in plan.wanted:
+        return "onnxruntime_onnx", "onnx"
+    raise BadInput("--triton-repo needs the ONNX model or the TensorRT engine among --formats")
+
+
+def _stage_triton(entry: ModelEntry, plan: ExportPlan, result: ExportResult,
+                  dynamic_batch: tuple[int, int, int] | None) -> None:
+    """Stage the new version and its config.pbtxt next to the staged deploy files.
 
     Tensor names are the ones both artifacts carry: the program's input names and
     ``output0..N`` (torch-tensorrt's binding names, which the ONNX export reuses).
     """
-    from ..triton import TensorSpec, write_model_repository
-
-    engine = result.files.get("engine")
-    artifact, platform = (engine, "tensorrt_plan") if engine else (result.files.get("onnx"), "onnxruntime_onnx")
-    if artifact is None:
-        raise BadInput("--triton-repo needs the ONNX model or the TensorRT engine among --formats")
     inputs = [TensorSpec.like(node.name, node.meta["val"], _symbolic_dims(node.meta["val"]))
               for node in user_input_nodes(result.program)]
     outputs = [TensorSpec.like(output_name, value, _symbolic_dims(value))
                for output_name, value in zip(output_names(result.program), output_values(result.program))]
-    return write_model_repository(args.triton_repo, name, artifact_path=artifact, platform=platform,
-                                  inputs=inputs, outputs=outputs,
-                                  max_batch_size=args.dynamic_batch[2] if args.dynamic_batch else 0,
-                                  dynamic_batching=bool(args.dynamic_batch), overwrite=True)
+    text = render_config(entry.model_dir.name, platform=entry.platform, inputs=inputs, outputs=outputs,
+                         max_batch_size=dynamic_batch[2] if dynamic_batch else 0,
+                         dynamic_batching=bool(dynamic_batch))
+    entry.stage(plan.staged(_triton_artifact(plan)[1]), text)
 
 
 def _symbolic_dims(value: torch.Tensor) -> tuple[int, ...]:
@@ -159,8 +284,12 @@ def _symbolic_dims(value: torch.Tensor) -> tuple[int, ...]:
     return tuple(index for index, size in enumerate(value.shape) if not isinstance(size, int))
 
 
-def _benchmark(model: Any, result: ExportResult, inputs: tuple, progress: PhaseProgress) -> list[dict]:
-    """Latency of the model as given vs the plain graph (eager) and the ONNX model (onnxruntime), here."""
+def _benchmark(model: Any, result: ExportResult, plan: ExportPlan, inputs: tuple,
+               progress: PhaseProgress) -> list[dict]:
+    """Latency of the model as given vs the plain graph (eager) and the ONNX model (onnxruntime), here.
+
+    Runs before the commit, on the staged ONNX file: a failed or interrupted benchmark writes nothing.
+    """
     from ..backends.onnx import OnnxRuntimeModule
     from ..benchmarking import median_latency_ms
 
@@ -169,7 +298,7 @@ def _benchmark(model: Any, result: ExportResult, inputs: tuple, progress: PhaseP
     rows = [{"what": "as given (eager, fp32)", "ms": median_latency_ms(original, inputs)},
             {"what": "repfx plain (eager, fp32)", "ms": median_latency_ms(result.plain, inputs)}]
     if "onnx" in result.files:
-        session = OnnxRuntimeModule(result.files["onnx"], result.program)
+        session = OnnxRuntimeModule(plan.staged("onnx"), result.program)
         deploy_inputs = tuple(t.to(precision_dtype(result.report.precision)) if t.is_floating_point() else t
                               for t in inputs)
         rows.append({"what": f"repfx plain (onnxruntime, {result.report.precision})",
@@ -179,7 +308,7 @@ def _benchmark(model: Any, result: ExportResult, inputs: tuple, progress: PhaseP
     return rows
 
 
-def _print_result(args: argparse.Namespace, result: ExportResult, triton_dir: Path | None,
+def _print_result(args: argparse.Namespace, result: ExportResult, triton: ModelEntry | None,
                   benchmark: list[dict] | None) -> None:
     from ..precision import format_range_table, weight_range_report
 
@@ -187,7 +316,8 @@ def _print_result(args: argparse.Namespace, result: ExportResult, triton_dir: Pa
     ranges = weight_range_report(result.plain, dtype)
     if args.report == "json":
         payload = {"report": result.report.to_dict(), "files": {k: str(v) for k, v in result.files.items()},
-                   "skipped": result.skipped, "triton_repo": str(triton_dir) if triton_dir else None,
+                   "skipped": result.skipped, "triton_repo": str(triton.model_dir) if triton else None,
+                   "triton_version": triton.version if triton else None,
                    "weight_range": [_range_row(row) for row in ranges if row.has_problem],
                    "weight_range_checked": {"dtype": str(dtype), "tensors": len(ranges)},
                    "benchmark": benchmark}
@@ -203,8 +333,17 @@ def _print_result(args: argparse.Namespace, result: ExportResult, triton_dir: Pa
     print("\nwrote:")
     for path in result.files.values():
         print(f"  {path}")
-    if triton_dir:
-        print(f"  {triton_dir}/ (Triton model repository entry)")
+    if triton:
+        print(f"  {triton.model_dir / str(triton.version)}/ (Triton model version {triton.version}"
+              f"{', new model' if triton.is_new else ''})")
+
+
+def _os_error_line(error: OSError) -> str:
+    """``PATH: REASON (what to do)`` for an OS error; its own message when it names no path."""
+    reason = error.strerror or str(error)
+    line = f"{error.filename}: {reason}" if error.filename else reason
+    hint = OS_ERROR_HINTS.get(error.errno)
+    return f"{line} ({hint})" if hint else line
 
 
 def _range_row(row: Any) -> dict:
