@@ -40,7 +40,7 @@ from torch import nn
 import repfx
 from _tables import print_environment, table, verdict  # bench/ is on sys.path when a script runs
 from repfx import samples
-from repfx.opcount import count_ops, summarize
+from repfx.verify.opcount import count_ops, summarize
 
 try:
     import timm

@@ -4,7 +4,7 @@
 be merged; ``emit`` and ``fold_linear_regions`` rewrite the graph.
 """
 
-from .fold_linear_regions import AppliedRewrite, Candidate, PassResult, Prover, fold_linear_regions, run_to_fixed_point
-from .forms import ConvForm, NotExact
+from repfx.passes.fold import AppliedRewrite, Candidate, PassResult, Prover, fold_linear_regions, run_to_fixed_point
+from repfx.passes.algebra.forms import ConvForm, NotExact
 
 __all__ = ["AppliedRewrite", "Candidate", "ConvForm", "NotExact", "PassResult", "Prover", "fold_linear_regions", "run_to_fixed_point"]

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx, nn
 
-from .forms import ConvForm
-from .kernels import regroup
-from .linear_regions import Expr, Term
+from repfx.passes.algebra.forms import ConvForm
+from repfx.passes.algebra.kernels import regroup
+from repfx.passes.regions.analyzer import Expr, Term
 
 aten = torch.ops.aten
 REWRITE_META = "repfx_rewrite"  # on every emitted node: the name of the region root it replaced

@@ -1,5 +1,10 @@
 """repfx: exact, generic structural re-parameterization of traced PyTorch models, and its lowering.
 
+The pipeline, one package a stage: ``capture`` (model or file -> aten graph) ->
+``repfx.passes`` (fold linear regions) -> ``verify`` (per-region and end-to-end
+proofs) -> ``backends`` / ``deploy`` (lower and write). ``integrations`` hook the
+same pipeline into torch.compile and torch-tensorrt; ``cli`` holds the commands.
+
     gm = repfx.reparameterize(model, (x,))    # plain graph, verified, gm.meta["repfx"] is the report
     print(repfx.explain(model, (x,)))         # what would be merged and refused, and why
     fast = repfx.compile(model, (x,))         # plain graph lowered to TensorRT / inductor / ONNX Runtime
@@ -7,14 +12,14 @@
     torch.compile(model, backend="repfx")     # re-parameterize inside torch.compile, then inductor
 """
 
-from . import dynamo_backend
-from .api import explain, reparameterize
-from .errors import BackendUnavailable, CaptureError, LoweringError, VerificationError
-from .exporter import ExportResult, export
-from .lowering import DeployedModel, compile
-from .report import Refusal, Report, Rewrite
+from repfx.api import explain, reparameterize
+from repfx.deploy.compile import DeployedModel, compile
+from repfx.deploy.export import ExportResult, export
+from repfx.errors import BackendUnavailable, CaptureError, LoweringError, VerificationError
+from repfx.integrations import dynamo
+from repfx.report import Refusal, Report, Rewrite
 
-dynamo_backend.register()
+dynamo.register()
 
 __all__ = ["BackendUnavailable", "CaptureError", "DeployedModel", "ExportResult", "LoweringError", "Refusal",
            "Report", "Rewrite", "VerificationError", "compile", "explain", "export", "reparameterize"]

@@ -14,13 +14,13 @@ from torch.utils import _pytree as pytree
 from repfx.passes import run_to_fixed_point
 from repfx.passes.inplace_activations import inplace_activations
 
-from .capture import SupportedModel, capture
-from .local_proofs import LocalProver
-from .mismatch import judge
-from .opcount import count_ops, summarize
-from .report import Refusal, Report, Rewrite
-from .verify import check_tolerances, copy_inputs, input_sets
-from .verify import verify as verify_outputs
+from repfx.capture.export import SupportedModel, capture
+from repfx.verify.local import LocalProver
+from repfx.verify.mismatch import judge
+from repfx.verify.opcount import count_ops, summarize
+from repfx.report import Refusal, Report, Rewrite
+from repfx.verify.numeric import check_tolerances, copy_inputs, input_sets
+from repfx.verify.numeric import verify as verify_outputs
 
 LOCAL_PROOF_TRIALS = 1  # seeded input sets besides the example inputs for the per-region proofs
 

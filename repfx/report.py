@@ -34,7 +34,7 @@ class Report:
     max_rel_error: float | None = None
     tolerance: float | None = None
     verification_note: str | None = None  # an accepted end-to-end difference and what explains it
-    local_proofs: Any = None  # repfx.local_proofs.ProofSummary: regions proven in float64, worst error
+    local_proofs: Any = None  # repfx.verify.local.ProofSummary: regions proven in float64, worst error
     mode_changes: list[str] = field(default_factory=list)  # submodules the eval capture switched from train mode
     buffers_written: list[str] = field(default_factory=list)  # state the model's forward updates as it runs
     iterations: int = 0

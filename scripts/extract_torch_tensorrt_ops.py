@@ -509,7 +509,7 @@ def _note_composite_decomposition(module: Module, out: Extraction) -> None:
             "kind": "decomposition",
             "expression": "_collect_all_valid_cia_ops_for_aten_namespace()",
             "reason": "the CompositeImplicitAutograd op set comes from torch's dispatcher at run time; "
-                      "repfx.trt_support applies this rule with the installed torch",
+                      "repfx.deploy.trt_coverage applies this rule with the installed torch",
             "file": module.relpath, "line": function.lineno, "function": "get_decompositions",
         })
 

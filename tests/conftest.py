@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 
 import repfx
 import samples
-from repfx.opcount import count_ops, summarize
+from repfx.verify.opcount import count_ops, summarize
 
 RTOL = 1e-4  # float32: max|d| <= RTOL * max(1, max|y|)
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import repfx
-from repfx.opcount import count_ops, summarize
+from repfx.verify.opcount import count_ops, summarize
 from samples import build_sample, randomize_bn_
 
 

@@ -25,9 +25,9 @@ import pytest
 import torch
 from torch import nn
 
-import repfx.trt.cli as cli
+import repfx.cli.trt as cli
 from repfx.samples import RepVGGBlock
-from repfx.triton import mark
+from repfx.deploy.triton import mark
 
 from conftest import build, rand
 
@@ -77,14 +77,14 @@ def heavy_work_started(*args, **kwargs):
 INTERRUPTIBLE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    import repfx.exporter
-    from repfx.trt.cli import main
+    import repfx.deploy.export
+    from repfx.cli.trt import main
 
     def waiting_export(program):
         Path(sys.argv[1]).write_text("staged")
         time.sleep(600)
 
-    repfx.exporter.export_onnx = waiting_export
+    repfx.deploy.export.export_onnx = waiting_export
     sys.exit(main(sys.argv[2:]))
 """)
 

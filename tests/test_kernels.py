@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from repfx.passes import kernels
-from repfx.passes.forms import ConvForm, NotExact, compose, merge_parallel, pad_output, stack_outputs
+from repfx.passes.algebra import kernels
+from repfx.passes.algebra.forms import ConvForm, NotExact, compose, merge_parallel, pad_output, stack_outputs
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 SPATIAL = {1: (11,), 2: (9, 10), 3: (6, 7, 5)}

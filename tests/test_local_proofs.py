@@ -15,7 +15,7 @@ from torch import nn
 
 import repfx
 import samples
-from repfx.local_proofs import LOCAL_RTOL
+from repfx.verify.local import LOCAL_RTOL
 from repfx.passes import emit
 
 from conftest import assert_matches, assert_ops, build, rand, reparam

@@ -18,7 +18,7 @@ from torch import nn
 
 import repfx
 from repfx.backends import probe_torch_tensorrt, resolve_backend
-from repfx.opcount import OpCounter
+from repfx.verify.opcount import OpCounter
 from samples import build_sample, randomize_bn_
 
 from conftest import assert_matches, assert_ops, rand
@@ -151,14 +151,14 @@ def test_torch_compile_backend_is_an_installed_entry_point():
     import importlib.metadata
 
     (entry,) = importlib.metadata.entry_points(group="torch_dynamo_backends", name="repfx")
-    from repfx.dynamo_backend import repfx_backend
+    from repfx.integrations.dynamo import repfx_backend
 
     assert entry.load() is repfx_backend
 
 
 def test_dynamo_graph_is_reparameterized_with_module_state_frozen(net, x):
     """What the backend hands to inductor: the plain graph, taking only the real input."""
-    from repfx.dynamo_backend import plain_graph
+    from repfx.integrations.dynamo import plain_graph
 
     seen = []
 
@@ -191,7 +191,7 @@ def _as_torch_tensorrt_lowers(model, x):
 
 
 def test_lowering_pass_folds_the_graph_torch_tensorrt_lowers(net, x):
-    from repfx.torch_tensorrt import repfx_lowering_pass
+    from repfx.integrations.torch_tensorrt import repfx_lowering_pass
 
     gm = _as_torch_tensorrt_lowers(net, x)
     out = repfx_lowering_pass(gm, settings=None)
@@ -202,7 +202,7 @@ def test_lowering_pass_folds_the_graph_torch_tensorrt_lowers(net, x):
 
 
 def test_lowering_pass_refuses_to_pass_on_an_unverifiable_rewrite(net, x):
-    from repfx.torch_tensorrt import repfx_lowering_pass
+    from repfx.integrations.torch_tensorrt import repfx_lowering_pass
 
     gm = _as_torch_tensorrt_lowers(net, x)
     for node in gm.graph.nodes:
@@ -243,7 +243,7 @@ def test_export_engine_requested_explicitly_fails_before_writing(net, x, tmp_pat
 
 
 def test_export_failure_leaves_no_partial_output(net, x, tmp_path, monkeypatch):
-    import repfx.exporter as export_module
+    import repfx.deploy.export as export_module
 
     def broken(program):
         raise repfx.LoweringError("simulated ONNX exporter failure")
@@ -394,7 +394,7 @@ def test_a_program_with_a_dynamic_batch_is_exported_dynamic(net, tmp_path):
 
 
 def test_commit_puts_the_directory_back_when_a_move_fails(tmp_path):
-    from repfx.artifacts import staged
+    from repfx.deploy.staging import staged
 
     (tmp_path / "model.pt2").write_text("old")
     (tmp_path / "model.onnx").mkdir()

@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 import repfx
-from repfx.precision import (
+from repfx.deploy.weight_range import (
     LayerRange,
     check_tensor,
     format_range_table,

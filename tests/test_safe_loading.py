@@ -34,7 +34,7 @@ from google.protobuf import text_format
 from torch import nn
 from tritonclient.grpc import model_config_pb2
 
-from repfx.trt.loading import BadInput, load_model, sniff_kind
+from repfx.capture.loading import BadInput, load_model, sniff_kind
 
 SHAPE = (1, 3, 8, 8)
 TS_SHAPE = (1, 3, 32, 32)  # the smallest input both nets take down to a 1x1 feature map

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import repfx
-from repfx.opcount import count_ops, summarize
+from repfx.verify.opcount import count_ops, summarize
 from samples import build_sample, randomize_bn_, sample_input_shape
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import repfx
-from repfx.opcount import count_ops, summarize
+from repfx.verify.opcount import count_ops, summarize
 
 timm = pytest.importorskip("timm", reason="timm is a test extra")
 

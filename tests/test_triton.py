@@ -11,8 +11,8 @@ import shutil
 import pytest
 import torch
 
-from repfx.artifacts import Refused
-from repfx.triton import TensorSpec, render_config, write_model_repository
+from repfx.deploy.staging import Refused
+from repfx.deploy.triton import TensorSpec, render_config, write_model_repository
 
 # Safety net only: tritonclient + grpcio are in the test extra.
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")

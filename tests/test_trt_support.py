@@ -1,4 +1,4 @@
-"""repfx.trt_support: the torch-tensorrt op data, and the check of plain graphs against it.
+"""repfx.deploy.trt_coverage: the torch-tensorrt op data, and the check of plain graphs against it.
 
 The data is the real extraction from the torch-tensorrt 2.14.0 wheel; the graphs are real
 re-parameterized samples and real exports. torch-tensorrt itself is never imported.
@@ -20,7 +20,7 @@ import torch
 
 import repfx
 from repfx.samples import build_sample, randomize_bn_, sample_input_shape
-from repfx.trt_support import (
+from repfx.deploy.trt_coverage import (
     Coverage,
     analyze,
     conditional_ops,
@@ -76,7 +76,7 @@ def _call_targets(graph_module) -> set[str]:
 
 
 def test_data_names_its_source(table):
-    raw = json.loads(resources.files("repfx.data").joinpath("torch_tensorrt_2.14.0_ops.json").read_text())
+    raw = json.loads(resources.files("repfx.deploy.data").joinpath("torch_tensorrt_2.14.0_ops.json").read_text())
     assert raw["source"] == table.source == "torch-tensorrt 2.14.0"
     assert raw["extracted_from"] == "torch_tensorrt-2.14.0-cp311-cp311-manylinux_2_28_x86_64.whl"
     assert raw["generated_by"] == "scripts/extract_torch_tensorrt_ops.py"
@@ -96,7 +96,7 @@ def test_plain_conv_net_ops_have_converters(table, op):
 
 def test_every_torch_op_in_the_data_exists_in_this_torch(table):
     """A misread key would name no real op; torch-tensorrt's own ``tensorrt.*`` ops are exempt."""
-    raw = json.loads(resources.files("repfx.data").joinpath("torch_tensorrt_2.14.0_ops.json").read_text())
+    raw = json.loads(resources.files("repfx.deploy.data").joinpath("torch_tensorrt_2.14.0_ops.json").read_text())
     names = {e["op"] for section in ("converters", "decomposed", "kept_whole") for e in raw[section]}
     missing = []
     for name in sorted(names):
@@ -355,5 +355,5 @@ def test_extractor_reads_decompositions(fake_extraction):
                     reason="set REPFX_TORCH_TENSORRT_WHEEL to a torch_tensorrt-2.14.0 wheel to re-extract")
 def test_committed_data_is_what_the_wheel_gives(fake_extraction):
     script = sys.modules["extract_torch_tensorrt_ops"]
-    committed = json.loads(resources.files("repfx.data").joinpath("torch_tensorrt_2.14.0_ops.json").read_text())
+    committed = json.loads(resources.files("repfx.deploy.data").joinpath("torch_tensorrt_2.14.0_ops.json").read_text())
     assert script.extract(Path(os.environ["REPFX_TORCH_TENSORRT_WHEEL"])) == committed

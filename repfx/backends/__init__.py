@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .availability import probe_onnxruntime, probe_torch_tensorrt, require_onnxruntime, require_torch_tensorrt
+from repfx.backends.availability import probe_onnxruntime, probe_torch_tensorrt, require_onnxruntime, require_torch_tensorrt
 
 BACKENDS = ("auto", "tensorrt", "onnx", "inductor", "eager")
 

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-from ..errors import BackendUnavailable, first_line
+from repfx.errors import BackendUnavailable, first_line
 
 TENSORRT_INSTALL_HINT = ("install it on a machine with an NVIDIA GPU and TensorRT: "
                          "pip install 'repfx[tensorrt]' (torch-tensorrt 2.14 pins torch 2.14 and TensorRT 11.1)")

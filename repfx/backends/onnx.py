@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from ..errors import LoweringError, first_line
-from .availability import require_onnxruntime
-from .program import output_names
+from repfx.errors import LoweringError, first_line
+from repfx.backends.availability import require_onnxruntime
+from repfx.backends.program import output_names
 
 
 def export_onnx(program: torch.export.ExportedProgram) -> bytes:

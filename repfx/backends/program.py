@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..capture import dynamic_batch_spec
-from ..errors import LoweringError, first_line
+from repfx.capture.export import dynamic_batch_spec
+from repfx.errors import LoweringError, first_line
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -82,7 +82,7 @@ def output_names(program: torch.export.ExportedProgram) -> list[str]:
 
 def record_tensorrt_coverage(program: torch.export.ExportedProgram, report: Any) -> None:
     """Put torch-tensorrt's converter coverage of ``program`` into ``report`` (no torch_tensorrt needed)."""
-    from ..trt_support import analyze
+    from repfx.deploy.trt_coverage import analyze
 
     coverage = analyze(program)
     report.tensorrt_ops_source = coverage.source

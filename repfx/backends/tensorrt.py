@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .availability import require_torch_tensorrt
+from repfx.backends.availability import require_torch_tensorrt
 
 FULL_GRAPH_OPTIONS = {"require_full_compilation": True, "min_block_size": 1}
 

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from repfx.cli.trt import main
 
 sys.exit(main())

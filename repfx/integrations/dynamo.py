@@ -55,7 +55,7 @@ def plain_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.G
     gradients that would have to reach the parameters, or inputs that are not plain
     tensors (dynamic sizes, Python scalars that vary between calls).
     """
-    from .api import reparameterize
+    from repfx.api import reparameterize
 
     state_positions = _module_state_positions(gm)
     if not state_positions:

@@ -7,7 +7,7 @@ engine, what ``trtexec --loadEngine`` and Triton's ``model.plan`` take) plus
 ``<name>_trt.pt2`` (``torch_tensorrt.save``), and ``<name>.report.json``: the report,
 which also records which files repfx wrote (``written_by``, ``files``: name -> SHA-256)
 so that a later run may replace exactly those. Writes are all-or-nothing
-(``repfx.artifacts.Transaction``); ``plan_export`` + ``build_export`` let the CLI put
+(``repfx.deploy.staging.Transaction``); ``plan_export`` + ``build_export`` let the CLI put
 the Triton repository into the same transaction.
 """
 
@@ -25,15 +25,15 @@ from typing import Any, Literal
 
 import torch
 
-from .api import as_input_tuple, reparameterize
-from .artifacts import Claim, Transaction, repfx_version, reported_as, sha256_of
-from .backends.availability import probe_torch_tensorrt, require_onnxruntime, require_torch_tensorrt
-from .backends.onnx import OnnxRuntimeModule, export_onnx
-from .backends.program import cast_floating, export_program, in_precision, precision_dtype, record_tensorrt_coverage
-from .capture import SupportedModel, keeps_dynamic_batch
-from .errors import VerificationError
-from .report import Report
-from .verify import verify as verify_outputs
+from repfx.api import as_input_tuple, reparameterize
+from repfx.deploy.staging import Claim, Transaction, repfx_version, reported_as, sha256_of
+from repfx.backends.availability import probe_torch_tensorrt, require_onnxruntime, require_torch_tensorrt
+from repfx.backends.onnx import OnnxRuntimeModule, export_onnx
+from repfx.backends.program import cast_floating, export_program, in_precision, precision_dtype, record_tensorrt_coverage
+from repfx.capture.export import SupportedModel, keeps_dynamic_batch
+from repfx.errors import VerificationError
+from repfx.report import Report
+from repfx.verify.numeric import verify as verify_outputs
 
 FORMATS = ("pt2", "onnx", "engine")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -79,7 +79,7 @@ def export(
     replaced only when ``<name>.report.json`` (repfx's own record) lists it with its
     current SHA-256; ``protected`` paths (the input model) are never written. Those
     conflicts, an unwritable ``out_dir`` and a directory in the way are refused
-    (``repfx.artifacts.Refused``) before the model is re-parameterized.
+    (``repfx.deploy.staging.Refused``) before the model is re-parameterized.
     """
     with Transaction(protected) as transaction:
         plan = plan_export(transaction, out_dir, formats, name=name, precision=precision)
@@ -267,7 +267,7 @@ def _resolve_formats(formats: Sequence[str] | None, precision: str) -> tuple[lis
 def _check_onnx(onnx_model: bytes, program: torch.export.ExportedProgram, plain: torch.fx.GraphModule,
                 inputs: tuple, precision: str, dynamic_batch: bool, report: Report) -> None:
     """The written ONNX file, run by onnxruntime, must reproduce the plain graph (fed like a deployed model)."""
-    from .lowering import DeployedModel
+    from repfx.deploy.compile import DeployedModel
 
     session = DeployedModel(OnnxRuntimeModule(onnx_model, program), backend="onnx", precision=precision,
                             plain=plain, report=report)
@@ -282,7 +282,7 @@ def _check_onnx(onnx_model: bytes, program: torch.export.ExportedProgram, plain:
 
 def _build_engine(plan: ExportPlan, graph: torch.fx.GraphModule, inputs: tuple, dynamic_batch: bool,
                   batch_range: tuple[int, int, int] | None, options: dict) -> None:
-    from .backends.tensorrt import compile_tensorrt, resolve_batch_range, save_compiled, serialize_engine
+    from repfx.backends.tensorrt import compile_tensorrt, resolve_batch_range, save_compiled, serialize_engine
 
     cuda_graph, cuda_inputs = graph.to("cuda"), cast_floating(inputs, next(iter(_dtypes(inputs))), "cuda")
     program = export_program(cuda_graph, cuda_inputs, dynamic_batch=dynamic_batch)

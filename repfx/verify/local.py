@@ -26,8 +26,8 @@ from torch.utils import _pytree as pytree
 from repfx.passes import Candidate
 from repfx.passes.constants import ConstantFolder, written_attributes
 
-from .errors import first_line
-from .verify import copy_inputs, difference, magnitude
+from repfx.errors import first_line
+from repfx.verify.numeric import copy_inputs, difference, magnitude
 
 LOCAL_RTOL = 1e-9  # float64 sums of a few thousand terms stay near 1e-13; folding errors are far above
 

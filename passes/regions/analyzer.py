@@ -21,9 +21,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, fx
 
-from . import kernels
-from .constants import ConstantFolder
-from .forms import ConvForm, NotExact, compose, merge_parallel, pad_output, stack_outputs
+from repfx.passes.algebra import kernels
+from repfx.passes.constants import ConstantFolder
+from repfx.passes.algebra.forms import ConvForm, NotExact, compose, merge_parallel, pad_output, stack_outputs
 
 aten = torch.ops.aten
 CostPolicy = Literal["macs", "always"]

@@ -24,7 +24,7 @@ from functools import reduce
 import torch
 from torch import Tensor
 
-from . import kernels
+from repfx.passes.algebra import kernels
 
 
 # Shifts that cancel (DBB pads with ``bias - mean * scale`` computed by the model in

@@ -304,7 +304,7 @@ class DirectoryStage:
 
 def repfx_version() -> str:
     """The version repfx stamps on what it writes (so a reader can tell which release wrote it)."""
-    from . import __version__  # imported here: the package imports this module while it initializes
+    from repfx import __version__  # imported here: the package imports this module while it initializes
 
     return __version__
 

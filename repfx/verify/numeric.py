@@ -8,8 +8,8 @@ itself produces) they agree. Integer and bool outputs must be equal.
 
 This module only measures. What a mismatch means is decided by the caller: a
 backend that disagrees with the plain graph is an error, while a rewrite whose
-every region was proven exact in float64 (``repfx.local_proofs``) can differ end
-to end only by fp32 rounding, which a model may amplify (``repfx.mismatch``).
+every region was proven exact in float64 (``repfx.verify.local``) can differ end
+to end only by fp32 rounding, which a model may amplify (``repfx.verify.mismatch``).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from .batching import example_batch_size, is_batched, with_batch
-from .errors import VerificationError
-from .opcount import OpCounter
+from repfx.capture.inputs import example_batch_size, is_batched, with_batch
+from repfx.errors import VerificationError
+from repfx.verify.opcount import OpCounter
 
 # Default rtol per dtype: fp32 folding reorders sums (~1e-6 relative); fp16/bf16 weights
 # are rounded once after folding in fp64.

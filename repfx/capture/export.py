@@ -22,10 +22,10 @@ from torch.utils import _pytree as pytree
 
 from repfx.passes.constants import written_attributes
 
-from .batching import example_batch_size, is_batched, with_batch
-from .errors import CaptureError, first_line
-from .export_failure import export_failure_message, quiet_torch_logs
-from .model_state import ModeChange, describe_mode_changes, train_mode_changes
+from repfx.capture.inputs import example_batch_size, is_batched, with_batch
+from repfx.errors import CaptureError, first_line
+from repfx.capture.failure import export_failure_message, quiet_torch_logs
+from repfx.capture.model_state import ModeChange, describe_mode_changes, train_mode_changes
 
 SupportedModel = nn.Module | fx.GraphModule | torch.export.ExportedProgram | torch.jit.ScriptModule
 
@@ -195,7 +195,7 @@ def has_dynamic_batch(program: torch.export.ExportedProgram) -> bool:
 
 def dynamic_batch_spec(module: nn.Module, inputs: tuple, *, shapes: bool = True,
                        batch: Any = None) -> tuple[tuple, Any]:
-    """Mark dim 0 of the batched tensor inputs (``repfx.batching``) as one shared dynamic batch.
+    """Mark dim 0 of the batched tensor inputs (``repfx.capture.inputs``) as one shared dynamic batch.
 
     A batch of 1 would be specialized by export (sizes 0 and 1 are special), so
     batched inputs are repeated to a batch of 2 for capture only. Shapes are keyed by

@@ -6,7 +6,7 @@ protobuf in text format. This module renders that config from plain tensor specs
 and adds the artifact as a new version, the way Triton expects models to be
 updated: old versions are never touched, and a directory that is not a Triton model
 (no config.pbtxt) is never written into. Entries are staged and renamed into place
-by ``repfx.artifacts.Transaction``, because Triton may be polling the repository: a
+by ``repfx.deploy.staging.Transaction``, because Triton may be polling the repository: a
 half-written model directory would be loaded (and fail). The configs repfx writes
 carry a first comment line, ``# written by repfx VERSION (sha256 ...)``, which is how
 a later run knows it may replace them.
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import Claim, Refused, Transaction, reported_as, repfx_version
+from repfx.deploy.staging import Claim, Refused, Transaction, reported_as, repfx_version
 
 # Platform -> the file name Triton looks for inside the version directory by default.
 ARTIFACT_NAMES: dict[str, str] = {
@@ -174,7 +174,7 @@ def write_model_repository(
     one more than the highest there) and an updated config.pbtxt, which replaces only a
     config repfx wrote or one that already says the same. Anything else (a directory
     without config.pbtxt, a config of the user's that differs, an existing ``version``)
-    is refused with ``repfx.artifacts.Refused``. The entry is staged and renamed into
+    is refused with ``repfx.deploy.staging.Refused``. The entry is staged and renamed into
     place, so a polling Triton never sees a partial model; a failure changes nothing.
     """
     text = render_config(

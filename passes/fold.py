@@ -17,9 +17,9 @@ from typing import Protocol
 import torch
 from torch import fx
 
-from .canonicalize import reshape_as_to_static_shape
-from .emit import Emission, EmissionPlan, Emitter, plan, remove_dead_code
-from .linear_regions import Analysis, CostPolicy, Expr, analyze
+from repfx.passes.canonicalize import reshape_as_to_static_shape
+from repfx.passes.emit import Emission, EmissionPlan, Emitter, plan, remove_dead_code
+from repfx.passes.regions.analyzer import Analysis, CostPolicy, Expr, analyze
 
 
 @dataclass(frozen=True)

@@ -279,11 +279,11 @@ def _torch_op(name: str) -> OpOverload | OpOverloadPacket | None:
 
 @lru_cache(maxsize=None)
 def load_converter_table(version: str = DEFAULT_VERSION) -> ConverterTable:
-    """The table for a torch-tensorrt release, from the package data ``repfx.data``."""
+    """The table for a torch-tensorrt release, from the package data ``repfx.deploy.data``."""
     filename = f"torch_tensorrt_{version}_ops.json"
-    resource = resources.files("repfx.data").joinpath(filename)
+    resource = resources.files("repfx.deploy.data").joinpath(filename)
     if not resource.is_file():
-        available = sorted(p.name for p in resources.files("repfx.data").iterdir() if p.name.endswith("_ops.json"))
+        available = sorted(p.name for p in resources.files("repfx.deploy.data").iterdir() if p.name.endswith("_ops.json"))
         raise FileNotFoundError(f"no op data for torch-tensorrt {version}; available: {available}")
     data = json.loads(resource.read_text())
     if data["source"] != f"torch-tensorrt {version}":

@@ -16,15 +16,15 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .api import as_input_tuple, reparameterize
-from .backends import BACKENDS, resolve_backend
-from .backends.onnx import compile_onnx
-from .backends.program import (cast_floating, export_program, in_precision, precision_dtype,
+from repfx.api import as_input_tuple, reparameterize
+from repfx.backends import BACKENDS, resolve_backend
+from repfx.backends.onnx import compile_onnx
+from repfx.backends.program import (cast_floating, export_program, in_precision, precision_dtype,
                                record_tensorrt_coverage)
-from .backends.tensorrt import compile_tensorrt, resolve_batch_range
-from .capture import SupportedModel, keeps_dynamic_batch
-from .report import Report
-from .verify import verify as verify_outputs
+from repfx.backends.tensorrt import compile_tensorrt, resolve_batch_range
+from repfx.capture.export import SupportedModel, keeps_dynamic_batch
+from repfx.report import Report
+from repfx.verify.numeric import verify as verify_outputs
 
 logger = logging.getLogger("repfx")
 

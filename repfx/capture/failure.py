@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from .errors import first_line
+from repfx.errors import first_line
 
 FIRST_LINE_LIMIT = 200  # the first line stays under this many characters
 _RAISED_AT = re.compile(r'The following call raised this error:\s*File "(?P<file>[^"<][^"]*)", line (?P<line>\d+), '

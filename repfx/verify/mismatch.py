@@ -1,7 +1,7 @@
 """What an end-to-end mismatch means once every rewritten region was proven exact, and what to do.
 
 Each region was checked in float64 on the activations that reach it
-(``repfx.local_proofs``), so the rewritten graph computes the same function as the
+(``repfx.verify.local``), so the rewritten graph computes the same function as the
 original up to one rounding of the folded weights and a different order of fp32
 sums. Two things turn that into a visible output difference, and neither is a wrong
 rewrite: discontinuous ops after the regions (top-k, sort, argmax, comparisons,
@@ -25,9 +25,9 @@ from torch.utils import _pytree as pytree
 
 from repfx.passes.emit import REWRITE_META
 
-from .errors import VerificationError, first_line
-from .local_proofs import ProofSummary
-from .verify import DEFAULT_RTOL, ErrorStats, verify
+from repfx.errors import VerificationError, first_line
+from repfx.verify.local import ProofSummary
+from repfx.verify.numeric import DEFAULT_RTOL, ErrorStats, verify
 
 # Op name -> argument positions through which the op is discontinuous (None: every tensor argument).
 DISCONTINUOUS: dict[str, tuple[int, ...] | None] = {

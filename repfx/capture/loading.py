@@ -61,7 +61,7 @@ from typing import Any
 import torch
 from torch.export.pt2_archive import constants as pt2
 
-from ..errors import first_line
+from repfx.errors import first_line
 
 TRUST_HINT = "refused (pass --trust-pickle if you trust this file)"
 PICKLE_PROTOCOL_2_PLUS = b"\x80"  # the PROTO opcode every protocol-2+ pickle starts with

@@ -25,13 +25,13 @@ from typing import Any, NoReturn
 
 import torch
 
-from ..errors import BackendUnavailable, CaptureError, LoweringError, VerificationError
-from ..backends.program import output_names, precision_dtype, output_values, user_input_nodes
-from ..artifacts import Transaction
-from ..exporter import FORMATS, ExportPlan, ExportResult, build_export, plan_export
-from ..triton import ModelEntry, TensorSpec, check_model_name, plan_model_entry, render_config
-from .loading import BadInput, LoadedModel, load_model
-from .progress import PhaseProgress
+from repfx.errors import BackendUnavailable, CaptureError, LoweringError, VerificationError
+from repfx.backends.program import output_names, precision_dtype, output_values, user_input_nodes
+from repfx.deploy.staging import Transaction
+from repfx.deploy.export import FORMATS, ExportPlan, ExportResult, build_export, plan_export
+from repfx.deploy.triton import ModelEntry, TensorSpec, check_model_name, plan_model_entry, render_config
+from repfx.capture.loading import BadInput, LoadedModel, load_model
+from repfx.cli.progress import PhaseProgress
 
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
@@ -290,8 +290,8 @@ def _benchmark(model: Any, result: ExportResult, plan: ExportPlan, inputs: tuple
 
     Runs before the commit, on the staged ONNX file: a failed or interrupted benchmark writes nothing.
     """
-    from ..backends.onnx import OnnxRuntimeModule
-    from ..benchmarking import median_latency_ms
+    from repfx.backends.onnx import OnnxRuntimeModule
+    from repfx.deploy.benchmarking import median_latency_ms
 
     progress("benchmark")
     original = model.module() if isinstance(model, torch.export.ExportedProgram) else model
@@ -310,7 +310,7 @@ def _benchmark(model: Any, result: ExportResult, plan: ExportPlan, inputs: tuple
 
 def _print_result(args: argparse.Namespace, result: ExportResult, triton: ModelEntry | None,
                   benchmark: list[dict] | None) -> None:
-    from ..precision import format_range_table, weight_range_report
+    from repfx.deploy.weight_range import format_range_table, weight_range_report
 
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16
     ranges = weight_range_report(result.plain, dtype)
