@@ -12,7 +12,7 @@ from torch import nn
 
 import repfx
 from repfx.verify.opcount import count_ops, summarize
-from samples import build_sample, randomize_bn_
+from repfx.samples import build_sample, randomize_bn_
 
 
 @pytest.fixture(scope="module")

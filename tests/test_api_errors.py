@@ -10,7 +10,7 @@ from torch import nn
 
 import repfx
 
-from conftest import assert_matches, assert_ops, build, rand, reparam
+from helpers import assert_matches, assert_ops, build, rand, reparam
 
 
 def conv_bn() -> nn.Module:

@@ -7,7 +7,7 @@ import torch
 
 import repfx
 from repfx.verify.opcount import count_ops, summarize
-from samples import build_sample, randomize_bn_, sample_input_shape
+from repfx.samples import build_sample, randomize_bn_, sample_input_shape
 
 
 def _reparameterize(name: str, seed: int = 0):

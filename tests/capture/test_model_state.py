@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_matches, assert_ops, build, rand, reparam
+from helpers import assert_matches, assert_ops, build, rand, reparam
 
 
 class StepCounter(nn.Module):

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import repfx
-import samples
-from conftest import assert_idempotent, assert_matches, assert_ops, assert_refused, build, ops, rand, reparam
+from repfx import samples
+from helpers import assert_idempotent, assert_matches, assert_ops, assert_refused, build, ops, rand, reparam
 
 C = 8  # channels of most cases
 HW = 8  # spatial size of most cases

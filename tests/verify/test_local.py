@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 import repfx
-import samples
+from repfx import samples
 from repfx.verify.local import LOCAL_RTOL
 from repfx.passes import emit
 
-from conftest import assert_matches, assert_ops, build, rand, reparam
+from helpers import assert_matches, assert_ops, build, rand, reparam
 
 C = 8
 

@@ -30,7 +30,7 @@ from repfx.deploy.staging import Refused, sha256_of
 from repfx.samples import RepVGGBlock
 from repfx.deploy.triton import TensorSpec, mark, write_model_repository, written_by_repfx
 
-from conftest import build, rand
+from helpers import build, rand
 
 SHAPE = (1, 3, 8, 8)
 TIMEOUT_S = 300

@@ -30,7 +30,7 @@ from repfx.deploy.trt_coverage import (
 )
 
 aten = torch.ops.aten
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "extract_torch_tensorrt_ops.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "extract_torch_tensorrt_ops.py"
 
 
 @torch.library.custom_op("repfx_trt_test::opaque_split", mutates_args=())

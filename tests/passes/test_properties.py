@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import assert_matches, build, ops, rand, reparam
+from helpers import assert_matches, build, ops, rand, reparam
 
 # No shrink phase: each example captures a model (~0.3 s), and shrinking a failure would run for
 # minutes; the drawn specs are small enough to read unshrunk.

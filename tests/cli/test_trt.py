@@ -40,7 +40,7 @@ from tritonclient.grpc import model_config_pb2
 # `repfx.samples`: the pickled model must name its classes by that module path.
 from repfx.samples import RepVGGBlock
 
-from conftest import build, max_error, rand
+from helpers import build, max_error, rand
 
 BLOCKS = 2  # RepVGGBlock 3->8 stride 2 (3x3 + 1x1) and 8->8 (3x3 + 1x1 + identity BN): one conv each
 BATCH_NORMS = 5  # 2 + 3 branches

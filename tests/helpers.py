@@ -1,4 +1,4 @@
-"""Shared helpers for the re-parameterization tests.
+"""Shared helpers for the tests (``from helpers import ...``).
 
 Every helper here follows the same standards:
 
@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import repfx
-import samples
+from repfx import samples
 from repfx.verify.opcount import count_ops, summarize
 
 RTOL = 1e-4  # float32: max|d| <= RTOL * max(1, max|y|)

@@ -21,7 +21,7 @@ from repfx.deploy.weight_range import (
     summarize_ranges,
     weight_range_report,
 )
-from samples import build_sample, randomize_bn_
+from repfx.samples import build_sample, randomize_bn_
 
 X = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 

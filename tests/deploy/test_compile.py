@@ -19,9 +19,9 @@ from torch import nn
 import repfx
 from repfx.backends import probe_torch_tensorrt, resolve_backend
 from repfx.verify.opcount import OpCounter
-from samples import build_sample, randomize_bn_
+from repfx.samples import build_sample, randomize_bn_
 
-from conftest import assert_matches, assert_ops, rand
+from helpers import assert_matches, assert_ops, rand
 
 TENSORRT = probe_torch_tensorrt()
 needs_tensorrt = pytest.mark.skipif(not TENSORRT.usable, reason=f"TensorRT unavailable: {TENSORRT.reason}")

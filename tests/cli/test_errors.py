@@ -29,7 +29,7 @@ import repfx.cli.trt as cli
 from repfx.samples import RepVGGBlock
 from repfx.deploy.triton import mark
 
-from conftest import build, rand
+from helpers import build, rand
 
 SHAPE = (1, 3, 8, 8)
 WAIT_S = 240
