@@ -1,10 +1,122 @@
-"""repfx.passes: graph rewrites that re-parameterize training-form networks.
+"""repfx.passes: the graph passes that re-parameterize a captured aten graph, declared in the order they run.
 
-``kernels`` and ``forms`` are pure tensor algebra; ``linear_regions`` finds what can
-be merged; ``emit`` and ``fold_linear_regions`` rewrite the graph.
+``PIPELINE`` is that order, each pass with its name and why it is there
+(``describe_pipeline()`` prints it; so does ``python -m repfx.passes``).
+``run_pipeline`` is the one driver: ``repfx.reparameterize`` and the torch-tensorrt
+lowering pass both call it. Each pass runs once, in order, except that
+
+* a pass marked ``to_fixed_point`` is repeated until it changes nothing (its rounds
+  are what the driver returns and the report counts), and
+* a pass marked ``eager_runtime`` runs only when the result will execute in eager
+  PyTorch (``eager_runtime=True``); a compiler re-functionalizes the graph anyway.
+
+Layout: ``algebra/`` is pure tensor algebra (kernels, forms); ``regions/`` finds what
+can be merged (the analyzer, and one module of rules per family of ops); ``emit``
+writes a region back as convolutions; ``fold``, ``canonicalize`` and
+``inplace_activations`` are the passes; ``constants`` folds constant subgraphs.
 """
 
-from repfx.passes.fold import AppliedRewrite, Candidate, PassResult, Prover, fold_linear_regions, run_to_fixed_point
-from repfx.passes.algebra.forms import ConvForm, NotExact
+from __future__ import annotations
 
-__all__ = ["AppliedRewrite", "Candidate", "ConvForm", "NotExact", "PassResult", "Prover", "fold_linear_regions", "run_to_fixed_point"]
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from repfx.passes.algebra.forms import ConvForm, NotExact
+from repfx.passes.canonicalize import reshape_as_to_static_shape
+from repfx.passes.fold import AppliedRewrite, Candidate, PassResult, Prover, fold_linear_regions
+from repfx.passes.inplace_activations import inplace_activations
+from repfx.passes.regions.analyzer import CostPolicy
+
+
+@dataclass(frozen=True)
+class PassSettings:
+    """What a pipeline run is asked for, handed to every pass."""
+
+    cost: CostPolicy = "macs"  # "macs": a merge may not cost more MACs than the ops it replaces
+    prover: Prover | None = None  # proves each fold before it is committed (``repfx.verify.local``)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One entry of the pipeline: ``run(gm, settings)`` rewrites ``gm`` in place."""
+
+    name: str
+    run: Callable[[fx.GraphModule, PassSettings], PassResult]  # ``modified`` says whether it changed gm
+    why: str  # one line: what would go wrong without it
+    to_fixed_point: bool = False  # repeated until it changes nothing
+    eager_runtime: bool = False  # only for a result that runs in eager PyTorch
+
+    def describe(self) -> str:
+        marks = [mark for flag, mark in ((self.to_fixed_point, "to a fixed point"),
+                                         (self.eager_runtime, "eager runtime only")) if flag]
+        flags = f" [{', '.join(marks)}]" if marks else ""
+        return f"{self.name}{flags}: {self.why}"
+
+
+def _canonicalize(gm: fx.GraphModule, settings: PassSettings) -> PassResult:
+    return PassResult(reshape_as_to_static_shape(gm))
+
+
+def _fold(gm: fx.GraphModule, settings: PassSettings) -> PassResult:
+    with torch.no_grad():  # folding computes new weights from parameters: no autograd history
+        return fold_linear_regions(gm, settings.cost, settings.prover)
+
+
+def _inplace(gm: fx.GraphModule, settings: PassSettings) -> PassResult:
+    return PassResult(inplace_activations(gm) > 0)
+
+
+PIPELINE: tuple[Pass, ...] = (
+    Pass("reshape_as_to_static_shape", _canonicalize,
+         "reshape_as(a, b) reads b only for its shape, yet the edge counts as a second use that stops b folding"),
+    Pass("fold_linear_regions", _fold,
+         "each linear region becomes the fewest convolutions that compute it exactly; a rewrite can free an op "
+         "for the next round", to_fixed_point=True),
+    Pass("inplace_activations", _inplace,
+         "export functionalized nn.ReLU(inplace=True); in eager PyTorch the extra activation tensor costs time",
+         eager_runtime=True),
+)
+
+
+def describe_pipeline(pipeline: Sequence[Pass] = PIPELINE) -> str:
+    """The passes in the order they run, one numbered line each (like torch-tensorrt's ``dump_lowering_passes``)."""
+    lines = [f"repfx.passes: {len(pipeline)} passes, in order"]
+    lines += [f"  {index}. {step.describe()}" for index, step in enumerate(pipeline, 1)]
+    return "\n".join(lines)
+
+
+def run_pipeline(gm: fx.GraphModule, cost: CostPolicy = "macs", *, prover: Prover | None = None,
+                 eager_runtime: bool = False, max_iterations: int = 8,
+                 pipeline: Sequence[Pass] = PIPELINE) -> list[PassResult]:
+    """Run ``pipeline`` over ``gm`` in place; returns the rounds of its fixed-point passes, in order.
+
+    ``eager_runtime``: the result will run in eager PyTorch (``repfx.reparameterize``),
+    so the passes that only help eager execution run too; a graph handed to a compiler
+    (the torch-tensorrt lowering pass) skips them.
+    """
+    settings = PassSettings(cost, prover)
+    rounds: list[PassResult] = []
+    for step in pipeline:
+        if step.eager_runtime and not eager_runtime:
+            continue  # a compiler re-functionalizes: the rewrite would only be undone
+        if not step.to_fixed_point:
+            step.run(gm, settings)
+            continue
+        for _ in range(max_iterations):
+            rounds.append(step.run(gm, settings))
+            if not rounds[-1].modified:
+                break  # DBB's nested blocks take one round; ``y * g + y`` after a linear y, two (then y is read once)
+    return rounds
+
+
+def run_to_fixed_point(gm: fx.GraphModule, cost: CostPolicy = "macs", max_iterations: int = 8,
+                       prover: Prover | None = None) -> list[PassResult]:
+    """The pipeline without its eager-runtime passes, under the name and signature it had before ``run_pipeline``."""
+    return run_pipeline(gm, cost, prover=prover, max_iterations=max_iterations)
+
+
+__all__ = ["PIPELINE", "AppliedRewrite", "Candidate", "ConvForm", "NotExact", "Pass", "PassResult", "PassSettings",
+           "Prover", "describe_pipeline", "fold_linear_regions", "run_pipeline", "run_to_fixed_point"]

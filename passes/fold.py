@@ -1,10 +1,10 @@
 """Pass: fold every linear region into the fewest convolutions that compute it exactly.
 
-Relies on ``forms`` for exactness and on ``linear_regions`` for the regions; this
+Relies on ``forms`` for exactness and on ``regions`` for the regions; this
 module only picks which regions to rewrite and calls the emitter. A region is
 rewritten only when its emission executes fewer ops than the region did, so a
-lone conv or a lone BN after a ReLU stays as it is, and a second run finds nothing
-to do (idempotence).
+lone conv or a lone BN after a ReLU stays as it is, and once the pipeline has run
+this pass to a fixed point a further run finds nothing to do (idempotence).
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
 from torch import fx
 
-from repfx.passes.canonicalize import reshape_as_to_static_shape
 from repfx.passes.emit import Emission, EmissionPlan, Emitter, plan, remove_dead_code
 from repfx.passes.regions.analyzer import Analysis, CostPolicy, Expr, analyze
 
@@ -179,17 +177,3 @@ def _applied(root: fx.Node, executed: list[fx.Node], emission: EmissionPlan) -> 
         ops_after=emission.op_count,
     )
 
-
-def run_to_fixed_point(gm: fx.GraphModule, cost: CostPolicy = "macs", max_iterations: int = 8,
-                       prover: Prover | None = None) -> list[PassResult]:
-    """Run the pass until it changes nothing (nested blocks like DBB need no more than one
-    round by construction; the loop proves it and guards against a regression)."""
-    reshape_as_to_static_shape(gm)
-    results = []
-    for _ in range(max_iterations):
-        with torch.no_grad():
-            step = fold_linear_regions(gm, cost, prover)
-        results.append(step)
-        if not step.modified:
-            break
-    return results

@@ -11,10 +11,10 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from repfx.passes import run_to_fixed_point
-from repfx.passes.inplace_activations import inplace_activations
+from repfx.passes import run_pipeline
 
 from repfx.capture.export import SupportedModel, capture
+from repfx.capture.inputs import as_input_tuple  # also imported from here by repfx.deploy
 from repfx.verify.local import LocalProver
 from repfx.verify.mismatch import judge
 from repfx.verify.opcount import count_ops, summarize
@@ -85,8 +85,7 @@ def _run(model, example_inputs, *, verify, rtol, atol, dynamic_batch, cost, stri
     progress("rewrite")
 
     prover = LocalProver(input_sets(example_inputs, LOCAL_PROOF_TRIALS)) if verify else None
-    results = run_to_fixed_point(gm, cost, prover=prover)
-    inplace_activations(gm)  # before verification, so the check covers it
+    results = run_pipeline(gm, cost, prover=prover, eager_runtime=True)  # before verification, so the check covers it
     report.iterations = len(results)
     for step in results:
         report.rewrites += [Rewrite(r.kind, r.replaced_ops, r.kernel_shapes, r.ops_before, r.ops_after)
@@ -135,11 +134,6 @@ def _non_finite_input_notes(example_inputs: tuple) -> list[str]:
             notes.append(f"example input {index} holds NaN or inf values; the proofs at those positions rest "
                          "on the seeded random inputs")
     return notes
-
-
-def as_input_tuple(example_inputs: Any) -> tuple:
-    """Example inputs as a tuple of positional arguments (a lone tensor or object is one argument)."""
-    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
 def _lap(report: Report, phase: str, start: float) -> float:

@@ -24,6 +24,7 @@ from torch.utils import _pytree as pytree
 
 import repfx
 from repfx import samples
+from repfx.capture.inputs import as_input_tuple
 from repfx.verify.opcount import count_ops, summarize
 
 RTOL = 1e-4  # float32: max|d| <= RTOL * max(1, max|y|)
@@ -40,10 +41,6 @@ def build(factory: Callable[[], nn.Module], seed: int = 0, *, train: bool = Fals
 def rand(*shape: int, seed: int = 1) -> torch.Tensor:
     """Seeded standard normal float32 tensor."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
-def as_tuple(inputs: Any) -> tuple:
-    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
 def max_error(expected: Any, actual: Any) -> tuple[float, float]:
@@ -70,7 +67,7 @@ def max_error(expected: Any, actual: Any) -> tuple[float, float]:
 def assert_matches(model: Callable, result: Callable, inputs: Any, *, extra_seeds: Sequence[int] = (7,)) -> None:
     """``result`` computes what eval-mode ``model`` computes, on ``inputs`` and on fresh random
     inputs of the same shapes (a different draw than the one repfx saw)."""
-    inputs = as_tuple(inputs)
+    inputs = as_input_tuple(inputs)
     def fresh(value: Any, seed: int) -> Any:
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             return rand(*value.shape, seed=seed).to(value.dtype)
@@ -89,7 +86,7 @@ def assert_matches(model: Callable, result: Callable, inputs: Any, *, extra_seed
 
 def ops(module: Callable, inputs: Any) -> dict[str, int]:
     """Executed op summary (convolution, batch_norm, add, total) plus every raw aten op count."""
-    raw = count_ops(module, as_tuple(inputs))
+    raw = count_ops(module, as_input_tuple(inputs))
     summary: dict[str, int] = dict(raw)
     summary.update(summarize(raw))
     return Counter(summary)
@@ -104,7 +101,7 @@ def assert_ops(module: Callable, inputs: Any, **expected: int) -> dict[str, int]
 
 
 def reparam(model: Any, inputs: Any, **kwargs: Any) -> tuple[torch.fx.GraphModule, repfx.Report]:
-    gm = repfx.reparameterize(model, as_tuple(inputs), **kwargs)
+    gm = repfx.reparameterize(model, as_input_tuple(inputs), **kwargs)
     report = gm.meta["repfx"]
     assert isinstance(report, repfx.Report)
     return gm, report
@@ -131,3 +128,43 @@ def assert_idempotent(gm: torch.fx.GraphModule, inputs: Any, **kwargs: Any) -> N
     for name in ("convolution", "batch_norm", "add", "total"):
         assert after[name] == before[name], f"{name}: {before[name]} -> {after[name]} on the second run"
     assert_matches(gm, again, inputs)
+
+
+# --- small builders shared by the end-to-end fold tests ----------------------------------------
+
+C = 8  # channels of most fold cases
+HW = 8  # spatial size of most fold cases
+
+
+def image(channels: int = C, size: int = HW, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    """A seeded ``[batch, channels, size, size]`` input."""
+    return rand(batch, channels, size, size, seed=seed)
+
+
+def conv_bn(cin: int, cout: int, k, padding=0, groups: int = 1, stride: int = 1, dilation: int = 1,
+            bias: bool = False) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding, dilation, groups, bias=bias), nn.BatchNorm2d(cout))
+
+
+def rewrite_kernels(report: repfx.Report) -> list[tuple[int, ...]]:
+    """Weight shapes of every convolution / linear the rewrites emitted."""
+    return [shape for rewrite in report.rewrites for shape in rewrite.kernel_shapes]
+
+
+def assert_folds_idempotently(factory: Callable[[], nn.Module], shape: Sequence[int]) -> None:
+    """Re-parameterizing the result of re-parameterizing ``factory()`` changes nothing."""
+    model = build(factory)
+    x = rand(*shape)
+    gm, _ = reparam(model, x)
+    assert_idempotent(gm, x)
+
+
+def assert_dynamic_batch_folds(factory: Callable[[], nn.Module], example_batch: int) -> None:
+    """Captured at ``example_batch`` with ``dynamic_batch``: one conv, and right at batches 1, 3 and 8."""
+    model = build(factory)
+    gm, _ = reparam(model, rand(example_batch, C, HW, HW), dynamic_batch=True)
+    for batch in (1, 3, 8):
+        x = rand(batch, C, HW, HW, seed=batch)
+        assert_matches(model, gm, x)
+        assert_ops(gm, x, convolution=1, batch_norm=0, add=0)
+

@@ -79,7 +79,7 @@ def test_wrong_graph_raises_verification_error(block, x, monkeypatch):
     """Verification is wired in: a corrupted rewrite must raise, never return."""
     import repfx.api
 
-    real = repfx.api.run_to_fixed_point
+    real = repfx.api.run_pipeline
 
     def corrupting(gm, cost, **kwargs):
         results = real(gm, cost, **kwargs)  # corrupted after the local proofs: the end-to-end check must see it
@@ -89,7 +89,7 @@ def test_wrong_graph_raises_verification_error(block, x, monkeypatch):
                 break
         return results
 
-    monkeypatch.setattr(repfx.api, "run_to_fixed_point", corrupting)
+    monkeypatch.setattr(repfx.api, "run_pipeline", corrupting)
     with pytest.raises(repfx.VerificationError, match="max \\|difference\\|"):
         repfx.reparameterize(block, (x,))
 

@@ -11,7 +11,7 @@ of the tensor it reads. Regions collapse by combining forms:
 Each combination either returns an exactly equivalent form or raises ``NotExact``
 with a sentence saying why; the caller records it. Forms hold float64 tensors so
 that long chains stay exact; emission casts back to the model dtype once.
-No torch.fx here: the graph side lives in ``linear_regions``/``emit``.
+No torch.fx here: the graph side lives in ``regions`` and ``emit``.
 """
 
 from __future__ import annotations

@@ -1,19 +1,24 @@
-"""Find linear regions: for every node, the affine expression it computes of upstream tensors.
+"""Find linear regions: the engine that gives every node the affine expression it computes.
 
-Walking the graph once in topological order, each supported op gets an ``Expr``: a
-sum of ``Term``s, each a ``ConvForm`` applied to a *source* node (a tensor produced
-outside any linear region: an input, a ReLU, a node with several consumers...).
-An op absorbs an operand's expression only when that operand has no other consumer;
-otherwise the operand is a boundary and enters as an identity term. Terms reading
-the same source are merged when exact and not more expensive (``forms`` decides
-exactness, the cost rule here decides price). Every refused merge is recorded with
-its reason. Nothing is rewritten here: ``fold_linear_regions`` emits the result.
+Walking the graph once in topological order, each op that has a *rule* gets an
+``Expr``: a sum of ``Term``s, each a ``ConvForm`` applied to a *source* node (a
+tensor produced outside any linear region: an input, a ReLU, a node with several
+consumers...). An op absorbs an operand's expression only when that operand has no
+other consumer; otherwise the operand is a boundary and enters as an identity term.
+Terms reading the same source are merged when exact and not more expensive
+(``forms`` decides exactness, the cost rule here decides price). Every refused merge
+is recorded with its reason. Nothing is rewritten here: ``fold`` emits the result.
+
+The rules (what each aten op computes as a ``ConvForm``) live in ``rules/``, one
+module per family of ops; each registers itself in ``RULES`` with ``@rule(...)``.
+This module never names a rule: ``registered_rules()`` imports the ``rules`` package,
+which imports every module in it.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
-import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,11 +26,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, fx
 
-from repfx.passes.algebra import kernels
 from repfx.passes.constants import ConstantFolder
-from repfx.passes.algebra.forms import ConvForm, NotExact, compose, merge_parallel, pad_output, stack_outputs
+from repfx.passes.shapes import size_hint
+from repfx.passes.algebra.forms import ConvForm, NotExact, compose, merge_parallel
 
-aten = torch.ops.aten
 CostPolicy = Literal["macs", "always"]
 
 
@@ -76,48 +80,71 @@ class Analysis:
 
 
 Operand = Callable[..., Expr]  # (arg, channel_last=False) -> Expr
-_HANDLERS: dict[Any, Callable[..., Expr]] = {}
+Rule = Callable[["Analyzer", fx.Node, Operand], Expr]  # raises NotExact (reported) or NotLinear (silent)
+RULES: dict[Any, Rule] = {}  # aten target -> the rule that analyzes it
 
 
-def _handles(*targets: Any) -> Callable:
-    def register(fn: Callable) -> Callable:
+def rule(*targets: Any) -> Callable[[Rule], Rule]:
+    """Register the decorated function as the rule of each aten ``target``.
+
+    A target has one rule: a second rule for it would silently replace the first
+    one, depending on import order, so it is an error.
+    """
+    def register(fn: Rule) -> Rule:
         for target in targets:
-            _HANDLERS[target] = fn
+            known = RULES.get(target)
+            if known is not None and _qualified_name(known) != _qualified_name(fn):  # the same rule reloaded is fine
+                raise ValueError(f"{target} already has the rule {_qualified_name(known)}; "
+                                 f"{_qualified_name(fn)} cannot register it again")
+            RULES[target] = fn
         return fn
     return register
 
 
+def _qualified_name(fn: Callable) -> str:
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
+def registered_rules() -> dict[Any, Rule]:
+    """``RULES``, filled: importing the rules package imports (and so registers) every module in it."""
+    importlib.import_module(f"{__package__}.rules")
+    return RULES
+
+
 def analyze(gm: fx.GraphModule, cost: CostPolicy = "macs") -> Analysis:
     """Expression of every node that belongs to a linear region of ``gm``."""
-    return _Analyzer(gm, cost).run()
+    return Analyzer(gm, cost).run()
 
 
-class _Analyzer:
+class Analyzer:
+    """One walk over a graph; rules call back into it to read operands, compose forms and refuse."""
+
     def __init__(self, gm: fx.GraphModule, cost: CostPolicy) -> None:
         self.gm = gm
         self.cost_policy = cost
         self.constants = ConstantFolder(gm)
         self.result = Analysis()
+        self.rules = registered_rules()
 
     def run(self) -> Analysis:
         for node in self.gm.graph.nodes:
-            handler = _HANDLERS.get(node.target) if node.op == "call_function" else None
-            if handler is None or self.constants.is_constant(node):
-                continue
-            expr = self._build(handler, node)
+            node_rule = self.rules.get(node.target) if node.op == "call_function" else None
+            if node_rule is None or self.constants.is_constant(node):
+                continue  # no rule: a boundary of any region; a constant: folded where it is read
+            expr = self._build(node_rule, node)
             if expr is not None:
                 self.result.exprs[node] = expr
         return self.result
 
-    def _build(self, handler: Callable[..., Expr], node: fx.Node) -> Expr | None:
+    def _build(self, node_rule: Rule, node: fx.Node) -> Expr | None:
         """Try with operands' expressions absorbed; on refusal, with operands as boundaries.
 
-        Any other error (an op variant a handler did not foresee) leaves the node
+        Any other error (an op variant a rule did not foresee) leaves the node
         alone with the error as its refusal: a graph is never half-understood.
         """
         for attempt, operand in enumerate((self._absorbing(node), self._boundary)):
             try:
-                return self._same_dtype(node, handler(self, node, operand))
+                return self._same_dtype(node, node_rule(self, node, operand))
             except NotLinear:
                 return None
             except NotExact as refusal:
@@ -188,7 +215,7 @@ class _Analyzer:
         if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() < 2:
             raise NotLinear
         sizes = value.shape[-1:] if channel_last else value.shape[1:]
-        shape = tuple(_example_size(size) for size in sizes)
+        shape = tuple(size_hint(size) for size in sizes)
         if shape[0] is None or not all(isinstance(size, int) for size in shape):
             raise NotExact(f"{node.name} has a symbolic channel count or an unknown size {tuple(value.shape[1:])}")
         return shape
@@ -263,7 +290,7 @@ class _Analyzer:
             raise NotExact(f"cost rule: merged op needs {merged:,} MACs per sample vs {separate:,} "
                            f"for the ops it would replace ({merged / max(separate, 1):.2f}x); kept separate")
 
-    # -- helpers for handlers ----------------------------------------------------------
+    # -- helpers for rules -------------------------------------------------------------
     def weight(self, node: fx.Node, arg: Any, what: str = "weight") -> Tensor:
         value = self.constants.tensor(arg)
         if value is None:
@@ -287,327 +314,14 @@ class _Analyzer:
         return full.reshape(-1).to(torch.float64).expand(shape[0]).clone()
 
 
-def _example_size(size: Any) -> int | None:
-    if isinstance(size, int):
-        return size
-    hint = getattr(getattr(size, "node", None), "hint", None)
-    return int(hint) if hint is not None else None
-
-
 def _symbolic_shape(node: fx.Node) -> str:
     return str(tuple(node.meta["val"].shape[1:]))
 
 
-def _ints(value: Any, rank: int) -> tuple[int, ...]:
+def as_ints(value: Any, rank: int) -> tuple[int, ...]:
+    """An int-or-list op argument (stride, padding...) as one int per spatial dim."""
     if isinstance(value, int):
         return (value,) * rank
     values = tuple(int(v) for v in value)
     return values * rank if len(values) == 1 else values
 
-
-# -- handlers ---------------------------------------------------------------------------
-# Each handler: (analyzer, node, operand) -> Expr, raising NotExact (reported) or NotLinear.
-
-@_handles(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
-          aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default)
-def _convolution(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
-    if node.target is aten.convolution.default:
-        x, weight, bias, stride, padding, dilation, transposed, _, groups = node.args
-        if transposed:
-            raise NotLinear
-    else:
-        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-        defaults = (None, None, None, 1, 0, 1, 1)
-        x, weight, bias, stride, padding, dilation, groups = (
-            node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
-            for i, (name, default) in enumerate(zip(names, defaults)))
-    w = an.weight(node, weight)
-    b = None if bias is None else an.weight(node, bias, "bias")
-    rank = w.dim() - 2
-    if not isinstance(x, fx.Node) or x.meta["val"].dim() != rank + 2:
-        raise NotLinear  # unbatched input: dim 1 is not the channel dim
-    dilation = _ints(dilation, rank)
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = 0
-        elif any(((k - 1) * d) % 2 for k, d in zip(w.shape[2:], dilation)):
-            raise NotExact(f"{node.name}: padding='same' with an even kernel pads asymmetrically")
-        else:
-            padding = [(k - 1) * d // 2 for k, d in zip(w.shape[2:], dilation)]
-    form = ConvForm.convolution(w, b, _ints(stride, rank), _ints(padding, rank), dilation, int(groups))
-    return an.apply(form, operand(x), node)
-
-
-@_handles(aten.linear.default)
-def _linear(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
-    """A linear layer mixes the last dim; any leading dims act as batch."""
-    x, weight, bias = (list(node.args) + [None])[:3]
-    w = an.weight(node, weight)
-    b = None if bias is None else an.weight(node, bias, "bias")
-    form = ConvForm.convolution(w, b, (), (), (), 1)
-    return an.apply(form, operand(x, channel_last=True), node, channel_last=True)
-
-
-@_handles(aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.flatten.using_ints)
-def _channel_last_view(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
-    """A reshape that keeps the last dim commutes with ops that act on the last dim
-    (timm's LinearNorm: linear -> flatten(0, 1) -> BatchNorm1d -> reshape back)."""
-    source = node.args[0]
-    before, after = source.meta.get("val"), node.meta.get("val")
-    if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor) or min(before.dim(), after.dim()) < 2:
-        raise NotLinear
-    if str(before.shape[-1]) != str(after.shape[-1]):
-        raise NotLinear
-    expr = operand(source, channel_last=True)
-    if not expr.ops or not expr.channel_last:
-        raise NotLinear
-    return Expr(expr.terms, expr.ops | {node}, an.sample_shape(node, channel_last=True))
-
-
-def _batch_norm_form(an: _Analyzer, node: fx.Node, args: Sequence[Any], eps: float) -> ConvForm:
-    """``node`` is the batch-norm op itself (the owner of its statistics)."""
-    x, weight, bias, mean, var = args[:5]
-    stats = [an.weight(node, arg, what) if arg is not None else None
-             for arg, what in ((weight, "BN weight"), (bias, "BN bias"), (mean, "running_mean"), (var, "running_var"))]
-    if stats[2] is None or stats[3] is None:
-        raise NotLinear
-    as64 = [None if t is None else t.to(torch.float64) for t in stats]
-    scale, shift = kernels.batch_norm_scale_shift(as64[2], as64[3], as64[0], as64[1], eps)
-    return ConvForm.affine(scale, shift, len(an.sample_shape(x)) - 1)
-
-
-@_handles(operator.getitem)
-def _batch_norm_output(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
-    bn, index = node.args
-    if not isinstance(bn, fx.Node) or bn.target is not aten._native_batch_norm_legit_no_training.default or index != 0:
-        raise NotLinear
-    if any(user is not node for user in bn.users):
-        raise NotLinear  # saved statistics are consumed elsewhere
-    form = _batch_norm_form(an, bn, bn.args, float(bn.args[6]))
-    return an.apply(form, operand(bn.args[0]), node, extra_ops=(bn,))
-
-
-@_handles(aten.batch_norm.default)
-def _batch_norm(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
-    if node.args[5]:
-        raise NotLinear  # training-mode BN normalizes with batch statistics: not affine in x
-    return an.apply(_batch_norm_form(an, node, node.args, float(node.args[7])), operand(node.args[0]), node)
-
-
-@_handles(aten.add.Tensor, aten.sub.Tensor, aten.add.Scalar, aten.sub.Scalar)
-def _add(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
-    a, b = node.args[:2]
-    alpha = node.kwargs.get("alpha", 1)
-    if node.target in (aten.sub.Tensor, aten.sub.Scalar):
-        alpha = -alpha
-    cl = an.channel_last_operands(node)
-    shape = an.sample_shape(node, cl)
-    const_a, const_b = an.constants.value(a), an.constants.value(b)
-    if isinstance(a, fx.Node) and const_a is None and isinstance(b, fx.Node) and const_b is None:
-        eb = operand(b, cl)
-        if alpha != 1:
-            eb = an.apply(ConvForm.affine(torch.full((shape[0],), float(alpha), dtype=torch.float64),
-                                          torch.zeros(shape[0], dtype=torch.float64), len(shape) - 1), eb, node,
-                          channel_last=cl)
-        return an.add(node, [operand(a, cl), eb], [a, b], cl)
-    if const_a is None:  # x + alpha * c
-        shift = an.per_channel(const_b, shape)
-        scale = 1.0
-        x = a
-        factor = alpha
-    else:  # c + alpha * x
-        shift = an.per_channel(const_a, shape)
-        scale = float(alpha)
-        x = b
-        factor = 1
-    if shift is None:
-        raise NotLinear
-    form = ConvForm.affine(torch.full((shape[0],), scale, dtype=torch.float64), shift * factor, len(shape) - 1)
-    return an.apply(form, operand(x, cl), node, channel_last=cl)
-
-
-@_handles(aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.neg.default)
-def _scale(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
-    cl = an.channel_last_operands(node)
-    shape = an.sample_shape(node, cl)
-    if node.target is aten.neg.default:
-        x, factor = node.args[0], -1.0
-    else:
-        a, b = node.args[:2]
-        if node.target in (aten.div.Tensor, aten.div.Scalar) and node.kwargs.get("rounding_mode") is not None:
-            raise NotLinear
-        const_b = an.constants.value(b)
-        x, factor = (a, const_b) if const_b is not None else (b, an.constants.value(a))
-        if node.target in (aten.div.Tensor, aten.div.Scalar):
-            if const_b is None:
-                raise NotLinear
-            factor = 1.0 / factor if isinstance(factor, (int, float)) else torch.reciprocal(factor)
-    scale = an.per_channel(factor, shape)
-    if scale is None:
-        raise NotLinear
-    form = ConvForm.affine(scale, torch.zeros(shape[0], dtype=torch.float64), len(shape) - 1)
-    return an.apply(form, operand(x, cl), node, channel_last=cl)
-
-
-@_handles(aten.clone.default, aten.alias.default, aten.dropout.default, aten.contiguous.default)
-def _identity(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
-    """Value-preserving ops. They join a region only around a real linear op, whose
-    emitted convolution is a fresh tensor: a clone or contiguous() of a plain tensor
-    may be what a later view needs (strides), so it is left alone."""
-    if node.target is aten.dropout.default and node.args[2]:
-        raise NotLinear  # training-mode dropout is random
-    if node.kwargs.get("memory_format") not in (None, torch.preserve_format):
-        raise NotLinear  # a layout change, not a value change
-    expr = operand(node.args[0], an.channel_last_operands(node))
-    if not expr.ops:
-        raise NotLinear
-    return Expr(expr.terms, expr.ops | {node}, expr.shape)
-
-
-_POOL_RANK = {aten.avg_pool1d.default: 1, aten.avg_pool2d.default: 2, aten.avg_pool3d.default: 3}
-
-
-@_handles(*_POOL_RANK)
-def _avg_pool(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
-    args = list(node.args) + [None] * (7 - len(node.args))
-    x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor = args[:7]
-    shape = an.sample_shape(node)
-    rank = len(shape) - 1
-    if rank != _POOL_RANK[node.target]:
-        raise NotLinear  # unbatched input: dim 1 is not the channel dim
-    kernel_size = _ints(kernel_size, rank)
-    stride = _ints(stride, rank) if stride else kernel_size
-    padding = _ints(padding or 0, rank)
-    if ceil_mode:
-        raise NotExact(f"{node.name}: ceil_mode pooling has partial windows at the border")
-    if any(padding) and count_include_pad is False:
-        raise NotExact(f"{node.name}: count_include_pad=False divides border windows by fewer pixels")
-    if divisor is not None:
-        raise NotExact(f"{node.name}: divisor_override is not a plain average")
-    kernel = kernels.avgpool_kernel(shape[0], kernel_size)
-    form = ConvForm.convolution(kernel, None, stride, padding, (1,) * rank, shape[0])
-    return an.apply(form, operand(x), node)
-
-
-def _symmetric_padding(node: fx.Node, pad: Sequence[int], rank: int) -> tuple[int, ...]:
-    pad = list(pad)
-    if len(pad) % 2 or len(pad) > 2 * rank:
-        raise NotExact(f"{node.name}: pads non-spatial dims {pad}")
-    pad += [0] * (2 * rank - len(pad))
-    pairs = [(pad[2 * i], pad[2 * i + 1]) for i in range(rank)][::-1]  # F.pad lists the last dim first
-    if any(left != right or left < 0 for left, right in pairs):
-        raise NotExact(f"{node.name}: asymmetric or negative padding {pad} has no convolution equivalent")
-    return tuple(left for left, _ in pairs)
-
-
-@_handles(aten.constant_pad_nd.default, aten.pad.default)
-def _pad(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
-    x, pad = node.args[:2]
-    if any(user.target is aten.slice_scatter.default and user.args[0] is node for user in node.users):
-        raise NotLinear  # border writes follow: the border-fill handler owns this pad
-    if node.target is aten.pad.default:
-        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
-        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
-        if mode != "constant":
-            raise NotExact(f"{node.name}: {mode} padding is not zero padding")
-    else:
-        value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
-    shape = an.sample_shape(node)
-    padding = _symmetric_padding(node, pad, len(shape) - 1)
-    value_vec = None if not value else torch.full((shape[0],), float(value), dtype=torch.float64)
-    expr = operand(x)
-    if len(expr.terms) != 1:
-        raise NotExact(f"{node.name}: pads a sum of branches reading different tensors")
-    term = expr.terms[0]
-    form = pad_output(term.form, padding, value_vec)
-    an.result.own_cost[node] = math.prod(shape)
-    return Expr((Term(term.source, form, form.macs(shape)),), expr.ops | {node}, shape)
-
-
-def _fill_value(an: _Analyzer, src: Any, shape: tuple[int, ...]) -> Tensor:
-    """The per-channel constant a border write stores (``copy(slice, expand(c))`` or ``c``)."""
-    if isinstance(src, fx.Node) and src.target is aten.copy.default:
-        src = src.args[1]
-    if isinstance(src, fx.Node) and src.target is aten.expand.default:
-        src = src.args[0]
-    value = an.per_channel(an.constants.value(src), shape)
-    if value is None:
-        raise NotExact(f"border write of {getattr(src, 'name', src)} is not a per-channel constant")
-    return value
-
-
-@_handles(aten.slice_scatter.default)
-def _border_fill(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
-    """Zero pad + writes of one per-channel constant into exactly the border strips.
-
-    This is padding with a per-channel value, as DBB's BN-and-pad layer writes it
-    with slice assignments (functionalized into a chain of ``slice_scatter``).
-    """
-    if any(user.target is aten.slice_scatter.default and user.args[0] is node for user in node.users):
-        raise NotLinear  # not the last write: the last one handles the whole chain
-    chain = []
-    current = node
-    while isinstance(current, fx.Node) and current.target is aten.slice_scatter.default:
-        chain.append(current)
-        current = current.args[0]
-    pad_node = current
-    if not isinstance(pad_node, fx.Node) or pad_node.target not in (aten.pad.default, aten.constant_pad_nd.default):
-        raise NotLinear
-    shape = an.sample_shape(node)
-    rank = len(shape) - 1
-    padding = _symmetric_padding(pad_node, pad_node.args[1], rank)
-    if any(arg not in (None, 0, 0.0, "constant") for arg in pad_node.args[2:]):
-        raise NotLinear
-    ops = {pad_node, *chain}
-    value = None
-    writes = set()
-    for scatter in chain:
-        defaults = (None, None, 0, None, None, 1)
-        _, src, dim, start, end, step = tuple(scatter.args) + defaults[len(scatter.args):]
-        fill = _fill_value(an, src, shape)
-        if value is not None and not torch.allclose(fill, value, rtol=0, atol=0):
-            raise NotExact(f"{scatter.name}: border strips hold different values")
-        value = fill
-        if isinstance(src, fx.Node) and src.target is aten.copy.default:
-            ops |= {src, src.args[0]}
-            fill_node = src.args[1]
-            if isinstance(fill_node, fx.Node) and fill_node.target is aten.expand.default:
-                ops.add(fill_node)  # expand(c, [batch, ...]) is not constant under a dynamic batch
-        size = shape[dim - 1]
-        start = 0 if start is None else (start + size if start < 0 else start)
-        end = size if end is None or end > size else (end + size if end < 0 else end)
-        if step != 1 or dim < 2:
-            raise NotLinear
-        writes.add((dim - 2, start, end))
-    expected = {(d, 0, p) for d, p in enumerate(padding) if p} | {(d, shape[d + 1] - p, shape[d + 1])
-                                                                  for d, p in enumerate(padding) if p}
-    if writes != expected:
-        raise NotExact(f"{node.name}: writes {sorted(writes)} are not exactly the padded border {sorted(expected)}")
-    for op in ops - {node}:
-        if any(user not in ops for user in op.users):
-            raise NotLinear
-    expr = operand(pad_node.args[0])
-    if len(expr.terms) != 1:
-        raise NotExact(f"{node.name}: pads a sum of branches reading different tensors")
-    term = expr.terms[0]
-    form = pad_output(term.form, padding, value)
-    an.result.own_cost[node] = math.prod(shape)
-    return Expr((Term(term.source, form, form.macs(shape)),), expr.ops | ops, shape)
-
-
-@_handles(aten.cat.default)
-def _cat(an: _Analyzer, node: fx.Node, operand: Operand) -> Expr:
-    tensors = node.args[0]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    shape = an.sample_shape(node)
-    if dim not in (1, -len(shape)) or len(tensors) < 2:
-        raise NotLinear
-    exprs = [operand(t) for t in tensors]
-    if any(len(e.terms) != 1 for e in exprs) or len({id(e.terms[0].source) for e in exprs}) != 1:
-        raise NotExact(f"{node.name}: concatenated tensors are not all single branches of one input")
-    form = stack_outputs([e.terms[0].form for e in exprs])
-    merged_cost = form.macs(shape)
-    an.check_cost(node, merged_cost, sum(e.cost for e in exprs) + math.prod(shape))
-    ops = frozenset().union(*(e.ops for e in exprs)) | {node}
-    an.result.own_cost[node] = math.prod(shape)
-    return Expr((Term(exprs[0].terms[0].source, form, merged_cost),), ops, shape)

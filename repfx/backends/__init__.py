@@ -1,29 +1,26 @@
-"""Lowering backends for the plain graph, and the rule ``backend="auto"`` follows."""
+"""Backends: the plain graph run by TensorRT, ONNX Runtime, inductor or eager; one module each.
+
+``base`` says what a backend is, ``registry`` finds backends by name and applies
+``backend="auto"``, ``precision`` is the fp32/fp16/bf16 table (dtype, tolerance),
+``formats`` says which files ``repfx.export`` writes from the backends' artifacts.
+``availability`` probes the optional runtimes; ``program`` re-exports the plain graph.
+"""
 
 from __future__ import annotations
 
-from repfx.backends.availability import probe_onnxruntime, probe_torch_tensorrt, require_onnxruntime, require_torch_tensorrt
+from typing import Any
 
-BACKENDS = ("auto", "tensorrt", "onnx", "inductor", "eager")
-
-
-def resolve_backend(backend: str, precision: str = "fp32") -> tuple[str, str]:
-    """(backend to use, why); raises ``BackendUnavailable`` for an explicit backend that cannot run here."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "auto":
-        tensorrt = probe_torch_tensorrt()
-        if tensorrt.usable:
-            return "tensorrt", tensorrt.reason
-        return "inductor", f"TensorRT unavailable: {tensorrt.reason}"
-    if backend == "tensorrt":
-        require_torch_tensorrt()
-    if backend == "onnx":
-        require_onnxruntime()
-        if precision == "bf16":
-            raise ValueError("the onnx backend cannot run bf16: onnxruntime has no bfloat16 Conv kernel; "
-                             "use precision='fp16'")
-    return backend, "requested"
+from repfx.backends.availability import Probe, probe_onnxruntime, probe_torch_tensorrt
+from repfx.backends.base import Artifact, ArtifactJob, Backend, BuildRequest, Check, Unsupported
+from repfx.backends.registry import backends, get_backend, names, register, resolve_backend, unregister
 
 
-__all__ = ["BACKENDS", "probe_onnxruntime", "probe_torch_tensorrt", "resolve_backend"]
+def __getattr__(name: str) -> Any:
+    if name == "BACKENDS":  # the accepted ``backend=`` values, read when asked: backends may be registered later
+        return ("auto", *names())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Artifact", "ArtifactJob", "Backend", "BuildRequest", "Check", "Probe", "Unsupported", "backends",
+           "get_backend", "names", "probe_onnxruntime", "probe_torch_tensorrt", "register", "resolve_backend",
+           "unregister"]

@@ -55,16 +55,17 @@ def probe_onnxruntime() -> Probe:
     return Probe(True, f"onnxruntime {onnxruntime.__version__} ({', '.join(onnxruntime.get_available_providers())})")
 
 
-def require_torch_tensorrt() -> ModuleType:
-    probe = probe_torch_tensorrt()
+def ensure(probe: Probe, title: str) -> None:
+    """Raise ``BackendUnavailable`` naming what the ``title`` backend lacks here (nothing is built then)."""
     if not probe.usable:
-        raise BackendUnavailable(f"the TensorRT backend is unavailable: {probe.reason}")
+        raise BackendUnavailable(f"the {title} backend is unavailable: {probe.reason}")
+
+
+def require_torch_tensorrt() -> ModuleType:
+    ensure(probe_torch_tensorrt(), "TensorRT")
     return importlib.import_module("torch_tensorrt")
 
 
 def require_onnxruntime() -> ModuleType:
-    probe = probe_onnxruntime()
-    if not probe.usable:
-        raise BackendUnavailable(f"the ONNX backend is unavailable: {probe.reason}")
+    ensure(probe_onnxruntime(), "ONNX")
     return importlib.import_module("onnxruntime")
-

@@ -1,8 +1,10 @@
-"""ONNX lowering: the plain program exported with ``torch.onnx.export(dynamo=True)``, run by onnxruntime.
+"""The ``onnx`` backend: the plain program exported with ``torch.onnx.export(dynamo=True)``, run by onnxruntime.
 
 ONNX is the interchange TensorRT's own parser (``trtexec --onnx``) and ONNX
 Runtime consume; after re-parameterization each merged block is a single Conv
 node. Sessions use ``ORT_ENABLE_ALL`` and the CUDA provider when onnxruntime has it.
+``repfx.export`` writes ``<name>.onnx`` and checks it in onnxruntime; onnxruntime has
+no bfloat16 Conv kernel, so this backend refuses bf16 (``OnnxBackend.supports``).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from repfx.errors import LoweringError, first_line
-from repfx.backends.availability import require_onnxruntime
+from repfx.backends.availability import Probe, probe_onnxruntime, require_onnxruntime
+from repfx.backends.base import Artifact, ArtifactJob, Backend, BuildRequest, Check, Unsupported
 from repfx.backends.program import output_names
+from repfx.errors import LoweringError, first_line
 
 
 def export_onnx(program: torch.export.ExportedProgram) -> bytes:
@@ -117,3 +120,28 @@ def compile_onnx(program: torch.export.ExportedProgram, *, threads: int | None =
         Path(save_to).write_bytes(model)
     return OnnxRuntimeModule(model, program, threads=threads)
 
+
+def write_onnx(job: ArtifactJob) -> Check:
+    """``<name>.onnx``, checked by running it in onnxruntime."""
+    model = export_onnx(job.program)
+    job.out.write("onnx", model)
+    return Check("the ONNX model", "onnxruntime", lambda: OnnxRuntimeModule(model, job.program))
+
+
+class OnnxBackend(Backend):
+    name, title = "onnx", "ONNX"
+    artifacts = (Artifact("onnx", "ONNX", {"onnx": "{name}.onnx"}, write_onnx),)
+
+    def probe(self) -> Probe:
+        return probe_onnxruntime()
+
+    def supports(self, precision: str) -> Unsupported | None:
+        if precision == "bf16":
+            return Unsupported("onnxruntime has no bfloat16 Conv kernel", instead="fp16")
+        return None
+
+    def build(self, request: BuildRequest) -> OnnxRuntimeModule:
+        return compile_onnx(request.program, **request.options)  # options: ``threads``
+
+
+BACKEND = OnnxBackend()

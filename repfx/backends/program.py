@@ -16,36 +16,6 @@ from torch import fx
 from repfx.capture.export import dynamic_batch_spec
 from repfx.errors import LoweringError, first_line
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def precision_dtype(precision: str) -> torch.dtype:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return PRECISIONS[precision]
-
-
-def cast_floating(value: Any, dtype: torch.dtype, device: torch.device | str | None = None) -> Any:
-    """``value``'s floating tensors in ``dtype`` (and on ``device``); everything else as it is."""
-    def cast(leaf: Any) -> Any:
-        if not isinstance(leaf, torch.Tensor):
-            return leaf
-        leaf = leaf.to(device) if device is not None else leaf
-        return leaf.to(dtype) if leaf.is_floating_point() else leaf
-
-    return torch.utils._pytree.tree_map(cast, value)
-
-
-def in_precision(plain: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModule:
-    """A copy of ``plain`` whose floating weights are ``dtype`` (folding already happened in fp32/fp64).
-
-    Always cast, fp32 included: a float64 model deployed at fp32 must not keep float64
-    weights next to the float32 inputs the deployed model is fed.
-    """
-    import copy
-
-    return copy.deepcopy(plain).to(dtype)
-
 
 def export_program(plain: fx.GraphModule, example_inputs: Sequence[Any], *,
                    dynamic_batch: bool = False) -> torch.export.ExportedProgram:
@@ -62,10 +32,11 @@ def export_program(plain: fx.GraphModule, example_inputs: Sequence[Any], *,
         raise LoweringError(f"re-exporting the plain graph failed: {first_line(error)}") from error
 
 
-
 def user_input_nodes(program: torch.export.ExportedProgram) -> list[fx.Node]:
-    names = set(program.graph_signature.user_inputs)
-    return [node for node in program.graph.nodes if node.op == "placeholder" and node.name in names]
+    """The program's user-input placeholders; the rule lives with the other input rules (``repfx.capture.inputs``)."""
+    from repfx.capture.inputs import user_input_nodes as user_inputs
+
+    return user_inputs(program)
 
 
 def output_values(program: torch.export.ExportedProgram) -> list[Any]:
@@ -78,12 +49,3 @@ def output_values(program: torch.export.ExportedProgram) -> list[Any]:
 def output_names(program: torch.export.ExportedProgram) -> list[str]:
     """``output0..N``: torch-tensorrt's engine binding names, given to the ONNX outputs as well."""
     return [f"output{index}" for index in range(len(output_values(program)))]
-
-
-def record_tensorrt_coverage(program: torch.export.ExportedProgram, report: Any) -> None:
-    """Put torch-tensorrt's converter coverage of ``program`` into ``report`` (no torch_tensorrt needed)."""
-    from repfx.deploy.trt_coverage import analyze
-
-    coverage = analyze(program)
-    report.tensorrt_ops_source = coverage.source
-    report.tensorrt_unconvertible = [f"{op.node}: {op.op} ({op.reason})" for op in coverage.unconvertible]

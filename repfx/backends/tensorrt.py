@@ -1,4 +1,4 @@
-"""TensorRT lowering through torch-tensorrt's dynamo path (``torch_tensorrt.dynamo.compile``).
+"""The ``tensorrt`` backend: torch-tensorrt's dynamo path (``torch_tensorrt.dynamo.compile``) on a CUDA device.
 
 The plain program goes to TensorRT whole: ``require_full_compilation`` and
 ``min_block_size=1`` make a graph that would need PyTorch fallback segments an
@@ -8,7 +8,9 @@ precision is the dtype of the program's weights and inputs: fp16 means the
 plain graph is cast to half *after* folding in fp32/fp64.
 
 torch_tensorrt is imported only here, lazily; without it (or without a CUDA
-device) ``BackendUnavailable`` says which piece is missing.
+device) ``BackendUnavailable`` says which piece is missing. ``repfx.export`` writes
+``<name>.engine`` (the serialized engine: ``trtexec --loadEngine``, Triton's
+``model.plan``) and ``<name>_trt.pt2`` (``torch_tensorrt.save``) where it is usable.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from typing import Any
 
 import torch
 
-from repfx.backends.availability import require_torch_tensorrt
+from repfx.backends.availability import Probe, probe_torch_tensorrt, require_torch_tensorrt
+from repfx.backends.base import Artifact, ArtifactJob, Backend, BuildRequest
+from repfx.backends.precision import cast_floating, precision_dtype
+from repfx.backends.program import export_program
+from repfx.report import Report
 
 FULL_GRAPH_OPTIONS = {"require_full_compilation": True, "min_block_size": 1}
 
@@ -74,3 +80,46 @@ def save_compiled(module: torch.nn.Module, path: str, example_inputs: Sequence[A
     """``torch_tensorrt.save`` as an ExportedProgram that embeds the engine (loads with ``torch.export.load``)."""
     torch_tensorrt = require_torch_tensorrt()
     torch_tensorrt.save(module, path, output_format="exported_program", arg_inputs=list(example_inputs))
+
+
+def record_tensorrt_coverage(program: torch.export.ExportedProgram, report: Report) -> None:
+    """Put torch-tensorrt's converter coverage of ``program`` into ``report`` (no torch_tensorrt needed)."""
+    from repfx.deploy.trt_coverage import analyze
+
+    coverage = analyze(program)
+    report.tensorrt_ops_source = coverage.source
+    report.tensorrt_unconvertible = [f"{op.node}: {op.op} ({op.reason})" for op in coverage.unconvertible]
+
+
+def write_engine(job: ArtifactJob) -> None:
+    """``<name>.engine`` and ``<name>_trt.pt2``, built on the CUDA device from CUDA copies of the job's graph."""
+    job.progress("build")
+    device = TensorRTBackend.device
+    graph, inputs = job.graph.to(device), cast_floating(job.inputs, precision_dtype(job.precision), device)
+    program = export_program(graph, inputs, dynamic_batch=job.dynamic_batch)
+    batch_range = resolve_batch_range(inputs, job.dynamic_batch, job.batch_range)
+    job.out.write("engine", serialize_engine(program, inputs, batch_range=batch_range, **job.options))
+    compiled = compile_tensorrt(program, inputs, batch_range=batch_range, **job.options)
+    with job.out.writing("trt_pt2") as path:
+        save_compiled(compiled, str(path), inputs)
+
+
+class TensorRTBackend(Backend):
+    name, title = "tensorrt", "TensorRT"
+    device = torch.device("cuda")
+    artifacts = (Artifact("engine", "the TensorRT engine", {"engine": "{name}.engine", "trt_pt2": "{name}_trt.pt2"},
+                          write_engine, needs="TensorRT on an NVIDIA GPU"),)
+
+    def probe(self) -> Probe:
+        return probe_torch_tensorrt()
+
+    def annotate(self, program: torch.export.ExportedProgram, report: Report) -> None:
+        record_tensorrt_coverage(program, report)
+
+    def build(self, request: BuildRequest) -> torch.nn.Module:
+        record_tensorrt_coverage(request.program, request.report)  # says which op would block a single engine
+        batch_range = resolve_batch_range(request.inputs, request.dynamic_batch, request.batch_range)
+        return compile_tensorrt(request.program, request.inputs, batch_range=batch_range, **request.options)
+
+
+BACKEND = TensorRTBackend()

@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from repfx.passes.constants import written_attributes
 
-from repfx.capture.inputs import example_batch_size, is_batched, with_batch
+from repfx.capture.inputs import as_input_tuple, example_batch_size, is_batched, user_input_nodes, with_batch
 from repfx.errors import CaptureError, first_line
 from repfx.capture.failure import export_failure_message, quiet_torch_logs
 from repfx.capture.model_state import ModeChange, describe_mode_changes, train_mode_changes
@@ -41,7 +41,7 @@ class Captured:
 
 def capture(model: SupportedModel, example_inputs: Sequence[Any], *, dynamic_batch: bool = False) -> Captured:
     """Aten GraphModule with eval semantics for ``model``; the model itself is never modified."""
-    example_inputs = _as_tuple(example_inputs)
+    example_inputs = as_input_tuple(example_inputs)
     mode_changes = _warn_about_train_mode(model) if _is_plain_module(model) else []
     program = _export(model, example_inputs, dynamic_batch)
     if program is model or isinstance(model, torch.jit.ScriptModule):
@@ -108,14 +108,6 @@ def _has_mutation(program: torch.export.ExportedProgram) -> bool:
                for node in program.graph.nodes if node.op == "call_function")
 
 
-def _as_tuple(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if not isinstance(example_inputs, (tuple, list)):
-        raise TypeError(f"example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}")
-    return tuple(example_inputs)
-
-
 def _export(model: SupportedModel, inputs: tuple, dynamic_batch: bool) -> torch.export.ExportedProgram:
     if isinstance(model, torch.export.ExportedProgram):
         check_program_inputs(model, inputs)
@@ -124,7 +116,7 @@ def _export(model: SupportedModel, inputs: tuple, dynamic_batch: bool) -> torch.
         try:
             return _export_module(model.module(), inputs, dynamic_batch, type(model).__name__)
         except CaptureError as error:
-            raise CaptureError(f"{str(error).splitlines()[0]} (the ExportedProgram was exported with a static batch "
+            raise CaptureError(f"{first_line(error, limit=None)} (the ExportedProgram was exported with a static batch "
                                "size; export it with a dynamic batch dimension to use dynamic_batch)") from error
     if isinstance(model, torch.jit.ScriptModule):
         if dynamic_batch:
@@ -161,8 +153,7 @@ def _export_module(module: nn.Module, inputs: tuple, dynamic_batch: bool, name: 
 
 def check_program_inputs(program: torch.export.ExportedProgram, inputs: tuple) -> None:
     """Example inputs must fit the shapes the program was exported for (its guards would fail later)."""
-    placeholders = [node for node in program.graph.nodes
-                    if node.op == "placeholder" and node.name in set(program.graph_signature.user_inputs)]
+    placeholders = user_input_nodes(program)
     tensors = [leaf for leaf in pytree.tree_leaves(inputs) if isinstance(leaf, torch.Tensor)]
     expected = [node.meta.get("val") for node in placeholders]
     if len(tensors) != len(expected):
@@ -187,8 +178,7 @@ def keeps_dynamic_batch(model: Any, dynamic_batch: bool) -> bool:
 
 def has_dynamic_batch(program: torch.export.ExportedProgram) -> bool:
     """Whether every batched user input already has a symbolic dim 0 (its own range is kept)."""
-    names = set(program.graph_signature.user_inputs)
-    values = [node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder" and node.name in names]
+    values = [node.meta.get("val") for node in user_input_nodes(program)]
     batched = [value for value in values if isinstance(value, torch.Tensor) and value.dim() > 0]
     return bool(batched) and all(isinstance(value.shape[0], torch.SymInt) for value in batched)
 

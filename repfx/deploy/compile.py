@@ -16,20 +16,16 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from repfx.api import as_input_tuple, reparameterize
-from repfx.backends import BACKENDS, resolve_backend
-from repfx.backends.onnx import compile_onnx
-from repfx.backends.program import (cast_floating, export_program, in_precision, precision_dtype,
-                               record_tensorrt_coverage)
-from repfx.backends.tensorrt import compile_tensorrt, resolve_batch_range
+from repfx.api import reparameterize
+from repfx.capture.inputs import as_input_tuple
+from repfx.backends.base import BuildRequest
+from repfx.backends.precision import PRECISIONS, PrecisionName, cast_floating, deploy_copy, precision_dtype
+from repfx.backends.registry import get_backend, resolve_backend
 from repfx.capture.export import SupportedModel, keeps_dynamic_batch
 from repfx.report import Report
-from repfx.verify.numeric import verify as verify_outputs
+from repfx.verify.numeric import ErrorStats, verify as verify_outputs
 
 logger = logging.getLogger("repfx")
-
-# Backend output vs the fp32 plain graph: fp16/bf16 round every activation.
-PRECISION_RTOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2}
 
 
 class DeployedModel(nn.Module):
@@ -60,8 +56,8 @@ def compile(
     model: SupportedModel,
     example_inputs: Sequence[Any],
     *,
-    backend: Literal["auto", "tensorrt", "onnx", "inductor", "eager"] = "auto",
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32",
+    backend: str = "auto",
+    precision: PrecisionName = "fp32",
     dynamic_batch: bool = False,
     verify: bool = True,
     rtol: float | None = None,
@@ -72,59 +68,48 @@ def compile(
 ) -> DeployedModel:
     """Re-parameterize ``model`` and lower the plain graph to ``backend``; returns a callable module.
 
-    - ``"tensorrt"``: ``torch_tensorrt.dynamo.compile`` of the re-exported plain graph, whole
-      graph in TensorRT (no PyTorch fallback); needs torch_tensorrt and a CUDA device.
-    - ``"onnx"``: ``torch.onnx.export(dynamo=True)`` run by onnxruntime (CUDA provider if present).
-    - ``"inductor"``: ``torch.compile`` of the plain graph; ``"eager"``: the plain GraphModule.
-    - ``"auto"``: tensorrt where usable, else inductor (one log line on logger ``repfx`` says why).
+    ``backend`` is a name in ``repfx.backends.registry`` (built in: ``"tensorrt"``, ``"onnx"``,
+    ``"inductor"``, ``"eager"``; each module of ``repfx.backends`` says what runs) or ``"auto"``:
+    tensorrt where usable, else inductor (one log line on logger ``repfx`` says why).
 
     ``dynamic_batch`` makes dim 0 of every input symbolic (``batch_range`` = (min, opt, max) for
     TensorRT's optimization profile). ``verify`` checks the rewrite (fp32) and then the backend's
-    output against the plain graph with a precision-dependent rtol. ``backend_options`` go to the
-    backend (torch_tensorrt.dynamo.compile settings, torch.compile kwargs, ``threads`` for onnxruntime).
+    output against the plain graph with the precision's rtol (``repfx.backends.precision``).
+    ``backend_options`` go to the backend (torch_tensorrt.dynamo.compile settings, torch.compile
+    kwargs, ``threads`` for onnxruntime).
     """
-    dtype = precision_dtype(precision)
+    precision_dtype(precision)  # an unknown precision is refused before anything else
     name, reason = resolve_backend(backend, precision)
     if backend == "auto":
         logger.info("repfx.compile: backend %r (%s)", name, reason)
+    chosen = get_backend(name)
     inputs = as_input_tuple(example_inputs)
 
     dynamic_batch = keeps_dynamic_batch(model, dynamic_batch)
     plain = reparameterize(model, inputs, verify=verify, dynamic_batch=dynamic_batch, cost=cost, progress=progress)
     report: Report = plain.meta["repfx"]
-    device = torch.device("cuda") if name == "tensorrt" else None
-    deploy_graph = in_precision(plain, dtype)
-    deploy_inputs = cast_floating(inputs, dtype, device)
-    if device is not None:
-        deploy_graph = deploy_graph.to(device)
+    deploy_graph, deploy_inputs = deploy_copy(plain, inputs, precision, chosen.device)
     if progress is not None:
         progress("build")
-    runner = _build(name, deploy_graph, deploy_inputs, dynamic_batch=dynamic_batch, batch_range=batch_range,
-                    options=backend_options, report=report)
-    deployed = DeployedModel(runner, backend=name, precision=precision, plain=plain, report=report, device=device)
+    runner = chosen.build(BuildRequest(deploy_graph, deploy_inputs, precision, report, dynamic_batch=dynamic_batch,
+                                       batch_range=batch_range, options=backend_options))
+    deployed = DeployedModel(runner, backend=name, precision=precision, plain=plain, report=report,
+                             device=chosen.device)
     report.backend, report.precision = name, precision
     if verify:
-        stats = verify_outputs(plain, _outputs_on(_device_of(inputs), deployed) if device is not None else deployed,
-                               inputs,
-                               rtol=PRECISION_RTOL[precision] if rtol is None else rtol,
-                               extra_batch=3 if dynamic_batch else None)
+        stats = check_against_plain(plain, deployed, inputs, precision, dynamic_batch=dynamic_batch, rtol=rtol)
         report.backend_max_abs_error = stats.max_abs_error
         report.backend_tolerance = stats.tolerance
     return deployed
 
 
-def _build(name: str, graph: fx.GraphModule, inputs: tuple, *, dynamic_batch: bool,
-           batch_range: tuple[int, int, int] | None, options: dict, report: Report) -> Callable:
-    if name == "eager":
-        return graph
-    if name == "inductor":
-        return torch.compile(graph, **({"dynamic": True if dynamic_batch else None} | options))
-    program = export_program(graph, inputs, dynamic_batch=dynamic_batch)
-    if name == "onnx":
-        return compile_onnx(program, **options)
-    record_tensorrt_coverage(program, report)  # says which op would block a single engine
-    return compile_tensorrt(program, inputs, batch_range=resolve_batch_range(inputs, dynamic_batch, batch_range),
-                            **options)
+def check_against_plain(plain: fx.GraphModule, deployed: DeployedModel, inputs: tuple, precision: str, *,
+                        dynamic_batch: bool, rtol: float | None = None) -> ErrorStats:
+    """``deployed`` must reproduce the fp32 plain graph within the precision's rtol (``VerificationError``
+    otherwise), on the example inputs, seeded ones, and a wider batch where the batch is dynamic."""
+    candidate = deployed if deployed.device is None else _outputs_on(_device_of(inputs), deployed)
+    return verify_outputs(plain, candidate, inputs, rtol=PRECISIONS[precision].rtol if rtol is None else rtol,
+                          extra_batch=3 if dynamic_batch else None)
 
 
 def _outputs_on(device: torch.device, module: Callable) -> Callable:
@@ -141,4 +126,4 @@ def _device_of(inputs: tuple) -> torch.device:
                 torch.device("cpu"))
 
 
-__all__ = ["BACKENDS", "DeployedModel", "compile"]
+__all__ = ["DeployedModel", "check_against_plain", "compile"]

@@ -1,10 +1,9 @@
 """``repfx.export``: the plain graph written as deployable files.
 
-``<name>.pt2`` (``torch.export.save`` of the plain ExportedProgram), ``<name>.onnx``
-(``torch.onnx.export(dynamo=True)``, checked in onnxruntime against the plain
-graph), and where TensorRT is usable ``<name>.engine`` (a serialized TensorRT
-engine, what ``trtexec --loadEngine`` and Triton's ``model.plan`` take) plus
-``<name>_trt.pt2`` (``torch_tensorrt.save``), and ``<name>.report.json``: the report,
+``<name>.pt2`` (``torch.export.save`` of the plain ExportedProgram), the files of
+every backend artifact that can be built here (``repfx.backends.formats``: ONNX's
+``<name>.onnx``, checked in onnxruntime against the plain graph; where TensorRT is
+usable ``<name>.engine`` and ``<name>_trt.pt2``), and ``<name>.report.json``: the report,
 which also records which files repfx wrote (``written_by``, ``files``: name -> SHA-256)
 so that a later run may replace exactly those. Writes are all-or-nothing
 (``repfx.deploy.staging.Transaction``); ``plan_export`` + ``build_export`` let the CLI put
@@ -18,26 +17,29 @@ import io
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from repfx.api import as_input_tuple, reparameterize
-from repfx.deploy.staging import Claim, Transaction, repfx_version, reported_as, sha256_of
-from repfx.backends.availability import probe_torch_tensorrt, require_onnxruntime, require_torch_tensorrt
-from repfx.backends.onnx import OnnxRuntimeModule, export_onnx
-from repfx.backends.program import cast_floating, export_program, in_precision, precision_dtype, record_tensorrt_coverage
+from repfx.api import reparameterize
+from repfx.capture.inputs import as_input_tuple
+from repfx.backends.base import ArtifactJob, Check
+from repfx.backends.formats import artifacts, export_formats, file_names, resolve_formats
+from repfx.backends.precision import PrecisionName, deploy_copy, precision_dtype
+from repfx.backends.program import export_program
+from repfx.backends.registry import backends
 from repfx.capture.export import SupportedModel, keeps_dynamic_batch
+from repfx.deploy.compile import DeployedModel, check_against_plain
+from repfx.deploy.staging import Claim, Transaction, repfx_version, reported_as, sha256_of
 from repfx.errors import VerificationError
 from repfx.report import Report
-from repfx.verify.numeric import verify as verify_outputs
 
-FORMATS = ("pt2", "onnx", "engine")
+FORMATS = export_formats()  # the built-in ones ("pt2", "onnx", "engine"): what the CLI's --formats accepts
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-ONNX_RTOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2}
 REPORT_SUFFIX = ".report.json"
 WRITTEN_BY = "repfx"  # the report's "written_by": what marks it (and the files it lists) as repfx's own
 
@@ -58,7 +60,7 @@ def export(
     formats: Sequence[str] | None = None,
     *,
     name: str = "model",
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32",
+    precision: PrecisionName = "fp32",
     dynamic_batch: bool = False,
     batch_range: tuple[int, int, int] | None = None,
     verify: bool = True,
@@ -70,7 +72,8 @@ def export(
     """Re-parameterize ``model`` and write the plain graph to ``out_dir`` in ``formats``.
 
     ``formats=None`` means pt2 and onnx, plus the TensorRT engine where TensorRT and a
-    CUDA device are usable (otherwise ``skipped["engine"]`` says why). Naming
+    CUDA device are usable (otherwise ``skipped["engine"]`` says why); in general, pt2 and
+    every registered backend's artifacts that can be built and checked here. Naming
     ``"engine"`` explicitly makes a missing TensorRT a ``BackendUnavailable`` error,
     raised before any work. Nothing is written unless every requested file was built
     (and, with ``verify``, the ONNX model matched the plain graph in onnxruntime).
@@ -104,13 +107,24 @@ class ExportPlan:
         """Where the file of ``kind`` is written during the run (published by the transaction's commit)."""
         return self.claims[kind].staged
 
+    @contextmanager
+    def writing(self, kind: str) -> Iterator[Path]:
+        """The staged path of ``kind``; an OS error (a full disk) names the file it will become."""
+        claim = self.claims[kind]
+        with reported_as(claim.target):
+            yield claim.staged
+
+    def write(self, kind: str, data: bytes) -> None:
+        with self.writing(kind) as path:
+            path.write_bytes(data)
+
 
 def plan_export(transaction: Transaction, out_dir: os.PathLike | str, formats: Sequence[str] | None = None, *,
                 name: str = "model", precision: str = "fp32") -> ExportPlan:
     """Resolve ``formats`` and claim every file the export will write in ``out_dir``: the checks that need no model."""
     if not SAFE_NAME.fullmatch(name):
         raise ValueError(f"name {name!r} must be a plain file name (letters, digits, '_', '.', '-')")
-    wanted, skipped = _resolve_formats(formats, precision)
+    wanted, skipped = resolve_formats(formats, precision)
     out_dir = Path(out_dir)
     report = out_dir / f"{name}{REPORT_SUFFIX}"
     claims = {kind: transaction.claim_file(out_dir / filename, _is_repfx_report if kind == "report"
@@ -120,7 +134,7 @@ def plan_export(transaction: Transaction, out_dir: os.PathLike | str, formats: S
 
 
 def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequence[Any], *,
-                 precision: Literal["fp32", "fp16", "bf16"] = "fp32", dynamic_batch: bool = False,
+                 precision: PrecisionName = "fp32", dynamic_batch: bool = False,
                  batch_range: tuple[int, int, int] | None = None, verify: bool = True,
                  cost: Literal["macs", "always"] = "macs", progress: Callable[[str], None] | None = None,
                  **tensorrt_options: Any) -> ExportResult:
@@ -129,28 +143,28 @@ def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequen
     The result names the files where they will be once the plan's transaction commits.
     """
     progress = progress or (lambda phase: None)
-    dtype = precision_dtype(precision)
+    precision_dtype(precision)  # an unknown precision is refused before the heavy work
     inputs = as_input_tuple(example_inputs)
 
     dynamic_batch = keeps_dynamic_batch(model, dynamic_batch)
     plain = reparameterize(model, inputs, verify=verify, dynamic_batch=dynamic_batch, cost=cost, progress=progress)
     report: Report = plain.meta["repfx"]
     report.precision = precision
-    deploy_graph, deploy_inputs = in_precision(plain, dtype), cast_floating(inputs, dtype)
+    deploy_graph, deploy_inputs = deploy_copy(plain, inputs, precision)
     progress("export")
     program = export_program(deploy_graph, deploy_inputs, dynamic_batch=dynamic_batch)
-    record_tensorrt_coverage(program, report)
+    for backend in backends():
+        backend.annotate(program, report)
 
     if "pt2" in plan.wanted:
-        _stage_bytes(plan.claims["pt2"], _saved_program(program))
-    if "onnx" in plan.wanted:
-        onnx_model = export_onnx(program)
-        _stage_bytes(plan.claims["onnx"], onnx_model)
-        if verify:
-            _check_onnx(onnx_model, program, plain, inputs, precision, dynamic_batch, report)
-    if "engine" in plan.wanted:
-        progress("build")
-        _build_engine(plan, deploy_graph, deploy_inputs, dynamic_batch, batch_range, tensorrt_options)
+        plan.write("pt2", _saved_program(program))
+    job = ArtifactJob(deploy_graph, deploy_inputs, precision, report, dynamic_batch=dynamic_batch,
+                      batch_range=batch_range, options=tensorrt_options, exported=program,
+                      out=plan, progress=progress)
+    for backend, artifact in artifacts(plan.wanted):
+        check = artifact.write(job)
+        if verify and check is not None:
+            _check_artifact(check, backend.name, plain, inputs, precision, dynamic_batch, report)
     report.notes += [f"{fmt} not written: {why}" for fmt, why in plan.skipped.items()]
     _stage_report(plan, report)
     files = {kind: claim.target for kind, claim in plan.claims.items()}
@@ -158,13 +172,9 @@ def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequen
 
 
 def _filenames(name: str, wanted: Sequence[str]) -> dict[str, str]:
-    """File kind -> file name, for the formats in ``wanted`` (an engine comes with its torch-tensorrt module)."""
-    names = {"pt2": f"{name}.pt2", "onnx": f"{name}.onnx", "engine": f"{name}.engine"}
-    files = {kind: filename for kind, filename in names.items() if kind in wanted}
-    if "engine" in wanted:
-        files["trt_pt2"] = f"{name}_trt.pt2"
-    files["report"] = f"{name}{REPORT_SUFFIX}"  # last: until it is published, the earlier report vouches for the rest
-    return files
+    """File kind -> file name, for the formats in ``wanted``, and the report."""
+    # The report last: until it is published, the earlier report vouches for the rest.
+    return file_names(name, wanted) | {"report": f"{name}{REPORT_SUFFIX}"}
 
 
 def _saved_program(program: torch.export.ExportedProgram) -> bytes:
@@ -173,11 +183,6 @@ def _saved_program(program: torch.export.ExportedProgram) -> bytes:
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     return buffer.getvalue()
-
-
-def _stage_bytes(claim: Claim, data: bytes) -> None:
-    with reported_as(claim.target):
-        claim.staged.write_bytes(data)
 
 
 # --- how repfx knows it wrote a file: <name>.report.json lists it with its SHA-256 -------------------------------
@@ -194,7 +199,7 @@ def _stage_report(plan: ExportPlan, report: Report) -> None:
                if filename not in written and _unchanged(plan.out_dir / filename, digest)}
     record = {"written_by": WRITTEN_BY, "repfx_version": repfx_version(), **report.to_dict(),
               "files": {**earlier, **written}}
-    _stage_bytes(claim, json.dumps(record, indent=2, default=str).encode("utf-8"))
+    plan.write("report", json.dumps(record, indent=2, default=str).encode("utf-8"))
 
 
 def _manifest(report: Path) -> dict[str, str]:
@@ -236,62 +241,13 @@ def _is_repfx_report(target: Path) -> str | None:
             "directory (--out) or name (--name)")
 
 
-def _resolve_formats(formats: Sequence[str] | None, precision: str) -> tuple[list[str], dict[str, str]]:
-    if formats is None:
-        wanted, skipped = ["pt2"], {}
-        if precision == "bf16":
-            # Written unverified it would break the rule that every artifact is checked.
-            skipped["onnx"] = ("onnxruntime has no bfloat16 Conv kernel to check it with; "
-                               "use --precision fp16 for ONNX, or bf16 for the TensorRT engine")
-        else:
-            wanted.append("onnx")
-        tensorrt = probe_torch_tensorrt()
-        if tensorrt.usable:
-            wanted.append("engine")
-        else:
-            skipped["engine"] = f"needs TensorRT on an NVIDIA GPU ({tensorrt.reason})"
-        return wanted, skipped
-    unknown = [fmt for fmt in formats if fmt not in FORMATS]
-    if unknown or not formats:
-        raise ValueError(f"formats must be a non-empty subset of {', '.join(FORMATS)}, got {list(formats)!r}")
-    if "onnx" in formats:
-        require_onnxruntime()
-        if precision == "bf16":
-            raise ValueError("ONNX at bf16 cannot be checked: onnxruntime has no bfloat16 Conv kernel; "
-                             "use precision fp16 for ONNX, or bf16 for the TensorRT engine")
-    if "engine" in formats:
-        require_torch_tensorrt()
-    return list(dict.fromkeys(formats)), {}
-
-
-def _check_onnx(onnx_model: bytes, program: torch.export.ExportedProgram, plain: torch.fx.GraphModule,
-                inputs: tuple, precision: str, dynamic_batch: bool, report: Report) -> None:
-    """The written ONNX file, run by onnxruntime, must reproduce the plain graph (fed like a deployed model)."""
-    from repfx.deploy.compile import DeployedModel
-
-    session = DeployedModel(OnnxRuntimeModule(onnx_model, program), backend="onnx", precision=precision,
-                            plain=plain, report=report)
+def _check_artifact(check: Check, backend: str, plain: torch.fx.GraphModule, inputs: tuple, precision: str,
+                    dynamic_batch: bool, report: Report) -> None:
+    """A written artifact, run by its runtime, must reproduce the plain graph (fed like a deployed model)."""
+    deployed = DeployedModel(check.load(), backend=backend, precision=precision, plain=plain, report=report)
     try:
-        stats = verify_outputs(plain, session, inputs, rtol=ONNX_RTOL[precision],
-                               extra_batch=3 if dynamic_batch else None)
+        stats = check_against_plain(plain, deployed, inputs, precision, dynamic_batch=dynamic_batch)
     except VerificationError as error:
-        raise VerificationError(f"the ONNX model does not match the plain graph in onnxruntime: {error}") from error
+        raise VerificationError(f"{check.what} does not match the plain graph in {check.runtime}: {error}") from error
     report.backend, report.backend_max_abs_error, report.backend_tolerance = (
-        "onnxruntime", stats.max_abs_error, stats.tolerance)
-
-
-def _build_engine(plan: ExportPlan, graph: torch.fx.GraphModule, inputs: tuple, dynamic_batch: bool,
-                  batch_range: tuple[int, int, int] | None, options: dict) -> None:
-    from repfx.backends.tensorrt import compile_tensorrt, resolve_batch_range, save_compiled, serialize_engine
-
-    cuda_graph, cuda_inputs = graph.to("cuda"), cast_floating(inputs, next(iter(_dtypes(inputs))), "cuda")
-    program = export_program(cuda_graph, cuda_inputs, dynamic_batch=dynamic_batch)
-    batch_range = resolve_batch_range(cuda_inputs, dynamic_batch, batch_range)
-    _stage_bytes(plan.claims["engine"], serialize_engine(program, cuda_inputs, batch_range=batch_range, **options))
-    compiled = compile_tensorrt(program, cuda_inputs, batch_range=batch_range, **options)
-    with reported_as(plan.claims["trt_pt2"].target):
-        save_compiled(compiled, str(plan.staged("trt_pt2")), cuda_inputs)
-
-
-def _dtypes(inputs: tuple) -> list[torch.dtype]:
-    return [t.dtype for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()] or [torch.float32]
+        check.runtime, stats.max_abs_error, stats.tolerance)

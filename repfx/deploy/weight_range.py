@@ -35,11 +35,13 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from repfx.backends.precision import PRECISIONS
+
 # Short names for the summary line; others fall back to str(dtype).
 # Share of a tensor's values that may underflow before the tensor is flagged (see above).
 UNDERFLOW_SHARE = 0.05
 
-_LABELS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+_LABELS = {precision.dtype: name for name, precision in PRECISIONS.items()} | {torch.float64: "fp64"}
 
 
 @dataclass(frozen=True)

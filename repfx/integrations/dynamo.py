@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from repfx.errors import first_line
+
 BACKEND_NAME = "repfx"
 
 
@@ -69,7 +71,7 @@ def plain_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.G
     try:
         plain = reparameterize(bound, tuple(example_inputs[i] for i in runtime_positions))
     except Exception as error:  # CaptureError, VerificationError, or torch failing on this graph
-        _fallback_warning(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+        _fallback_warning(first_line(error, limit=None))
         return None
     _drop_export_guards(plain)
     return plain, runtime_positions

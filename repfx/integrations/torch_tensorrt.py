@@ -17,10 +17,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import torch
 from torch import fx
 
 from repfx.api import LOCAL_PROOF_TRIALS
+from repfx.capture.inputs import placeholder_specs, random_inputs
 from repfx.errors import VerificationError
 from repfx.verify.local import LocalProver
 from repfx.verify.mismatch import judge
@@ -31,12 +31,13 @@ _installed: list[Any] = []
 
 def repfx_lowering_pass(gm: fx.GraphModule, settings: Any = None) -> fx.GraphModule:
     """torch-tensorrt's lowering-pass signature ``(gm, settings) -> gm``: fold every linear region of ``gm``."""
-    from repfx.passes import run_to_fixed_point
+    from repfx.passes import run_pipeline
 
-    inputs = _inputs_from_placeholder_meta(gm)
+    specs = placeholder_specs(gm.graph.find_nodes(op="placeholder"))  # weights are get_attr: all are inputs
+    inputs = random_inputs(specs, seed=0) if specs is not None else None
     original = copy.deepcopy(gm) if inputs is not None else None
     prover = LocalProver(input_sets(inputs, LOCAL_PROOF_TRIALS)) if inputs is not None else None
-    results = run_to_fixed_point(gm, "macs", prover=prover)
+    results = run_pipeline(gm, "macs", prover=prover, eager_runtime=False)  # TensorRT runs it, not eager PyTorch
     if not any(step.modified for step in results):
         return gm
     gm.graph.lint()
@@ -48,23 +49,6 @@ def repfx_lowering_pass(gm: fx.GraphModule, settings: Any = None) -> fx.GraphMod
     if stats.mismatches:  # accepted (with a warning) only when rounding explains it, as in reparameterize
         judge(stats, original, gm, inputs, prover.summary, rtol=None, atol=None, extra_batch=None, strict=False)
     return gm
-
-
-def _inputs_from_placeholder_meta(gm: fx.GraphModule) -> tuple | None:
-    """Seeded random tensors shaped like each placeholder's fake value (symbolic sizes at their hints)."""
-    generator = torch.Generator().manual_seed(0)
-    inputs = []
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        value = node.meta.get("val")
-        if not isinstance(value, torch.Tensor):
-            return None
-        shape = [int(getattr(size, "node", None).hint) if isinstance(size, torch.SymInt) else int(size)
-                 for size in value.shape]
-        tensor = torch.randn(shape, generator=generator) if value.is_floating_point() else torch.zeros(shape)
-        inputs.append(tensor.to(dtype=value.dtype, device=value.device))
-    return tuple(inputs)
 
 
 def install(index: int = 0) -> None:

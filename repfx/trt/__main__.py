@@ -1,3 +1,5 @@
+"""``python -m repfx.trt``: the deploy command (``repfx.cli.trt``)."""
+
 import sys
 
 from repfx.cli.trt import main

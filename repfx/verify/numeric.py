@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from repfx.capture.inputs import example_batch_size, is_batched, with_batch
+from repfx.capture.inputs import random_like
 from repfx.errors import VerificationError
 from repfx.verify.opcount import OpCounter
 
@@ -51,27 +51,6 @@ def check_tolerances(rtol: Any, atol: Any) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite number >= 0 (or None for the default), got {value!r}")
-
-
-def random_like(example_inputs: Sequence[Any], seed: int, batch: int | None = None) -> tuple:
-    """Seeded inputs with the examples' shapes and dtypes; with ``batch``, batched inputs get that batch.
-
-    Integer and bool inputs (ids, masks) keep their values: random ones could be out of
-    range. Resized, they repeat their own rows.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    size = example_batch_size(example_inputs)
-
-    def draw(leaf: Any) -> Any:
-        if not isinstance(leaf, torch.Tensor):
-            return leaf
-        resize = batch is not None and is_batched(leaf, size)
-        if not leaf.is_floating_point():
-            return with_batch(leaf, batch) if resize else leaf
-        shape = (batch, *leaf.shape[1:]) if resize else leaf.shape
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype=leaf.dtype, device=leaf.device)
-
-    return tuple(pytree.tree_map(draw, list(example_inputs)))
 
 
 def input_sets(example_inputs: Sequence[Any], random_trials: int = 2, extra_batch: int | None = None) -> list[tuple]:

@@ -25,6 +25,7 @@ import pytest
 import torch
 from torch import nn
 
+import repfx.cli.memory as memory
 import repfx.cli.trt as cli
 from repfx.samples import RepVGGBlock
 from repfx.deploy.triton import mark
@@ -77,14 +78,14 @@ def heavy_work_started(*args, **kwargs):
 INTERRUPTIBLE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    import repfx.deploy.export
+    import repfx.backends.onnx
     from repfx.cli.trt import main
 
     def waiting_export(program):
         Path(sys.argv[1]).write_text("staged")
         time.sleep(600)
 
-    repfx.deploy.export.export_onnx = waiting_export
+    repfx.backends.onnx.export_onnx = waiting_export
     sys.exit(main(sys.argv[2:]))
 """)
 
@@ -216,7 +217,7 @@ def test_disk_full_while_writing_names_the_output_file(tmp_path, model, monkeypa
 # --- inputs that cannot fit in memory ----------------------------------------------------------------------------
 
 def test_huge_input_shape_is_refused_before_allocating(tmp_path, model, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "available_memory", lambda: 64 * 2**30)  # a 64 GiB machine, whatever this one has
+    monkeypatch.setattr(memory, "available_memory", lambda: 64 * 2**30)  # a 64 GiB machine, whatever this one has
     monkeypatch.setattr(cli, "build_export", heavy_work_started)
     monkeypatch.setattr(torch, "randn", heavy_work_started)  # the inputs would be drawn with it
     started = time.monotonic()
@@ -232,18 +233,18 @@ def test_huge_input_shape_is_refused_before_allocating(tmp_path, model, monkeypa
 
 
 def test_the_memory_rule_leaves_room_for_copies_and_activations(monkeypatch):
-    monkeypatch.setattr(cli, "available_memory", lambda: 8 * 2**30)
+    monkeypatch.setattr(memory, "available_memory", lambda: 8 * 2**30)
     one_gib = (1, 1, 2**14, 2**14)  # float32: 1 GiB, 1/8 of what is available
-    cli._check_inputs_fit([one_gib], [torch.float32])
-    cli._check_inputs_fit([one_gib], [torch.float16])
+    memory.check_inputs_fit([one_gib], [torch.float32])
+    memory.check_inputs_fit([one_gib], [torch.float16])
     with pytest.raises(cli.BadInput, match="needs about 8x"):
-        cli._check_inputs_fit([one_gib, (1, 3, 8, 8)], [torch.float32, torch.float32])  # a little more: refused
+        memory.check_inputs_fit([one_gib, (1, 3, 8, 8)], [torch.float32, torch.float32])  # a little more: refused
     with pytest.raises(cli.BadInput, match="needs about 8x"):
-        cli._check_inputs_fit([one_gib], [torch.float64])
+        memory.check_inputs_fit([one_gib], [torch.float64])
 
 
 def test_available_memory_is_read_here():
-    available = cli.available_memory()
+    available = memory.available_memory()
     assert available is None or available > 0
     if sys.platform.startswith("linux"):
         assert available is not None, "Linux has /proc/meminfo"

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from repfx.deploy.staging import Refused
-from repfx.deploy.triton import TensorSpec, render_config, write_model_repository
+from repfx.deploy.triton import write_model_repository
+from repfx.deploy.triton_config import TensorSpec, render_config
 
 # Safety net only: tritonclient + grpcio are in the test extra.
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")

@@ -20,14 +20,8 @@ import torch
 
 import repfx
 from repfx.samples import build_sample, randomize_bn_, sample_input_shape
-from repfx.deploy.trt_coverage import (
-    Coverage,
-    analyze,
-    conditional_ops,
-    load_converter_table,
-    lower_like_torch_tensorrt,
-    unconvertible_ops,
-)
+from repfx.deploy.trt_converters import Coverage, load_converter_table
+from repfx.deploy.trt_coverage import analyze, conditional_ops, lower_like_torch_tensorrt, unconvertible_ops
 
 aten = torch.ops.aten
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "extract_torch_tensorrt_ops.py"
@@ -309,7 +303,11 @@ def fake_extraction(tmp_path_factory):
     spec = importlib.util.spec_from_file_location("extract_torch_tensorrt_ops", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = script  # dataclasses look their module up there
-    spec.loader.exec_module(script)
+    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its parsing module from its own folder
+    try:
+        spec.loader.exec_module(script)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
     return script.extract(root)
 
 

@@ -1,0 +1,48 @@
+"""Rule: convolution (1-D/2-D/3-D, any groups, stride, dilation, ``padding='same'``) as a ``ConvForm``.
+
+Transposed convolutions (``conv_transpose*``, ``convolution(transposed=True)``) have
+no rule yet: a ConvTranspose + BN rule would be a module of its own. ``padding='same'``
+with an even kernel pads asymmetrically, which no zero-padded convolution reproduces,
+so it is refused with that reason.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from repfx.passes.algebra.forms import ConvForm, NotExact
+from repfx.passes.regions.analyzer import Analyzer, Expr, NotLinear, Operand, as_ints, rule
+
+aten = torch.ops.aten
+
+
+@rule(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+      aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default)
+def convolution(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
+    """The convolution applied to its input's expression; arguments export left out take their defaults."""
+    if node.target is aten.convolution.default:
+        x, weight, bias, stride, padding, dilation, transposed, _, groups = node.args
+        if transposed:
+            raise NotLinear
+    else:
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        defaults = (None, None, None, 1, 0, 1, 1)
+        x, weight, bias, stride, padding, dilation, groups = (
+            node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
+            for i, (name, default) in enumerate(zip(names, defaults)))
+    w = an.weight(node, weight)
+    b = None if bias is None else an.weight(node, bias, "bias")
+    rank = w.dim() - 2
+    if not isinstance(x, fx.Node) or x.meta["val"].dim() != rank + 2:
+        raise NotLinear  # unbatched input: dim 1 is not the channel dim
+    dilation = as_ints(dilation, rank)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = 0
+        elif any(((k - 1) * d) % 2 for k, d in zip(w.shape[2:], dilation)):
+            raise NotExact(f"{node.name}: padding='same' with an even kernel pads asymmetrically")
+        else:
+            padding = [(k - 1) * d // 2 for k, d in zip(w.shape[2:], dilation)]
+    form = ConvForm.convolution(w, b, as_ints(stride, rank), as_ints(padding, rank), dilation, int(groups))
+    return an.apply(form, operand(x), node)

@@ -1,0 +1,79 @@
+"""Which files ``repfx.export`` writes: ``pt2`` plus the registered backends' artifacts, as far as they can be built.
+
+``pt2`` (``torch.export.save`` of the plain program) needs nothing and is always
+available. Every other format is an ``Artifact`` of a backend; whether it is
+written follows from that backend alone: its probe (can it run here) and its
+``supports(precision)`` (every artifact is checked in its runtime, so one that
+cannot run the precision is not written unchecked).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from repfx.backends.base import Artifact, Backend, Unsupported
+from repfx.backends.registry import backends
+
+PROGRAM = "pt2"
+
+
+def export_formats() -> tuple[str, ...]:
+    return (PROGRAM, *(artifact.format for _, artifact in artifacts()))
+
+
+def artifacts(wanted: Sequence[str] | None = None) -> list[tuple[Backend, Artifact]]:
+    """Every registered artifact with its backend, in registry order (the order they are built); only
+    those in ``wanted`` if given."""
+    return [(backend, artifact) for backend in backends() for artifact in backend.artifacts
+            if wanted is None or artifact.format in wanted]
+
+
+def file_names(name: str, wanted: Sequence[str]) -> dict[str, str]:
+    """File kind -> file name for the formats in ``wanted`` (an artifact may have several files)."""
+    files = {PROGRAM: f"{name}.pt2"} if PROGRAM in wanted else {}
+    for _, artifact in artifacts(wanted):
+        files |= {kind: pattern.format(name=name) for kind, pattern in artifact.files.items()}
+    return files
+
+
+def resolve_formats(formats: Sequence[str] | None, precision: str) -> tuple[list[str], dict[str, str]]:
+    """(formats to write, {format: why it is not written}); raises before any work for a named format
+    that cannot be built (``BackendUnavailable``) or checked (``ValueError``)."""
+    if formats is None:
+        return _default_formats(precision)
+    known = export_formats()
+    unknown = [fmt for fmt in formats if fmt not in known]
+    if unknown or not formats:
+        raise ValueError(f"formats must be a non-empty subset of {', '.join(known)}, got {list(formats)!r}")
+    for backend, artifact in artifacts(formats):
+        backend.ensure_usable()
+        refusal = backend.supports(precision)
+        if refusal is not None:
+            raise ValueError(f"{artifact.title} at {precision} cannot be checked: {refusal.why}; "
+                             f"use precision {_advice(artifact, refusal, precision)}")
+    return list(dict.fromkeys(formats)), {}
+
+
+def _default_formats(precision: str) -> tuple[list[str], dict[str, str]]:
+    """Every format that can be built and checked here; the others with the reason they are skipped."""
+    wanted, skipped = [PROGRAM], {}
+    for backend, artifact in artifacts():
+        refusal = backend.supports(precision)
+        probe = backend.probe() if artifact.needs is not None else None
+        if refusal is not None:
+            # Written unverified it would break the rule that every artifact is checked.
+            skipped[artifact.format] = (f"{refusal.why} to check it with; "
+                                        f"use --precision {_advice(artifact, refusal, precision)}")
+        elif probe is not None and not probe.usable:
+            skipped[artifact.format] = f"needs {artifact.needs} ({probe.reason})"
+        else:
+            wanted.append(artifact.format)
+    return wanted, skipped
+
+
+def _advice(refused: Artifact, refusal: Unsupported, precision: str) -> str:
+    """"fp16 for ONNX, or bf16 for the TensorRT engine": the precision to use instead, or the artifacts
+    that do take this one."""
+    elsewhere = [f"{precision} for {artifact.title}" for backend, artifact in artifacts()
+                 if artifact is not refused and backend.supports(precision) is None]
+    return ", or ".join([f"{refusal.instead} for {refused.title}", *elsewhere])

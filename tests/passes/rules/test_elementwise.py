@@ -1,0 +1,146 @@
+"""Rules ``rules/elementwise.py`` alone: add/sub, mul/div/neg and identity-like ops, in aten graphs built by hand.
+
+A branch that is one of these ops of the block's input merges with a 3x3 conv
+branch into one conv; the ops that are not affine in their input (a product of
+activations, a rounding division, training dropout, a layout change) stay as written.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pass_graphs import GraphBuilder, assert_folds, assert_unchanged
+
+aten = torch.ops.aten
+C = 8
+
+
+def conv3x3():
+    g = GraphBuilder()
+    x = g.input("x", 2, C, 8, 8)
+    weight, shift = g.randn(C, C, 3, 3), g.randn(C)
+    return g.build(g.call(aten.conv2d.default, x, weight, shift, [1, 1], [1, 1], [1, 1], 1))
+
+
+# ``conv3x3(x)`` -> the graph's output, for a branch of ``x`` that folds into the conv
+MERGING = {
+    "add-identity": lambda g, x, y: g.call(aten.add.Tensor, y, x),
+    "sub-identity": lambda g, x, y: g.call(aten.sub.Tensor, y, x),
+    "sub-alpha2": lambda g, x, y: g.call(aten.sub.Tensor, y, x, alpha=2),
+    "scalar-scale": lambda g, x, y: g.call(aten.add.Tensor, y, g.call(aten.mul.Tensor, x, 0.5)),
+    "per-channel-affine": lambda g, x, y: g.call(aten.add.Tensor, y, g.call(
+        aten.add.Tensor, g.call(aten.mul.Tensor, x, g.positive(C, 1, 1, name="scale")),
+        g.randn(C, 1, 1, name="shift"))),
+    "neg": lambda g, x, y: g.call(aten.add.Tensor, y, g.call(aten.neg.default, x)),
+    "div-scalar": lambda g, x, y: g.call(aten.add.Tensor, y, g.call(aten.div.Tensor, x, 4.0)),
+    "plus-constant": lambda g, x, y: g.call(aten.add.Tensor, g.call(aten.add.Tensor, y, 1.5), x),
+    "add.Scalar": lambda g, x, y: g.call(aten.add.Tensor, g.call(aten.add.Scalar, y, 1.5), x),
+}
+
+
+def conv_and(branch) -> torch.fx.GraphModule:
+    """``branch(builder, x, conv3x3(x))`` as the graph's output."""
+    g = GraphBuilder()
+    x = g.input("x", 2, C, 8, 8)
+    return g.build(branch(g, x, g.conv(x, C, 3, padding=1)))
+
+
+@pytest.mark.parametrize("branch", [pytest.param(branch, id=name) for name, branch in MERGING.items()])
+def test_elementwise_branch_merges_into_the_conv(branch):
+    assert_folds(conv_and(branch), conv3x3())
+
+
+def conv_then(op: str):
+    """``conv3x3(x)``, a value-preserving op, then ``* 2``: the op disappears with the scale into the conv."""
+    g = GraphBuilder()
+    y = g.conv(g.input("x", 2, C, 8, 8), C, 3, padding=1)
+    kept = {"clone": lambda: g.call(aten.clone.default, y),
+            "alias": lambda: g.call(aten.alias.default, y),
+            "dropout-eval": lambda: g.call(aten.dropout.default, y, 0.5, False),
+            "contiguous": lambda: g.call(aten.contiguous.default, y),
+            "clone-preserve-format": lambda: g.call(aten.clone.default, y, memory_format=torch.preserve_format)}[op]()
+    return g.build(g.call(aten.mul.Tensor, kept, 2.0))
+
+
+@pytest.mark.parametrize("op", ["clone", "alias", "dropout-eval", "contiguous", "clone-preserve-format"])
+def test_identity_like_op_inside_a_region_folds(op):
+    assert_folds(conv_then(op), conv3x3())
+
+
+def halves():
+    """``x*0.5 + x*0.5`` is ``x`` exactly: one copy, never an alias of the input."""
+    g = GraphBuilder()
+    x = g.input("x", 2, C, 8, 8)
+    return g.build(g.call(aten.add.Tensor, g.call(aten.mul.Tensor, x, 0.5), g.call(aten.mul.Tensor, x, 0.5)))
+
+
+def one_copy():
+    g = GraphBuilder()
+    return g.build(g.call(aten.clone.default, g.input("x", 2, C, 8, 8)))
+
+
+def twice_plus_once():
+    g = GraphBuilder()
+    x = g.input("x", 2, C, 8, 8)
+    return g.build(g.call(aten.add.Tensor, g.call(aten.mul.Tensor, x, 2.0), x))
+
+
+def one_scale():
+    g = GraphBuilder()
+    x = g.input("x", 2, C, 8, 8)
+    return g.build(g.call(aten.mul.Tensor, x, g.randn(C, 1, 1)))
+
+
+@pytest.mark.parametrize("before, expected", [
+    pytest.param(halves, one_copy, id="x*0.5+x*0.5-is-one-copy"),
+    pytest.param(twice_plus_once, one_scale, id="x*2+x-is-one-scale"),
+])
+def test_scales_of_one_input_merge_without_a_conv(before, expected):
+    assert_folds(before(), expected())
+
+
+# ``conv3x3(x)`` -> the graph's output, for an op after the conv that is not affine in it
+NOT_AFFINE = {
+    "product-of-activations": lambda g, x, y: g.call(aten.mul.Tensor, y, y),
+    "rounding-division": lambda g, x, y: g.call(aten.div.Tensor_mode, y, 2.0, rounding_mode="floor"),
+    "training-dropout": lambda g, x, y: g.call(aten.mul.Tensor, g.call(aten.dropout.default, y, 0.5, True), 2.0),
+    "layout-change": lambda g, x, y: g.call(
+        aten.mul.Tensor, g.call(aten.clone.default, y, memory_format=torch.channels_last), 2.0),
+    "per-pixel-constant": lambda g, x, y: g.call(aten.mul.Tensor, y, g.randn(1, 1, 8, 8)),
+}
+
+
+def broadcasting_add():
+    """A [2, C, 8, 8] branch plus a [2, C, 1, 1] branch of the same input."""
+    g = GraphBuilder()
+    x = g.input("x", 2, C, 8, 8)
+    return g.build(g.call(aten.add.Tensor, g.conv(x, C, 3, padding=1), g.conv(x, C, 8, stride=8)))
+
+
+def other_input_residual():
+    g = GraphBuilder()
+    x, y = g.input("x", 2, C, 8, 8), g.input("y", 2, C, 8, 8)
+    return g.build(g.call(aten.add.Tensor, x, g.conv(y, C, 3, padding=1)))
+
+
+def lone_clone():
+    g = GraphBuilder()
+    return g.build(g.call(aten.clone.default, g.input("x", 2, C, 8, 8)))
+
+
+def scale_then_shift():
+    """``x * 2 + 1`` is already the fewest ops (a mul and an add)."""
+    g = GraphBuilder()
+    return g.build(g.call(aten.add.Tensor, g.call(aten.mul.Tensor, g.input("x", 2, C, 8, 8), 2.0), 1.0))
+
+
+@pytest.mark.parametrize("before, reason", [
+    *[pytest.param(lambda op=op: conv_and(op), None, id=name) for name, op in NOT_AFFINE.items()],
+    pytest.param(broadcasting_add, "add broadcasts", id="broadcasting-add"),
+    pytest.param(other_input_residual, "branches read different tensors", id="branches-of-different-inputs"),
+    pytest.param(lone_clone, None, id="lone-clone-of-an-input"),
+    pytest.param(scale_then_shift, None, id="no-fewer-ops"),
+])
+def test_elementwise_must_not_fold(before, reason):
+    assert_unchanged(before(), refused=reason)
