@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,6 +19,27 @@ class Rewrite:
 @dataclass(frozen=True)
 class Refusal:
     node: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Part:
+    """A submodule folded on its own because the whole model could not be captured (``repfx.capture.partial``)."""
+
+    name: str  # qualified name in the model, e.g. "backbone.body"
+    module: str  # its class
+    calls: int  # times the model called it on the example inputs
+    signatures: int  # distinct call signatures (shapes, structure, constants): one plain graph each
+    ops_before: dict[str, int]  # executed over all its calls: convolution, batch_norm, add, total
+    ops_after: dict[str, int]
+    rewrites: int
+
+
+@dataclass(frozen=True)
+class KeptPart:
+    """A submodule left as written when folding in parts, and why (a capture error names the line)."""
+
+    name: str
     reason: str
 
 
@@ -48,6 +70,10 @@ class Report:
     # torch-tensorrt converter coverage of the plain program, from the op list kept as data.
     tensorrt_ops_source: str | None = None  # e.g. "torch-tensorrt 2.14.0"
     tensorrt_unconvertible: list[str] = field(default_factory=list)  # "node: op (reason)": would fall back
+    # Set when torch.export could not capture the whole model and it was folded in parts.
+    capture_blocker: str | None = None  # the whole-model capture error's first line (names the failing line)
+    parts: list[Part] = field(default_factory=list)  # folded submodules, largest first
+    kept_parts: list[KeptPart] = field(default_factory=list)  # submodules left as written, and why
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,13 +114,54 @@ class Report:
                 else "every op has a converter (no PyTorch fallback expected)"))
             lines += [f"  {entry}" for entry in self.tensorrt_unconvertible]
         lines += [f"note: {note}" for note in self.notes]
+        lines += _parts_lines(self) if self.capture_blocker is not None else []
         lines.append(f"passes ran {self.iterations} time(s); "
                      + ", ".join(f"{phase} {secs:.2f}s" for phase, secs in self.seconds.items()))
         lines += ["", f"merged ({len(self.rewrites)}):"]
         lines += _table(["rewrite", "ops", "count"], _grouped_rewrites(self.rewrites)) if self.rewrites else ["  none"]
         lines += ["", f"refused ({len(self.refusals)}):"]
-        lines += [f"  {r.node}: {r.reason}" for r in self.refusals] or ["  none"]
+        lines += _grouped_refusals(self.refusals) or ["  none"]
         return "\n".join(lines)
+
+
+def _grouped_refusals(refusals: list[Refusal], names_shown: int = 3) -> list[str]:
+    """One line per kind of reason, most frequent first, with a few of its nodes.
+
+    A real model refuses the same thing many times (every residual add reads two
+    tensors); 140 lines of that hide the one refusal worth reading. The full list
+    stays in ``to_dict()``.
+    """
+    groups: dict[str, list[Refusal]] = {}
+    for refusal in refusals:
+        groups.setdefault(reason_kind(refusal.reason), []).append(refusal)
+    lines = []
+    for members in sorted(groups.values(), key=len, reverse=True):
+        if len(members) == 1:
+            lines.append(f"  {members[0].node}: {members[0].reason}")
+            continue
+        nodes = ", ".join(member.node for member in members[:names_shown])
+        more = f" and {len(members) - names_shown} more" if len(members) > names_shown else ""
+        lines.append(f"  {len(members)}x {members[0].reason}  [{nodes}{more}]")
+    return lines
+
+
+def reason_kind(reason: str) -> str:
+    """A refusal's reason with the details that vary per node (names, numbers, lists) left out."""
+    kind = re.sub(r"\([^)]*\)", "(...)", reason)
+    kind = re.sub(r"\b[A-Za-z_][A-Za-z0-9_]*_\d+\b", "<node>", kind)  # fx node names: conv2d_3, add_12
+    return re.sub(r"\d[\d,.]*(?:e[-+]?\d+)?", "<n>", kind)
+
+
+def _parts_lines(report: Report) -> list[str]:
+    """The parts a model that could not be captured whole was folded in, and those left as written."""
+    lines = [f"folded in parts: {report.capture_blocker}"]
+    for part in report.parts:
+        ops = ", ".join(f"{name} {part.ops_before.get(name, 0)}->{part.ops_after.get(name, 0)}"
+                        for name in ("convolution", "batch_norm", "total"))
+        lines.append(f"  folded {part.name} ({part.module}, {part.calls} call(s), {part.signatures} signature(s)): "
+                     f"{part.rewrites} rewrite(s), executed {ops}")
+    lines += [f"  kept   {kept.name}: {kept.reason}" for kept in report.kept_parts]
+    return lines
 
 
 def _grouped_rewrites(rewrites: list[Rewrite]) -> list[list[str]]:
