@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from repfx.passes.algebra.forms import ConvForm, NotExact
-from repfx.passes.canonicalize import reshape_as_to_static_shape
+from repfx.passes.canonicalize import reshape_as_to_static_shape, see_through_value_aliases
 from repfx.passes.fold import AppliedRewrite, Candidate, PassResult, Prover, fold_linear_regions
 from repfx.passes.inplace_activations import inplace_activations
 from repfx.passes.regions.analyzer import CostPolicy
@@ -60,6 +60,10 @@ def _canonicalize(gm: fx.GraphModule, settings: PassSettings) -> PassResult:
     return PassResult(reshape_as_to_static_shape(gm))
 
 
+def _see_through(gm: fx.GraphModule, settings: PassSettings) -> PassResult:
+    return PassResult(see_through_value_aliases(gm))
+
+
 def _fold(gm: fx.GraphModule, settings: PassSettings) -> PassResult:
     with torch.no_grad():  # folding computes new weights from parameters: no autograd history
         return fold_linear_regions(gm, settings.cost, settings.prover)
@@ -72,6 +76,8 @@ def _inplace(gm: fx.GraphModule, settings: PassSettings) -> PassResult:
 PIPELINE: tuple[Pass, ...] = (
     Pass("reshape_as_to_static_shape", _canonicalize,
          "reshape_as(a, b) reads b only for its shape, yet the edge counts as a second use that stops b folding"),
+    Pass("see_through_value_aliases", _see_through,
+         "x.detach(), x.clone(), x.to(x.dtype) are x, but branches reading them and x would not count as one input"),
     Pass("fold_linear_regions", _fold,
          "each linear region becomes the fewest convolutions that compute it exactly; a rewrite can free an op "
          "for the next round", to_fixed_point=True),

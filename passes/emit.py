@@ -14,11 +14,13 @@ from torch import Tensor, fx, nn
 
 from repfx.passes.algebra.forms import ConvForm
 from repfx.passes.algebra.kernels import regroup
+from repfx.passes.algebra.transposed import TransposedConvForm
 from repfx.passes.regions.analyzer import Expr, Term
 
 aten = torch.ops.aten
 REWRITE_META = "repfx_rewrite"  # on every emitted node: the name of the region root it replaced
 _CONV = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}
+_CONV_TRANSPOSE = {1: aten.conv_transpose1d.default, 2: aten.conv_transpose2d.input, 3: aten.conv_transpose3d.input}
 
 
 @dataclass(frozen=True)
@@ -121,12 +123,16 @@ class Emitter:
         for node in reversed(emission.nodes):
             self.gm.graph.erase_node(node)
 
-    def _conv(self, out: Emission, source: fx.Node, form: ConvForm, bias: Tensor, dtype: torch.dtype) -> fx.Node:
+    def _conv(self, out: Emission, source: fx.Node, form: ConvForm | TransposedConvForm, bias: Tensor,
+              dtype: torch.dtype) -> fx.Node:
         bias_node = self._constant(out, "bias", bias, dtype)
         if form.rank == 0:  # a linear layer has no groups
             weight_node = self._constant(out, "weight", regroup(form.weight, form.groups, 1), dtype)
             return self._call(out, aten.linear.default, source, weight_node, bias_node)
         weight_node = self._constant(out, "weight", form.weight, dtype)
+        if form.transposed:  # a ``TransposedConvForm``: the op's own argument order (groups before dilation)
+            return self._call(out, _CONV_TRANSPOSE[form.rank], source, weight_node, bias_node, list(form.stride),
+                              list(form.padding), list(form.output_padding), form.groups, list(form.dilation))
         return self._call(out, _CONV[form.rank], source, weight_node, bias_node,
                           list(form.stride), list(form.padding), list(form.dilation), form.groups)
 

@@ -5,6 +5,11 @@ module only picks which regions to rewrite and calls the emitter. A region is
 rewritten only when its emission executes fewer ops than the region did, so a
 lone conv or a lone BN after a ReLU stays as it is, and once the pipeline has run
 this pass to a fixed point a further run finds nothing to do (idempotence).
+
+Under the MACs rule, chains of linear ops are then cut where that is cheapest
+(``partition``). A weight other ops read too is never written: a use that folds gets
+new weights (the report says so), and a use that would only copy it stays a boundary
+(``regions.sharing``).
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ from typing import Protocol
 
 from torch import fx
 
+from repfx.passes import partition
+from repfx.passes import cost as cost_rule
 from repfx.passes.emit import Emission, EmissionPlan, Emitter, plan, remove_dead_code
-from repfx.passes.regions.analyzer import Analysis, CostPolicy, Expr, analyze
+from repfx.passes.regions import sharing
+from repfx.passes.regions.analyzer import Analysis, Analyzer, CostPolicy, Expr, analyze
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,7 @@ class AppliedRewrite:
     kernel_shapes: tuple[tuple[int, ...], ...]
     ops_before: int
     ops_after: int
+    copied: tuple[str, ...] = ()  # shared weights this rewrite folded into new ones while other ops still read them
 
     @property
     def kind(self) -> str:
@@ -56,46 +65,65 @@ def _kind(node: fx.Node) -> str:
     return name
 
 
-def _roots(analysis: Analysis) -> list[fx.Node]:
-    """Nodes whose expression no consumer absorbed: each one is a region to consider."""
-    absorbed = {op for node, expr in analysis.exprs.items() for op in expr.ops if op is not node}
-    return [node for node in analysis.exprs if node not in absorbed]
-
-
 def choose_regions(gm: fx.GraphModule, cost: CostPolicy) -> tuple[list[tuple[fx.Node, Expr]], list[tuple[fx.Node, str]]]:
     """Regions to rewrite (root, expression) and the refusals that explain the rest.
 
-    The cost rule is applied globally first, then locally: the *eager* analysis
-    merges everything exact; its region is kept when the merged ops cost no more
-    MACs than the ops they replace (DBB: the 1x1->avg-pool chain alone is dearer
-    than the two ops, but it vanishes into the block's dense kxk). Otherwise the
-    region is rebuilt from the *careful* analysis, where every single merge must
-    pay for itself (depthwise kxk + dense 1x1, bottleneck 1x1->kxk).
+    A use of a shared weight that some region would only copy (the shared op alone,
+    carried through a sum) is made a boundary and the regions are chosen again, until
+    no region copies a shared weight for nothing.
     """
-    eager = analyze(gm, "always")
+    boundaries: frozenset[fx.Node] = frozenset()
+    while True:
+        chosen, refusals = _choose(gm, cost, boundaries)
+        copies = sharing.copy_only_uses(chosen) - boundaries
+        if not copies:
+            return chosen, refusals
+        boundaries |= copies
+
+
+def _choose(gm: fx.GraphModule, cost: CostPolicy,
+            boundaries: frozenset[fx.Node]) -> tuple[list[tuple[fx.Node, Expr]], list[tuple[fx.Node, str]]]:
+    """The cost rule, applied globally first, then locally, then along chains.
+
+    The *eager* analysis merges everything exact; its region is kept when the merged
+    ops cost no more MACs than the ops they replace (DBB: the 1x1->avg-pool chain alone
+    is dearer than the two ops, but it vanishes into the block's dense kxk). Otherwise
+    the region is rebuilt from the *careful* analysis, where every single merge must
+    pay for itself (depthwise kxk + dense 1x1, bottleneck 1x1->kxk). Last, each chain
+    of ops is cut where that is cheapest, where that beats the choice so far.
+    """
+    analyzer = Analyzer(gm, "always", boundaries)
+    eager = analyzer.run()
     if cost == "always":
-        return [(root, eager.exprs[root]) for root in _roots(eager)], list(eager.refusals)
+        return [(root, eager.exprs[root]) for root in eager.roots()], list(eager.refusals)
     careful: Analysis | None = None  # only built when some region fails the global rule
     chosen, refusals = [], []
     fallback_ops: set[fx.Node] = set()
-    for root in _roots(eager):
+    for root in eager.roots():
         expr = eager.exprs[root]
         merged, original = expr.cost, eager.region_cost(expr)
-        if merged <= original:
+        if cost_rule.COST.pays(merged, original):
             chosen.append((root, expr))
             continue
         if careful is None:
-            careful = analyze(gm, "macs")
-            careful_roots = set(_roots(careful))
+            careful = analyze(gm, "macs", boundaries)
+            careful_roots = set(careful.roots())
         fallback_ops |= expr.ops
-        refusals.append((root, f"cost rule: merging this region into {len(expr.terms)} op(s) needs {merged:,} MACs "
-                               f"per sample vs {original:,} as written ({merged / max(original, 1):.2f}x); "
-                               "merged only where each step pays"))
+        refusals.append((root, cost_rule.COST.region_refused(len(expr.terms), merged, original)))
         chosen += [(node, careful.exprs[node]) for node in expr.ops if node in careful_roots]
     refusals += [(node, reason) for node, reason in eager.refusals if node not in fallback_ops]
     if careful is not None:
         refusals += [(node, reason) for node, reason in careful.refusals if node in fallback_ops]
-    return chosen, refusals
+    return partition.improve(analyzer, eager, chosen, refusals, _rewrites_fewer_ops)
+
+
+def _executed(expr: Expr) -> list[fx.Node]:
+    return [op for op in expr.ops if _is_executed(op)]
+
+
+def _rewrites_fewer_ops(root: fx.Node, expr: Expr) -> bool:
+    """Whether the fold writes this region back: only as fewer ops, in the layout it had."""
+    return 0 < plan(expr).op_count < len(_executed(expr)) and _keeps_leading_shape(root, expr)
 
 
 def _keeps_leading_shape(root: fx.Node, expr: Expr) -> bool:
@@ -139,15 +167,18 @@ def fold_linear_regions(gm: fx.GraphModule, cost: CostPolicy = "macs", prover: P
     emitter = Emitter(gm)
     result = PassResult(False, refusals=[(node.name, reason) for node, reason in refusals])
     candidates = []
+    constant = sharing.constant_nodes(gm)
     for root, expr in regions:
-        executed = sorted((op for op in expr.ops if _is_executed(op)), key=order.__getitem__)
-        emission = plan(expr)
-        if not 0 < emission.op_count < len(executed) or not _keeps_leading_shape(root, expr):
+        if not _rewrites_fewer_ops(root, expr):
             continue  # not fewer ops (a lone identity op stays as written)
+        executed = sorted(_executed(expr), key=order.__getitem__)
+        emission = plan(expr)
         sources = tuple(dict.fromkeys(term.source for term in expr.terms))
-        candidates.append((Candidate(expr.ops, sources, emitter.emit(root, emission)), executed, emission))
-    failed = prover(gm, [candidate for candidate, _, _ in candidates]) if prover and candidates else {}
-    for candidate, executed, emission in candidates:
+        read = sharing.constants_read(expr.ops, constant)
+        candidates.append((Candidate(expr.ops, sources, emitter.emit(root, emission)), executed, emission, read))
+    failed = prover(gm, [candidate for candidate, *_ in candidates]) if prover and candidates else {}
+    committed = []
+    for candidate, executed, emission, read in candidates:
         if candidate in failed:
             emitter.discard(candidate.emission)
             result.refusals.append((candidate.emission.root.name, failed[candidate]))
@@ -157,13 +188,19 @@ def fold_linear_regions(gm: fx.GraphModule, cost: CostPolicy = "macs", prover: P
             if not op.users:
                 gm.graph.erase_node(op)
         result.modified = True
-        result.rewrites.append(_applied(candidate.emission.root, executed, emission))
+        committed.append((candidate.emission, executed, emission, read))
     if candidates:
         remove_dead_code(gm)
+    for emitted, executed, emission, read in committed:
+        copied = sharing.copied_weights(gm, read)
+        result.rewrites.append(_applied(emitted.root, executed, emission, tuple(copied)))
+        if copied:
+            parameters = sum(value.numel() for value in emitted.exact.values())
+            result.refusals.append((emitted.root.name, sharing.copy_note(copied, parameters)))
     return result
 
 
-def _applied(root: fx.Node, executed: list[fx.Node], emission: EmissionPlan) -> AppliedRewrite:
+def _applied(root: fx.Node, executed: list[fx.Node], emission: EmissionPlan, copied: tuple[str, ...]) -> AppliedRewrite:
     return AppliedRewrite(
         root=root.name,
         replaced_ops=tuple(op.name for op in executed),
@@ -175,5 +212,6 @@ def _applied(root: fx.Node, executed: list[fx.Node], emission: EmissionPlan) -> 
         kernel_shapes=tuple(tuple(term.form.weight.shape) for term in emission.convs),
         ops_before=len(executed),
         ops_after=emission.op_count,
+        copied=copied,
     )
 

@@ -20,6 +20,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import reduce
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -56,6 +57,7 @@ class ConvForm:
     padding: tuple[int, ...]
     dilation: tuple[int, ...]
     groups: int
+    transposed: ClassVar[bool] = False  # ``transposed.TransposedConvForm`` says True and brings its own algebra
 
     # -- constructors -------------------------------------------------------------
     @classmethod
@@ -153,6 +155,8 @@ class ConvForm:
 # -- combinations -----------------------------------------------------------------
 
 def _check_same_input(forms: Sequence[ConvForm]) -> None:
+    if any(form.transposed for form in forms):
+        raise NotExact("a transposed convolution stacks with no other branch of its input")
     first = forms[0]
     for form in forms[1:]:
         if form.rank != first.rank:
@@ -204,6 +208,9 @@ def merge_parallel(forms: Sequence[ConvForm]) -> ConvForm:
     Exact when strides and alignments agree (same output grid); differing groups
     are reconciled by regrouping to their gcd, kernel sizes by zero taps.
     """
+    transposed = [form for form in forms if form.transposed]
+    if transposed:  # a transposed form knows when its kernels add (``transposed.TransposedConvForm.merge``)
+        return transposed[0].merge(forms)
     _check_same_input(forms)
     out_channels = {form.out_channels for form in forms}
     if len(out_channels) != 1:
@@ -235,8 +242,13 @@ def compose(outer: ConvForm, inner: ConvForm) -> ConvForm:
     Border rule: a zero-padding ``outer`` reads zeros around ``inner``'s output, but a
     merged conv would read ``inner``'s bias there. So when ``outer`` pads, ``inner``
     must be pointwise (so its padded output is itself a padded input) and bias-free.
-    Two spatial kernels in a row are not merged (the kernel would grow).
+    Two spatial kernels in a row are not merged (the kernel would grow). A transposed
+    form composes by its own rules (``then``: ops after it, ``after``: ops before it).
     """
+    if inner.transposed:
+        return inner.then(outer)
+    if outer.transposed:
+        return outer.after(inner)
     if inner.out_channels != outer.in_channels or inner.rank != outer.rank:
         raise NotExact(f"channel mismatch: {inner.out_channels} channels into an op expecting {outer.in_channels}")
     if inner.is_pointwise:
@@ -295,3 +307,18 @@ def pad_output(form: ConvForm, padding: Sequence[int], value: Tensor | None = No
                        "so the border is not what a padded convolution produces")
     total = tuple(p + q for p, q in zip(form.padding, padding))
     return ConvForm(form.weight, form.bias, form.stride, total, form.dilation, form.groups)
+
+
+def pointwise_at_rank(form: ConvForm, rank: int) -> ConvForm:
+    """A pointwise, unpadded ``form`` written for tensors of another spatial rank.
+
+    Such a form mixes channels pixel by pixel, whatever the pixels are; so it is the
+    same operator on ``[N, C]`` rows (rank 0, the channel last), on ``[N, C, L]``
+    or on ``[N, C, H, W]``: only the kernel's trailing 1s change. This is what lets
+    a per-channel op between two transposes act on the untransposed tensor.
+    """
+    if not form.is_pointwise or any(form.padding):
+        raise NotExact(f"{form.describe()} reads neighbouring pixels; it does not commute with a transpose")
+    weight = form.weight.reshape(tuple(form.weight.shape[:2]) + (1,) * rank)
+    ones = (1,) * rank
+    return ConvForm(weight, form.bias, ones, (0,) * rank, ones, form.groups)

@@ -9,6 +9,11 @@ Terms reading the same source are merged when exact and not more expensive
 (``forms`` decides exactness, the cost rule here decides price). Every refused merge
 is recorded with its reason. Nothing is rewritten here: ``fold`` emits the result.
 
+A weight read by several ops (a module called twice) does not stop a use from
+folding: the fold builds new weights for that use and never writes the shared one
+(``sharing`` says when a use would only copy it). ``reapply`` runs one rule again on
+chosen operand expressions: the chain partition (``partition``) prices its segments so.
+
 The rules (what each aten op computes as a ``ConvForm``) live in ``rules/``, one
 module per family of ops; each registers itself in ``RULES`` with ``@rule(...)``.
 This module never names a rule: ``registered_rules()`` imports the ``rules`` package,
@@ -20,64 +25,21 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, fx
 
 from repfx.passes.constants import ConstantFolder
+from repfx.passes import cost as cost_rule
 from repfx.passes.shapes import size_hint
 from repfx.passes.algebra.forms import ConvForm, NotExact, compose, merge_parallel
+from repfx.passes.regions import sharing
+from repfx.passes.regions.expr import Analysis, CostPolicy, Expr, NotLinear, Term
+from repfx.passes.regions.values import as_ints, per_channel, same_shapes
 
-CostPolicy = Literal["macs", "always"]
-
-
-class NotLinear(Exception):
-    """The op is outside linear algebra (a product of two activations...): no region, nothing to report."""
-
-
-@dataclass(frozen=True, eq=False)
-class Term:
-    source: fx.Node
-    form: ConvForm
-    cost: int  # MACs per sample to compute this term by itself
-
-
-@dataclass(frozen=True, eq=False)
-class Expr:
-    terms: tuple[Term, ...]
-    ops: frozenset[fx.Node]  # graph nodes this expression stands for
-    shape: tuple[int, ...]  # per-sample output shape (C, *spatial)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def channel_last(self) -> bool:
-        """Rank-0 (linear) forms act on the last dim; the others on dim 1."""
-        return self.terms[0].form.rank == 0
-
-    @property
-    def cost(self) -> int:
-        """MACs to compute the terms separately and add them up (an add costs one per element)."""
-        return sum(term.cost for term in self.terms) + (len(self.terms) - 1) * self.numel
-
-
-@dataclass
-class Analysis:
-    exprs: dict[fx.Node, Expr] = field(default_factory=dict)
-    refusals: dict[tuple[fx.Node, str], None] = field(default_factory=dict)  # ordered set of (node, reason)
-    own_cost: dict[fx.Node, int] = field(default_factory=dict)  # MACs per sample of each op as written
-
-    def refuse(self, node: fx.Node, reason: str) -> None:
-        self.refusals[(node, reason)] = None
-
-    def region_cost(self, expr: Expr) -> int:
-        """MACs per sample of the original ops an expression stands for."""
-        return sum(self.own_cost.get(op, 0) for op in expr.ops)
-
+__all__ = ["RULES", "Analysis", "Analyzer", "CostPolicy", "Expr", "NotLinear", "Operand", "Rule", "Term", "analyze",
+           "as_ints", "registered_rules", "rule"]  # rules and passes import these from here
 
 Operand = Callable[..., Expr]  # (arg, channel_last=False) -> Expr
 Rule = Callable[["Analyzer", fx.Node, Operand], Expr]  # raises NotExact (reported) or NotLinear (silent)
@@ -111,17 +73,20 @@ def registered_rules() -> dict[Any, Rule]:
     return RULES
 
 
-def analyze(gm: fx.GraphModule, cost: CostPolicy = "macs") -> Analysis:
-    """Expression of every node that belongs to a linear region of ``gm``."""
-    return Analyzer(gm, cost).run()
+def analyze(gm: fx.GraphModule, cost: CostPolicy = "macs", boundaries: frozenset[fx.Node] = frozenset()) -> Analysis:
+    """Expression of every node that belongs to a linear region of ``gm``; ``boundaries`` are never absorbed."""
+    return Analyzer(gm, cost, boundaries).run()
 
 
 class Analyzer:
     """One walk over a graph; rules call back into it to read operands, compose forms and refuse."""
 
-    def __init__(self, gm: fx.GraphModule, cost: CostPolicy) -> None:
+    per_channel = staticmethod(per_channel)
+
+    def __init__(self, gm: fx.GraphModule, cost: CostPolicy, boundaries: frozenset[fx.Node] = frozenset()) -> None:
         self.gm = gm
         self.cost_policy = cost
+        self.boundaries = boundaries  # ops whose use would only copy a shared weight (``sharing``)
         self.constants = ConstantFolder(gm)
         self.result = Analysis()
         self.rules = registered_rules()
@@ -143,8 +108,11 @@ class Analyzer:
         alone with the error as its refusal: a graph is never half-understood.
         """
         for attempt, operand in enumerate((self._absorbing(node), self._boundary)):
+            read: list[fx.Node] = []
             try:
-                return self._same_dtype(node, node_rule(self, node, operand))
+                expr = self._same_dtype(node, node_rule(self, node, _recording(operand, read)))
+                self.result.operands[node] = tuple(dict.fromkeys(read))
+                return expr
             except NotLinear:
                 return None
             except NotExact as refusal:
@@ -174,12 +142,32 @@ class Analyzer:
             expr = self.result.exprs.get(arg)
             if expr is None or expr.channel_last != self._rank0(arg, channel_last):
                 return self._boundary(arg, channel_last)
+            if arg in self.boundaries:
+                self.result.refuse(arg, sharing.only_copies(arg, consumer, self.result.shared.get(arg, [])))
+                return self._boundary(arg, channel_last)
             if len(arg.users) > 1:
                 others = ", ".join(user.name for user in arg.users if user is not consumer)
                 self.result.refuse(arg, f"output also used by {others}; not merged into {consumer.name}")
                 return self._boundary(arg, channel_last)
             return expr
         return operand
+
+    def reapply(self, node: fx.Node, operand_expr: Callable[[fx.Node], Expr | None]) -> Expr:
+        """``node``'s rule again, reading ``operand_expr(arg)`` for each operand (a boundary where None).
+
+        Raises what the rule raises. Nothing is recorded: the expressions the walk
+        found stay as they are, and a refusal here is the caller's to explain.
+        """
+        def operand(arg: Any, channel_last: bool = False) -> Expr:
+            expr = operand_expr(arg) if isinstance(arg, fx.Node) else None
+            if expr is None or expr.channel_last != self._rank0(arg, channel_last):
+                return self._boundary(arg, channel_last)
+            return expr
+        recorded, self.result.refusals = self.result.refusals, {}
+        try:
+            return self._same_dtype(node, self.rules[node.target](self, node, operand))
+        finally:
+            self.result.refusals = recorded
 
     def _boundary(self, arg: Any, channel_last: bool = False) -> Expr:
         if not isinstance(arg, fx.Node):
@@ -231,7 +219,8 @@ class Analyzer:
         if len(expr.terms) == 1:
             term = expr.terms[0]
             merged = compose(outer, term.form)
-            terms = (Term(term.source, merged, merged.macs(shape)),)
+            alone = not expr.ops and any(op in self.result.shared for op in (node, *extra_ops))
+            terms = (Term(term.source, merged, merged.macs(shape), node if alone else None),)
         elif outer.is_diagonal and not any(outer.padding):
             terms = self._distribute(outer, expr.terms, shape)
         else:
@@ -251,10 +240,7 @@ class Analyzer:
 
     def add(self, node: fx.Node, exprs: Sequence[Expr], operands: Sequence[fx.Node], channel_last: bool) -> Expr:
         shape = self.sample_shape(node, channel_last)
-        for operand in operands:
-            if _symbolic_shape(operand) != _symbolic_shape(node):
-                raise NotExact(f"add broadcasts {_symbolic_shape(operand)} to {_symbolic_shape(node)}; "
-                               "branches must have equal shapes")
+        same_shapes(node, operands)
         self.result.own_cost[node] = math.prod(shape)
         terms = self._merge_terms([t for e in exprs for t in e.terms], node, shape)
         ops = frozenset().union(*(e.ops for e in exprs)) | {node}
@@ -286,42 +272,26 @@ class Analyzer:
         return tuple(clusters)
 
     def check_cost(self, node: fx.Node, merged: int, separate: int) -> None:
-        if self.cost_policy == "macs" and merged > separate:
-            raise NotExact(f"cost rule: merged op needs {merged:,} MACs per sample vs {separate:,} "
-                           f"for the ops it would replace ({merged / max(separate, 1):.2f}x); kept separate")
+        if self.cost_policy == "macs" and not cost_rule.COST.pays(merged, separate):
+            raise NotExact(cost_rule.COST.merge_refused(merged, separate))
 
     # -- helpers for rules -------------------------------------------------------------
     def weight(self, node: fx.Node, arg: Any, what: str = "weight") -> Tensor:
+        """A constant ``node`` reads. A constant other ops read too is noted (``sharing``): folding
+        never writes it but builds new weights for this use, so sharing only matters to the cost."""
         value = self.constants.tensor(arg)
         if value is None:
             raise NotExact(f"{node.name}: {what} is computed from graph inputs, not a constant")
-        if isinstance(arg, fx.Node):
-            others = [u.name for u in arg.users if u is not node and not self.constants.is_constant(u)]
-            if others:
-                raise NotExact(f"{node.name}: {what} {arg.name} is shared with {', '.join(others)}; "
-                               "folding would duplicate it")
+        shared = sharing.shared_with(node, arg, what, self.constants)
+        if shared and shared not in self.result.shared.get(node, []):  # ``reapply`` reads weights again
+            self.result.shared.setdefault(node, []).append(shared)
         return value
 
-    def per_channel(self, value: Any, shape: tuple[int, ...]) -> Tensor | None:
-        """``value`` as a [C] vector if it broadcasts per channel over [N, *shape], else None."""
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return torch.full((shape[0],), float(value), dtype=torch.float64)
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() > len(shape) + 1:
-            return None
-        full = value.reshape((1,) * (len(shape) + 1 - value.dim()) + tuple(value.shape))
-        if any(size != 1 for dim, size in enumerate(full.shape) if dim != 1) or full.shape[1] not in (1, shape[0]):
-            return None
-        return full.reshape(-1).to(torch.float64).expand(shape[0]).clone()
 
-
-def _symbolic_shape(node: fx.Node) -> str:
-    return str(tuple(node.meta["val"].shape[1:]))
-
-
-def as_ints(value: Any, rank: int) -> tuple[int, ...]:
-    """An int-or-list op argument (stride, padding...) as one int per spatial dim."""
-    if isinstance(value, int):
-        return (value,) * rank
-    values = tuple(int(v) for v in value)
-    return values * rank if len(values) == 1 else values
-
+def _recording(operand: Operand, read: list[fx.Node]) -> Operand:
+    """``operand``, noting each tensor the rule reads through it (the chain partition follows them)."""
+    def recorded(arg: Any, channel_last: bool = False) -> Expr:
+        if isinstance(arg, fx.Node):
+            read.append(arg)
+        return operand(arg, channel_last)
+    return recorded

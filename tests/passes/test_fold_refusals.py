@@ -1,8 +1,9 @@
 """End to end (torch.export -> repfx): what must NOT merge, and that the refusal is reported with its reason.
 
 Nonlinearities, intermediates used elsewhere, branches of different tensors or on
-different grids, shared weights, the border rule, non-zero padding modes, batch
-statistics and the cost rule; refused results stay exact and idempotent.
+different grids, the border rule, non-zero padding modes, batch statistics and the
+cost rule; refused results stay exact and idempotent. (Shared weights fold per use:
+``test_shared_weights.py``.)
 """
 
 from __future__ import annotations
@@ -88,41 +89,6 @@ def test_no_merge_of_branches_reading_different_tensors():
     assert_matches(model, gm, (x, y))
     assert_ops(gm, (x, y), convolution=1, batch_norm=0, add=1)
     assert_refused(report, "different tensors")
-
-
-class SharedConv(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(C, C, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(x) + self.conv(x)
-
-
-class SharedConvWithBN(nn.Module):
-    """The shared conv is followed by a BN on one use only: folding it would change the other use."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C)
-
-    def forward(self, x):
-        return self.bn(self.conv(x)), torch.relu(self.conv(x))
-
-
-@pytest.mark.parametrize("factory, expected", [
-    pytest.param(SharedConv, {"convolution": 2, "add": 1}, id="same-conv-twice-summed"),
-    pytest.param(SharedConvWithBN, {"convolution": 2, "batch_norm": 1}, id="same-conv-one-use-has-bn"),
-])
-def test_no_fold_into_shared_weight(factory, expected):
-    model = build(factory)
-    x = image()
-    gm, report = reparam(model, x)
-    assert_matches(model, gm, x)
-    assert_ops(gm, x, **expected)
-    assert_refused(report, "shared")
-    # the model's weights are still the graph's constants, not folded copies
-    assert any(torch.equal(p, model.conv.weight) for p in gm.parameters())
 
 
 class DifferentStrides(nn.Module):

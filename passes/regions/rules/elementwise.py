@@ -2,7 +2,8 @@
 
 * ``add``/``sub``: a sum of two branches, or a branch plus a per-channel constant;
 * ``mul``/``div``/``neg``: a branch times a per-channel constant;
-* ``clone``/``alias``/``dropout`` (eval)/``contiguous``: the value unchanged.
+* ``clone``/``alias``/``dropout`` (eval)/``contiguous``/``detach``/``to`` and ``_to_copy``
+  to the same dtype and device: the value unchanged.
 
 A product of two activations, a rounding division or a layout change is no region.
 """
@@ -12,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from repfx.passes.algebra.forms import ConvForm
+from repfx.passes.algebra.forms import ConvForm, NotExact
+from repfx.passes.canonicalize import branches_could_meet
 from repfx.passes.regions.analyzer import Analyzer, Expr, NotLinear, Operand, rule
 
 aten = torch.ops.aten
@@ -75,16 +77,54 @@ def scale(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     return an.apply(form, operand(x, cl), node, channel_last=cl)
 
 
-@rule(aten.clone.default, aten.alias.default, aten.dropout.default, aten.contiguous.default)
+_SAME_VALUE = (aten.clone.default, aten.alias.default, aten.dropout.default, aten.contiguous.default,
+               aten.detach.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device)
+_MEMORY_FORMAT_INDEX = {aten.to.dtype: 4, aten.to.device: 5}  # where it may be positional; elsewhere a keyword
+
+
+@rule(*_SAME_VALUE)
 def identity(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
-    """Value-preserving ops. They join a region only around a real linear op, whose
-    emitted convolution is a fresh tensor: a clone or contiguous() of a plain tensor
-    may be what a later view needs (strides), so it is left alone."""
+    """Value-preserving ops (a copy, a detach, a cast to the same dtype). They join a region
+    only around a real linear op, whose emitted convolution is a fresh tensor: a clone or
+    contiguous() of a plain tensor may be what a later view needs (strides), so it is left
+    alone (``canonicalize.see_through_value_aliases`` has rerouted the readers of those
+    that keep the strides too). An op that changes the value's dtype or device, or its
+    layout, is a tensor of its own; when region ops read both it and its source, the
+    report says why their branches stay apart."""
     if node.target is aten.dropout.default and node.args[2]:
         raise NotLinear  # training-mode dropout is random
-    if node.kwargs.get("memory_format") not in (None, torch.preserve_format):
-        raise NotLinear  # a layout change, not a value change
-    expr = operand(node.args[0], an.channel_last_operands(node))
-    if not expr.ops:
+    source = node.args[0]
+    if not isinstance(source, fx.Node):
         raise NotLinear
-    return Expr(expr.terms, expr.ops | {node}, expr.shape)
+    change = _change(node)
+    if change is None:
+        expr = operand(source, an.channel_last_operands(node))
+        if expr.ops:
+            return Expr(expr.terms, expr.ops | {node}, expr.shape)
+        change = _layout_change(node)
+    if change is not None and source not in an.result.exprs and branches_could_meet(node):
+        raise NotExact(f"{node.name} is {source.name} {change}: another tensor, so branches reading it "
+                       f"do not merge with branches reading {source.name}")
+    raise NotLinear
+
+
+def _change(node: fx.Node) -> str | None:
+    """What the op changes besides copying (None: nothing but maybe the strides, as ``contiguous()`` may)."""
+    before, after = node.args[0].meta.get("val"), node.meta.get("val")
+    if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor):
+        raise NotLinear
+    if (before.dtype, before.device, before.layout) != (after.dtype, after.device, after.layout):
+        return f"converted to {after.dtype} on {after.device}"
+    index = _MEMORY_FORMAT_INDEX.get(node.target)
+    memory_format = node.args[index] if index is not None and len(node.args) > index else None
+    if node.kwargs.get("memory_format", memory_format) not in (None, torch.preserve_format):
+        return f"copied to {node.kwargs.get('memory_format', memory_format)}"
+    return None
+
+
+def _layout_change(node: fx.Node) -> str | None:
+    """How a copy of a plain tensor changes its strides (None: it does not)."""
+    before, after = node.args[0].meta["val"], node.meta["val"]
+    if str(before.stride()) == str(after.stride()):
+        return None
+    return f"copied into another memory layout (strides {tuple(before.stride())} -> {tuple(after.stride())})"

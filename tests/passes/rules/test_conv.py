@@ -123,16 +123,6 @@ def weight_from_input_bn():
     return g.build(g.batch_norm(g.call(aten.conv2d.default, x, weight, None, [1, 1], [1, 1])))
 
 
-def shared_weight_bn():
-    """One weight read by two convs: folding the BN into one would change the other."""
-    g = GraphBuilder()
-    x = g.input("x", 2, 4, 8, 8)
-    weight = g.randn(8, 4, 3, 3)
-    a = g.call(aten.conv2d.default, x, weight, None, [1, 1], [1, 1])
-    b = g.call(aten.conv2d.default, x, weight, None, [1, 1], [1, 1])
-    return g.build(g.batch_norm(a), g.call(aten.relu.default, b))
-
-
 def biased_pointwise_then_padded_3x3():
     g = GraphBuilder()
     x = g.input("x", 2, 4, 8, 8)
@@ -151,7 +141,6 @@ def bottleneck():
     pytest.param(even_kernel_same_bn, "padding='same' with an even kernel pads asymmetrically", id="same-even-kernel"),
     pytest.param(unbatched_conv_bn, None, id="unbatched-input"),
     pytest.param(weight_from_input_bn, "weight is computed from graph inputs", id="weight-is-an-input"),
-    pytest.param(shared_weight_bn, "is shared with", id="shared-weight"),
     pytest.param(biased_pointwise_then_padded_3x3, "border rule", id="border-rule-1x1-bias-then-padded-3x3"),
     pytest.param(bottleneck, "cost rule", id="cost-rule-bottleneck"),
 ])

@@ -76,14 +76,6 @@ def test_linear_region_becomes_one_linear(before, expected):
     assert_folds(before(), expected())
 
 
-def shared_linear_weight():
-    g = GraphBuilder()
-    x = g.input("x", 4, C)
-    weight = g.randn(C, C)
-    a, b = g.call(aten.linear.default, x, weight), g.call(aten.linear.default, x, weight)
-    return g.build(g.batch_norm(a), g.call(aten.relu.default, b))
-
-
 def across_relu():
     g = GraphBuilder()
     return g.build(linear(g, g.call(aten.relu.default, linear(g, g.input("x", 4, C)))))
@@ -102,7 +94,6 @@ def bottleneck():
 
 
 @pytest.mark.parametrize("before, reason", [
-    pytest.param(shared_linear_weight, "is shared with", id="shared-weight"),
     pytest.param(across_relu, None, id="across-relu"),
     pytest.param(weight_from_input, "weight is computed from graph inputs", id="weight-is-an-input"),
     pytest.param(bottleneck, "cost rule", id="cost-rule-bottleneck"),

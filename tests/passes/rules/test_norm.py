@@ -93,21 +93,10 @@ def bn_after_relu():
     return g.build(g.batch_norm(g.call(aten.relu.default, g.conv(image(g), 8, 3, padding=1))))
 
 
-def shared_statistics():
-    """Two BNs reading one running_mean: folding one would duplicate the statistics the other reads."""
-    g = GraphBuilder()
-    x = image(g, 8)
-    mean, var = g.randn(8, name="running_mean"), g.positive(8, name="running_var")
-    a = g.call(aten.batch_norm.default, g.conv(x, 8, 3, padding=1), None, None, mean, var, False, 0.1, 1e-5, False)
-    b = g.call(aten.batch_norm.default, g.conv(x, 8, 3, padding=1), None, None, mean, var, False, 0.1, 1e-5, False)
-    return g.build(a, b)
-
-
 @pytest.mark.parametrize("before, reason", [
     pytest.param(training_bn, None, id="training-mode"),
     pytest.param(saved_statistics_read, None, id="saved-statistics-read"),
     pytest.param(bn_after_relu, None, id="lone-bn-after-relu"),
-    pytest.param(shared_statistics, "is shared with", id="shared-statistics"),
 ])
 def test_batch_norm_must_not_fold(before, reason):
     assert_unchanged(before(), refused=reason)

@@ -1,0 +1,73 @@
+"""What a linear-region analysis finds: ``Term``s, ``Expr``s, and the ``Analysis`` that holds them.
+
+An ``Expr`` is the affine expression a node computes, a sum of ``Term``s (a
+``ConvForm`` applied to a source tensor) standing for a set of graph ops; the
+``Analysis`` maps nodes to expressions and keeps what each op costs as written and
+why merges were refused. Plain data: ``analyzer`` builds it, ``fold`` reads it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import fx
+
+from repfx.passes.algebra.forms import ConvForm
+
+CostPolicy = Literal["macs", "always"]
+
+
+class NotLinear(Exception):
+    """The op is outside linear algebra (a product of two activations...): no region, nothing to report."""
+
+
+@dataclass(frozen=True, eq=False)
+class Term:
+    source: fx.Node
+    form: ConvForm
+    cost: int  # MACs per sample to compute this term by itself
+    shared: fx.Node | None = None  # the term is this op alone, which reads a weight other ops read too
+
+
+@dataclass(frozen=True, eq=False)
+class Expr:
+    terms: tuple[Term, ...]
+    ops: frozenset[fx.Node]  # graph nodes this expression stands for
+    shape: tuple[int, ...]  # per-sample output shape (C, *spatial)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def channel_last(self) -> bool:
+        """Rank-0 (linear) forms act on the last dim; the others on dim 1."""
+        return self.terms[0].form.rank == 0
+
+    @property
+    def cost(self) -> int:
+        """MACs to compute the terms separately and add them up (an add costs one per element)."""
+        return sum(term.cost for term in self.terms) + (len(self.terms) - 1) * self.numel
+
+
+@dataclass
+class Analysis:
+    exprs: dict[fx.Node, Expr] = field(default_factory=dict)
+    refusals: dict[tuple[fx.Node, str], None] = field(default_factory=dict)  # ordered set of (node, reason)
+    own_cost: dict[fx.Node, int] = field(default_factory=dict)  # MACs per sample of each op as written
+    operands: dict[fx.Node, tuple[fx.Node, ...]] = field(default_factory=dict)  # tensors each rule read as operands
+    shared: dict[fx.Node, list[str]] = field(default_factory=dict)  # op -> its weights other ops read, with them
+
+    def refuse(self, node: fx.Node, reason: str) -> None:
+        self.refusals[(node, reason)] = None
+
+    def roots(self) -> list[fx.Node]:
+        """Nodes whose expression no consumer absorbed: each one is a region to consider."""
+        absorbed = {op for node, expr in self.exprs.items() for op in expr.ops if op is not node}
+        return [node for node in self.exprs if node not in absorbed]
+
+    def region_cost(self, expr: Expr) -> int:
+        """MACs per sample of the original ops an expression stands for."""
+        return sum(self.own_cost.get(op, 0) for op in expr.ops)
