@@ -1,20 +1,25 @@
-"""Public entry points: ``reparameterize`` and ``explain``."""
+"""Public entry points: ``reparameterize`` and ``explain`` (and ``reparameterize_whole`` for deploy code that needs
+one graph)."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from repfx.passes import run_pipeline
 
 from repfx.capture.export import SupportedModel, capture
 from repfx.capture.inputs import as_input_tuple  # also imported from here by repfx.deploy
+from repfx.capture.partial import (can_fold_in_parts, fold_in_parts, report_of, warn_folded_in_parts,
+                                   whole_model_message)
+from repfx.errors import CaptureError
 from repfx.verify.local import LocalProver
 from repfx.verify.mismatch import judge
 from repfx.verify.opcount import count_ops, summarize
@@ -35,8 +40,9 @@ def reparameterize(
     dynamic_batch: bool = False,
     cost: Literal["macs", "always"] = "macs",
     strict: bool = False,
+    partial: bool = True,
     progress: Callable[[str], None] | None = None,
-) -> fx.GraphModule:
+) -> fx.GraphModule | nn.Module:
     """Training-form ``model`` -> plain GraphModule with eval semantics; ``gm.meta["repfx"]`` is the Report.
 
     Every linear region (convs, eval BN, identities, scales, avg-pools, zero pads,
@@ -53,16 +59,78 @@ def reparameterize(
     with a warning and a report note naming those ops, or refused with
     ``VerificationError`` when ``strict``. ``progress`` is called with each phase's
     name ("capture", "rewrite", "verify") as it starts.
+
+    An ``nn.Module`` that torch.export cannot capture whole (NMS, top-k, loops over
+    data) is folded in parts (``repfx.capture.partial``), with a ``UserWarning`` naming
+    the line that blocked the whole: the result is then a copy of the model whose
+    capturable submodules are replaced by their plain graphs, checked end to end
+    against the model, and its Report is ``result.repfx_report``. ``partial=False``
+    raises the ``CaptureError`` instead.
     """
-    gm, report = _run(model, example_inputs, verify=verify, rtol=rtol, atol=atol,
-                      dynamic_batch=dynamic_batch, cost=cost, strict=strict, progress=progress)
-    return gm
+    result, _ = _reparameterize(model, example_inputs, partial=partial, verify=verify, rtol=rtol, atol=atol,
+                                dynamic_batch=dynamic_batch, cost=cost, strict=strict, progress=progress)
+    return result
 
 
-def explain(model: SupportedModel, example_inputs: Sequence[Any], *, cost: Literal["macs", "always"] = "macs") -> Report:
-    """What ``reparameterize`` would merge and refuse (and op counts), without verification."""
-    _, report = _run(model, example_inputs, verify=False, rtol=None, atol=None, dynamic_batch=False, cost=cost)
+def explain(model: SupportedModel, example_inputs: Sequence[Any], *, cost: Literal["macs", "always"] = "macs",
+            partial: bool = True) -> Report:
+    """What ``reparameterize`` would merge and refuse (and op counts), without verification; for a model
+    folded in parts, part by part (``report.parts``, ``report.kept_parts``)."""
+    _, report = _reparameterize(model, example_inputs, partial=partial, verify=False, rtol=None, atol=None,
+                                dynamic_batch=False, cost=cost)
     return report
+
+
+def reparameterize_whole(model: SupportedModel, example_inputs: Sequence[Any], **options: Any) -> fx.GraphModule:
+    """``reparameterize`` for callers that need the model as one graph (a .pt2, ONNX, TensorRT).
+
+    A model torch.export cannot capture whole raises ``CaptureError`` whose first line
+    names the line that blocks it and the largest part that folds, to export instead
+    (found by folding in parts without verification).
+    """
+    try:
+        return reparameterize(model, example_inputs, partial=False, **options)
+    except CaptureError as error:
+        message = _whole_model_message(model, as_input_tuple(example_inputs), error, options.get("cost", "macs"))
+        if message is None:
+            raise
+        raise CaptureError(message) from error
+
+
+def _whole_model_message(model, example_inputs: tuple, error: CaptureError, cost: str) -> str | None:
+    """What blocks capturing ``model`` whole and the part to export instead; None where it cannot be folded in parts."""
+    if not can_fold_in_parts(model):
+        return None
+    try:
+        folded = _in_parts(model, example_inputs, error, verify=False, rtol=None, atol=None, dynamic_batch=False,
+                           cost=cost)
+    except CaptureError:
+        return None
+    return whole_model_message(report_of(folded))
+
+
+def _reparameterize(model, example_inputs, *, partial: bool, **options: Any) -> tuple[nn.Module, Report]:
+    """``_run``; for an ``nn.Module`` torch.export cannot capture whole (and ``partial``), ``fold_in_parts``."""
+    start = time.perf_counter()
+    try:
+        return _run(model, example_inputs, **options)
+    except CaptureError as error:
+        if not partial or not can_fold_in_parts(model):
+            raise
+        failed_capture = time.perf_counter() - start
+        folded = _in_parts(model, as_input_tuple(example_inputs), error, **options)
+    report = report_of(folded)
+    report.seconds = {"whole-model capture": failed_capture} | report.seconds
+    warn_folded_in_parts(report, stacklevel=3)
+    return folded, report
+
+
+def _in_parts(model, example_inputs: tuple, blocker: CaptureError, *, verify, rtol, atol, dynamic_batch, cost,
+              strict=False, progress=None) -> nn.Module:
+    """``fold_in_parts`` with this module's pipeline (``_run``, with local proofs) folding each part."""
+    fold = functools.partial(_run, verify=verify, rtol=rtol, atol=atol, dynamic_batch=False, cost=cost, strict=strict)
+    return fold_in_parts(model, example_inputs, blocker, fold, verify=verify, rtol=rtol, atol=atol, strict=strict,
+                         dynamic_batch=dynamic_batch, progress=progress or (lambda phase: None))
 
 
 def _run(model, example_inputs, *, verify, rtol, atol, dynamic_batch, cost, strict=False,

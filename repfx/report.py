@@ -30,6 +30,7 @@ class Part:
     module: str  # its class
     calls: int  # times the model called it on the example inputs
     signatures: int  # distinct call signatures (shapes, structure, constants): one plain graph each
+    inputs: tuple[str, ...]  # the tensor shapes of each signature, e.g. ("1x3x320x320",)
     ops_before: dict[str, int]  # executed over all its calls: convolution, batch_norm, add, total
     ops_after: dict[str, int]
     rewrites: int

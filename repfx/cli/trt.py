@@ -3,7 +3,9 @@
 MODEL is a TorchScript archive (torch.jit.save), an ExportedProgram (torch.export.save,
 .pt2) or, with --sample NAME, a bundled training-form model. The model is
 re-parameterized, verified, and written as <name>.pt2 and <name>.onnx, plus a
-TensorRT engine where TensorRT and an NVIDIA GPU are usable.
+TensorRT engine where TensorRT and an NVIDIA GPU are usable. A pickled nn.Module that
+torch.export cannot capture whole is refused (exit 2) in one line naming the line that
+blocks it and its folded part to export instead.
 
 Exit codes: 0 ok, 1 verification failed, 2 bad input, a file or directory in the way,
 or an OS error such as a full disk (or a backend that was asked for explicitly and is

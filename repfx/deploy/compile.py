@@ -16,16 +16,20 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from repfx.api import reparameterize
+from repfx.api import reparameterize, reparameterize_whole
 from repfx.capture.inputs import as_input_tuple
 from repfx.backends.base import BuildRequest
 from repfx.backends.precision import PRECISIONS, PrecisionName, cast_floating, deploy_copy, precision_dtype
 from repfx.backends.registry import get_backend, resolve_backend
 from repfx.capture.export import SupportedModel, keeps_dynamic_batch
+from repfx.capture.partial import is_folded_in_parts, report_of
 from repfx.report import Report
 from repfx.verify.numeric import ErrorStats, verify as verify_outputs
 
 logger = logging.getLogger("repfx")
+# Backends that run the plain model as a module, and so also a model folded in parts (repfx.capture.partial);
+# the others lower one re-exported graph. The last is what "auto" falls back to for a model folded in parts.
+MODULE_BACKENDS = ("eager", "inductor")
 
 
 class DeployedModel(nn.Module):
@@ -77,6 +81,10 @@ def compile(
     output against the plain graph with the precision's rtol (``repfx.backends.precision``).
     ``backend_options`` go to the backend (torch_tensorrt.dynamo.compile settings, torch.compile
     kwargs, ``threads`` for onnxruntime).
+
+    A model torch.export cannot capture whole is folded in parts (``repfx.reparameterize``)
+    for the ``eager`` and ``inductor`` backends (``auto`` then means inductor); the others
+    lower one graph and raise ``CaptureError`` naming what blocks it and the part to use.
     """
     precision_dtype(precision)  # an unknown precision is refused before anything else
     name, reason = resolve_backend(backend, precision)
@@ -86,8 +94,15 @@ def compile(
     inputs = as_input_tuple(example_inputs)
 
     dynamic_batch = keeps_dynamic_batch(model, dynamic_batch)
-    plain = reparameterize(model, inputs, verify=verify, dynamic_batch=dynamic_batch, cost=cost, progress=progress)
-    report: Report = plain.meta["repfx"]
+    # A model folded in parts is a module, not one graph: only backends that run modules take it.
+    in_parts = backend == "auto" or name in MODULE_BACKENDS
+    plain = (reparameterize if in_parts else reparameterize_whole)(
+        model, inputs, verify=verify, dynamic_batch=dynamic_batch, cost=cost, progress=progress)
+    report: Report = report_of(plain)
+    if is_folded_in_parts(plain) and name not in MODULE_BACKENDS:  # "auto" had chosen a one-graph backend
+        logger.info("repfx.compile: backend %r (the model was folded in parts and %r lowers one graph)",
+                    MODULE_BACKENDS[-1], name)
+        name, chosen = MODULE_BACKENDS[-1], get_backend(MODULE_BACKENDS[-1])
     deploy_graph, deploy_inputs = deploy_copy(plain, inputs, precision, chosen.device)
     if progress is not None:
         progress("build")

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from repfx.api import reparameterize
+from repfx.api import reparameterize_whole
 from repfx.capture.inputs import as_input_tuple
 from repfx.backends.base import ArtifactJob, Check
 from repfx.backends.formats import artifacts, export_formats, file_names, resolve_formats
@@ -83,6 +83,10 @@ def export(
     current SHA-256; ``protected`` paths (the input model) are never written. Those
     conflicts, an unwritable ``out_dir`` and a directory in the way are refused
     (``repfx.deploy.staging.Refused``) before the model is re-parameterized.
+
+    The files hold one graph, so a model torch.export cannot capture whole (one that
+    ``repfx.reparameterize`` folds in parts) raises ``CaptureError`` in one line naming the
+    line that blocks it and its largest folded part, to export instead.
     """
     with Transaction(protected) as transaction:
         plan = plan_export(transaction, out_dir, formats, name=name, precision=precision)
@@ -147,7 +151,10 @@ def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequen
     inputs = as_input_tuple(example_inputs)
 
     dynamic_batch = keeps_dynamic_batch(model, dynamic_batch)
-    plain = reparameterize(model, inputs, verify=verify, dynamic_batch=dynamic_batch, cost=cost, progress=progress)
+    # One graph is written: a model torch.export cannot capture whole is refused in one line naming what blocks
+    # it and the folded part to export instead.
+    plain = reparameterize_whole(model, inputs, verify=verify, dynamic_batch=dynamic_batch, cost=cost,
+                                 progress=progress)
     report: Report = plain.meta["repfx"]
     report.precision = precision
     deploy_graph, deploy_inputs = deploy_copy(plain, inputs, precision)
