@@ -16,7 +16,6 @@ downstream in a graph.
 from __future__ import annotations
 
 import copy
-import warnings
 from collections import Counter
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -29,7 +28,7 @@ from repfx.capture.calls import describe
 from repfx.errors import VerificationError, first_line
 from repfx.report import KeptPart, Part, Refusal, Report
 from repfx.verify.local import ProofSummary
-from repfx.verify.mismatch import DISCONTINUOUS
+from repfx.verify.mismatch import DISCONTINUOUS, accept_or_refuse
 from repfx.verify.numeric import DEFAULT_RTOL, ErrorStats, copy_inputs, verify as verify_outputs
 from repfx.verify.opcount import count_ops, summarize
 
@@ -72,11 +71,7 @@ def _accepted(stats: ErrorStats, given: nn.Module, folded: nn.Module, example_in
     note = (f"end-to-end check: {mismatch}, while each of the {proofs.regions_proven} rewritten region(s) in the "
             f"folded parts matched the original in float64 (worst {proofs.worst_relative_error:.1e} relative); "
             f"{cause}")
-    if strict:
-        raise VerificationError(f"{note}. Refused because strict=True.")
-    warnings.warn(f"repfx: the model folded in parts differs from the original beyond tolerance although every "
-                  f"rewrite is exact: {note}. Accepted (strict=True refuses).", UserWarning, stacklevel=7)
-    return f"{note}. Accepted (strict=True refuses)."
+    return accept_or_refuse(note, "the model folded in parts differs", strict=strict, stacklevel=7)
 
 
 def _amplified_rounding(given: nn.Module, folded: nn.Module, example_inputs: tuple, rtol: float | None,

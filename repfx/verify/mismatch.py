@@ -68,11 +68,20 @@ def judge(stats: ErrorStats, reference: fx.GraphModule, rewritten: fx.GraphModul
     note = (f"end-to-end check: {first}{more}, while each of the {proofs.regions_proven} rewritten "
             f"region(s) matched the original in float64 (worst {proofs.worst_relative_error:.1e} relative); "
             f"{cause}")
+    return accept_or_refuse(note, "outputs differ", strict=strict, stacklevel=4)
+
+
+def accept_or_refuse(note: str, subject: str, *, strict: bool, stacklevel: int) -> str:
+    """The policy's last step for a difference rounding explains: refused under ``strict``, else said loudly.
+
+    ``subject`` completes "repfx: ... from the original beyond tolerance"; ``stacklevel``
+    is the caller's, as ``warnings.warn`` counts it from the caller.
+    """
     if strict:
         raise VerificationError(f"{note}. Refused because strict=True.")
-    warnings.warn(f"repfx: outputs differ from the original beyond tolerance although every rewrite is exact: "
-                  f"{note}. Accepted (strict=True refuses).", UserWarning, stacklevel=4)
-    return note + ". Accepted (strict=True refuses)."
+    warnings.warn(f"repfx: {subject} from the original beyond tolerance although every rewrite is exact: "
+                  f"{note}. Accepted (strict=True refuses).", UserWarning, stacklevel=stacklevel + 1)
+    return f"{note}. Accepted (strict=True refuses)."
 
 
 def _float64_agreement(reference: fx.GraphModule, rewritten: fx.GraphModule, example_inputs: tuple,
