@@ -63,7 +63,7 @@ class ConstantFolder:
         if args is _NOT_CONSTANT or kwargs is _NOT_CONSTANT:
             return _NOT_CONSTANT
         with torch.no_grad():
-            for cast in (_float64, lambda value: value):
+            for cast in (float64_values, lambda value: value):
                 try:
                     return node.target(*cast(args), **cast(kwargs))
                 except Exception:  # an op without float64 support runs in the model's dtype; failing that,
@@ -81,7 +81,8 @@ def written_attributes(gm: fx.GraphModule) -> list[str]:
     return list(dict.fromkeys(written))
 
 
-def _float64(value: Any) -> Any:
+def float64_values(value: Any) -> Any:
+    """``value`` with every floating tensor upcast to float64 (the precision folding and its proofs use)."""
     return pytree.tree_map_only(torch.Tensor, lambda t: t.double() if t.is_floating_point() else t, value)
 
 

@@ -26,6 +26,7 @@ from torch.utils import _pytree as pytree
 
 from repfx.capture.calls import describe
 from repfx.errors import VerificationError, first_line
+from repfx.passes.constants import float64_values
 from repfx.report import KeptPart, Part, Refusal, Report
 from repfx.verify.local import ProofSummary
 from repfx.verify.mismatch import DISCONTINUOUS, accept_or_refuse
@@ -79,8 +80,7 @@ def _amplified_rounding(given: nn.Module, folded: nn.Module, example_inputs: tup
     """Why a difference with no discontinuous op is rounding (both models agree in float64), or the error."""
     dtype = next((leaf.dtype for leaf in pytree.tree_leaves(example_inputs)
                   if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()), torch.float32)
-    as_double = pytree.tree_map_only(torch.Tensor, lambda t: t.double() if t.is_floating_point() else t,
-                                     example_inputs)
+    as_double = float64_values(example_inputs)
     try:
         stats = verify_outputs(copy.deepcopy(given).double(), copy.deepcopy(folded).double(), as_double,
                                rtol=DEFAULT_RTOL.get(dtype, 1e-4) if rtol is None else rtol, atol=atol,

@@ -21,10 +21,9 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.utils import _pytree as pytree
 
 from repfx.passes import Candidate
-from repfx.passes.constants import ConstantFolder, written_attributes
+from repfx.passes.constants import ConstantFolder, float64_values, written_attributes
 
 from repfx.errors import first_line
 from repfx.verify.numeric import copy_inputs, difference, magnitude
@@ -138,8 +137,8 @@ class _RegionRun(fx.Interpreter):
         """A value read from outside: constants recomputed in float64 (as the fold computed them),
         activations as the run produced them, upcast."""
         if self.constants.is_constant(node):
-            return _upcast(self.constants.value(node))
-        return _upcast(self.kept[node])
+            return float64_values(self.constants.value(node))
+        return float64_values(self.kept[node])
 
     def _release(self, nodes: set[fx.Node]) -> None:
         for node in nodes:
@@ -165,7 +164,7 @@ def _evaluate(nodes: Sequence[fx.Node], outside: Callable[[fx.Node], Any], exact
 
     for node in nodes:
         if node.op == "get_attr":
-            env[node] = exact[node.target] if node.target in exact else _upcast(_attr(node))
+            env[node] = exact[node.target] if node.target in exact else float64_values(_attr(node))
             continue
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), load)
         env[node] = node.target(*args, **kwargs)
@@ -178,6 +177,3 @@ def _attr(node: fx.Node) -> Any:
         value = getattr(value, part)
     return value
 
-
-def _upcast(value: Any) -> Any:
-    return pytree.tree_map_only(torch.Tensor, lambda t: t.double() if t.is_floating_point() else t, value)

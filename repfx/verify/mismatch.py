@@ -23,6 +23,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from repfx.passes.constants import float64_values
 from repfx.passes.emit import REWRITE_META
 
 from repfx.errors import VerificationError, first_line
@@ -108,7 +109,7 @@ def _float64_agreement(reference: fx.GraphModule, rewritten: fx.GraphModule, exa
 def _as_float64(value: Any) -> Any:
     if isinstance(value, fx.GraphModule):
         return copy.deepcopy(value).double()
-    return pytree.tree_map_only(torch.Tensor, lambda t: t.double() if t.is_floating_point() else t, value)
+    return float64_values(value)
 
 
 def discontinuous_ops_after_rewrites(gm: fx.GraphModule) -> list[str]:
