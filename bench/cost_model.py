@@ -35,6 +35,7 @@ from torch import nn
 import repfx
 from _tables import print_environment, table  # bench/ is on sys.path when a script runs
 from repfx.samples import randomize_bn_
+from repfx.targets import cost_rule, device_profile
 
 HIT_MARGIN = 1.10  # a choice within 10% of the faster form counts as a hit
 POLICIES = ("macs", "latency", "measure")
@@ -162,17 +163,19 @@ def convolutions(gm: torch.fx.GraphModule) -> int:
     return sum(1 for node in gm.graph.nodes if node.op == "call_function" and "conv" in str(node.target))
 
 
+MEASURED_WITH = {"eager": "eager", "onnx": "onnxruntime"}
+
+
 def choices(model: nn.Module, inputs: tuple, merged_convs: int, apart_convs: int, policies: list[str],
-            target: dict) -> dict[str, str]:
-    """Which form each policy picks ("merged", "apart", "other"), or why it could not be asked."""
+            device: str, batch: int, precision: str, runtime: str) -> dict[str, str]:
+    """Which form each policy picks ("merged", "apart", "other") for this device, batch, precision and runtime."""
     picked = {}
     for policy in policies:
         try:
-            try:
-                gm = repfx.reparameterize(model, inputs, cost=policy, verify=False, **target)
-            except TypeError:  # a repfx without target=/batch=: the policy decides for the example inputs
-                gm = repfx.reparameterize(model, inputs, cost=policy, verify=False)
-        except ValueError as error:  # a policy this repfx does not have
+            rule = cost_rule(policy, target=device, batch=batch, precision=precision, example_inputs=inputs,
+                             backend=MEASURED_WITH[runtime])
+            gm = repfx.reparameterize(model, inputs, cost=rule, verify=False)
+        except ValueError as error:  # a policy this repfx cannot apply here
             picked[policy] = f"n/a ({str(error).splitlines()[0][:60]})"
             continue
         count = convolutions(gm)
@@ -194,11 +197,11 @@ def run_case(case: Case, batch: int, runtimes: list[str], policies: list[str], a
         for form in (merged, apart):
             error = (form(*inputs) - reference).abs().max().item() / max(1.0, reference.abs().max().item())
             assert error < 1e-4, f"{case.name}: a form disagrees with the model ({error:.2e})"
-    target = {"target": args.device, "batch": batch} if args.target_options else {}
-    picked = choices(model, inputs, merged_convs, apart_convs, policies, target)
     rows = []
     for runtime in runtimes:
         for precision in args.precisions:
+            picked = choices(model, inputs, merged_convs, apart_convs, policies, args.device, batch, precision,
+                             runtime)
             sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
             runners = {"merged": runner(merged, inputs, runtime, "always", precision, args.device),
                        "apart": runner(apart, inputs, runtime, "macs", precision, args.device)}
@@ -238,13 +241,12 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only the blocks whose name contains this text")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--no-target-options", dest="target_options", action="store_false",
-                        help="do not pass target=/batch= to reparameterize (for a repfx without them)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.repeats = 2, 3
     runtimes = args.runtimes or (["eager"] if args.quick or args.device != "cpu" else ["eager", "onnx"])
     print_environment(args.quick, "-", "; timings are noisy")
+    print(f"profile: {device_profile('cuda' if args.device.startswith('cuda') else args.device)}")
     rows = []
     for case in (case for case in CASES if args.only in case.name):
         for batch in args.batches:

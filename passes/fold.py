@@ -6,7 +6,7 @@ rewritten only when its emission executes fewer ops than the region did, so a
 lone conv or a lone BN after a ReLU stays as it is, and once the pipeline has run
 this pass to a fixed point a further run finds nothing to do (idempotence).
 
-Under the MACs rule, chains of linear ops are then cut where that is cheapest
+Unless every merge is forced, chains of linear ops are then cut where that is cheapest
 (``partition``). A weight other ops read too is never written: a use that folds gets
 new weights (the report says so), and a use that would only copy it stays a boundary
 (``regions.sharing``).
@@ -23,6 +23,7 @@ from torch import fx
 
 from repfx.passes import partition
 from repfx.passes import cost as cost_rule
+from repfx.passes.cost import CostRule
 from repfx.passes.emit import Emission, EmissionPlan, Emitter, plan, remove_dead_code
 from repfx.passes.regions import sharing
 from repfx.passes.regions.analyzer import Analysis, Analyzer, CostPolicy, Expr, analyze
@@ -50,6 +51,7 @@ class PassResult:
     modified: bool
     rewrites: list[AppliedRewrite] = field(default_factory=list)
     refusals: list[tuple[str, str]] = field(default_factory=list)
+    decisions: list[cost_rule.Decision] = field(default_factory=list)  # contested cost decisions of this round
 
 
 def _is_executed(node: fx.Node) -> bool:
@@ -65,7 +67,7 @@ def _kind(node: fx.Node) -> str:
     return name
 
 
-def choose_regions(gm: fx.GraphModule, cost: CostPolicy) -> tuple[list[tuple[fx.Node, Expr]], list[tuple[fx.Node, str]]]:
+def choose_regions(gm: fx.GraphModule, cost: CostPolicy | CostRule) -> tuple[list[tuple[fx.Node, Expr]], list[tuple[fx.Node, str]]]:
     """Regions to rewrite (root, expression) and the refusals that explain the rest.
 
     A use of a shared weight that some region would only copy (the shared op alone,
@@ -74,19 +76,19 @@ def choose_regions(gm: fx.GraphModule, cost: CostPolicy) -> tuple[list[tuple[fx.
     """
     boundaries: frozenset[fx.Node] = frozenset()
     while True:
-        chosen, refusals = _choose(gm, cost, boundaries)
+        chosen, refusals = _choose(gm, cost_rule.resolve(cost), boundaries)
         copies = sharing.copy_only_uses(chosen) - boundaries
         if not copies:
             return chosen, refusals
         boundaries |= copies
 
 
-def _choose(gm: fx.GraphModule, cost: CostPolicy,
+def _choose(gm: fx.GraphModule, rule: CostRule,
             boundaries: frozenset[fx.Node]) -> tuple[list[tuple[fx.Node, Expr]], list[tuple[fx.Node, str]]]:
     """The cost rule, applied globally first, then locally, then along chains.
 
     The *eager* analysis merges everything exact; its region is kept when the merged
-    ops cost no more MACs than the ops they replace (DBB: the 1x1->avg-pool chain alone
+    ops cost no more, by the rule, than the ops they replace (DBB: the 1x1->avg-pool chain alone
     is dearer than the two ops, but it vanishes into the block's dense kxk). Otherwise
     the region is rebuilt from the *careful* analysis, where every single merge must
     pay for itself (depthwise kxk + dense 1x1, bottleneck 1x1->kxk). Last, each chain
@@ -94,7 +96,7 @@ def _choose(gm: fx.GraphModule, cost: CostPolicy,
     """
     analyzer = Analyzer(gm, "always", boundaries)
     eager = analyzer.run()
-    if cost == "always":
+    if rule.merges_everything:
         return [(root, eager.exprs[root]) for root in eager.roots()], list(eager.refusals)
     careful: Analysis | None = None  # only built when some region fails the global rule
     chosen, refusals = [], []
@@ -102,19 +104,19 @@ def _choose(gm: fx.GraphModule, cost: CostPolicy,
     for root in eager.roots():
         expr = eager.exprs[root]
         merged, original = expr.cost, eager.region_cost(expr)
-        if cost_rule.COST.pays(merged, original):
+        if rule.pays(merged, original, root.name):
             chosen.append((root, expr))
             continue
         if careful is None:
-            careful = analyze(gm, "macs", boundaries)
+            careful = analyze(gm, rule, boundaries)
             careful_roots = set(careful.roots())
         fallback_ops |= expr.ops
-        refusals.append((root, cost_rule.COST.region_refused(len(expr.terms), merged, original)))
+        refusals.append((root, rule.region_refused(len(expr.terms), merged, original)))
         chosen += [(node, careful.exprs[node]) for node in expr.ops if node in careful_roots]
     refusals += [(node, reason) for node, reason in eager.refusals if node not in fallback_ops]
     if careful is not None:
         refusals += [(node, reason) for node, reason in careful.refusals if node in fallback_ops]
-    return partition.improve(analyzer, eager, chosen, refusals, _rewrites_fewer_ops)
+    return partition.improve(analyzer, eager, chosen, refusals, _rewrites_fewer_ops, rule)
 
 
 def _executed(expr: Expr) -> list[fx.Node]:
@@ -154,18 +156,21 @@ class Prover(Protocol):
     def __call__(self, gm: fx.GraphModule, candidates: Sequence[Candidate]) -> dict[Candidate, str]: ...
 
 
-def fold_linear_regions(gm: fx.GraphModule, cost: CostPolicy = "macs", prover: Prover | None = None) -> PassResult:
+def fold_linear_regions(gm: fx.GraphModule, cost: CostPolicy | CostRule = "macs", prover: Prover | None = None) -> PassResult:
     """Rewrite ``gm`` in place; see the module docstring for what is rewritten.
 
     With a ``prover``, every replacement is emitted first, proven, and only then
     wired in; a replacement that fails its proof is erased and the region stays as
     written (reported as a refusal with the prover's reason).
     """
-    regions, refusals = choose_regions(gm, cost)
+    rule = cost_rule.resolve(cost)
+    rule.decisions.clear()  # this round's decisions (a rule carries them from round to round otherwise)
+    regions, refusals = choose_regions(gm, rule)
     order = {node: index for index, node in enumerate(gm.graph.nodes)}
     regions.sort(key=lambda region: order[region[0]])
     emitter = Emitter(gm)
-    result = PassResult(False, refusals=[(node.name, reason) for node, reason in refusals])
+    result = PassResult(False, refusals=[(node.name, reason) for node, reason in refusals],
+                        decisions=list(rule.decisions.values()))
     candidates = []
     constant = sharing.constant_nodes(gm)
     for root, expr in regions:

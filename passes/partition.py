@@ -9,7 +9,7 @@ chain above is two regions, and merging the 1x1 into the 3x3 belongs to neither)
 
 Here every segment ``oj..ok`` is priced by re-running its rules on the segment's own
 expression (``Analyzer.reapply``: exact or refused, as in the walk), and one pass of
-dynamic programming picks the cuts minimizing the total cost (``cost.COST``); a
+dynamic programming picks the cuts minimizing the total cost (the analyzer's rule); a
 segment of one op stays as written. ``improve`` replaces the regions chosen along a
 chain only when the partition is strictly cheaper, so every decision the region
 rule already got right stands, and it says for each split chain how it was cut.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from repfx.passes.algebra.forms import NotExact
-from repfx.passes import cost as cost_rule
+from repfx.passes.cost import NOTHING, CostRule, Work
 from repfx.passes.regions.analyzer import Analysis, Analyzer, Expr
 
 Region = tuple[fx.Node, Expr]
@@ -39,7 +39,7 @@ MAX_SEGMENT = 32  # longest segment priced: the work per chain grows with its sq
 class Segment:
     nodes: tuple[fx.Node, ...]  # chain nodes, in order
     expr: Expr | None  # the merged expression; None: one op, left as written
-    cost: int
+    cost: Work
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,8 @@ class Partition:
     whole: str  # what merging the whole chain would cost, or why it is not exact
 
     @property
-    def cost(self) -> int:
-        return sum(segment.cost for segment in self.segments)
+    def cost(self) -> Work:
+        return sum((segment.cost for segment in self.segments), NOTHING)
 
     def regions(self) -> list[Region]:
         return [(segment.nodes[-1], segment.expr) for segment in self.segments if segment.expr is not None]
@@ -81,7 +81,8 @@ def chains(analysis: Analysis, boundaries: frozenset[fx.Node] = frozenset()) -> 
     return found
 
 
-def cheapest(analyzer: Analyzer, analysis: Analysis, chain: Sequence[fx.Node], emittable: Emittable) -> Partition:
+def cheapest(analyzer: Analyzer, analysis: Analysis, chain: Sequence[fx.Node], emittable: Emittable,
+             rule: CostRule) -> Partition:
     """The partition of ``chain`` with the lowest total cost (ties: fewer segments)."""
     segments = {(end, end): _lone(analysis, node) for end, node in enumerate(chain)}  # as written: always possible
     stopped = "not one op"  # why the segment from the first op stops short of the last, if it does
@@ -93,16 +94,17 @@ def cheapest(analyzer: Analyzer, analysis: Analysis, chain: Sequence[fx.Node], e
             if end > start and emittable(chain[end], merged):
                 segments[start, end] = Segment(tuple(chain[start:end + 1]), merged, merged.cost)
     whole = segments.get((0, len(chain) - 1))
-    best: list[tuple[int, int, int]] = [(0, 0, -1)]  # per prefix length: (cost, segments, start of the last one)
+    price = {span: rule.key(segment.cost) for span, segment in segments.items()}
+    best: list[tuple[float, int, int]] = [(0.0, 0, -1)]  # per prefix length: (cost, segments, start of the last one)
     for end in range(len(chain)):
-        best.append(min(((best[start][0] + segments[start, end].cost, best[start][1] + 1, start)
-                         for start in range(end + 1) if (start, end) in segments), key=_order))
+        best.append(min((best[start][0] + price[start, end], best[start][1] + 1, start)
+                        for start in range(end + 1) if (start, end) in segments))
     cut, end = [], len(chain)
     while end > 0:
         start = best[end][2]
         cut.append(segments[start, end - 1])
         end = start
-    return Partition(tuple(chain), tuple(reversed(cut)), f"{whole.cost:,}" if whole else stopped)
+    return Partition(tuple(chain), tuple(reversed(cut)), rule.amount(whole.cost) if whole else stopped)
 
 
 def _merged_from(analyzer: Analyzer, analysis: Analysis, chain: Sequence[fx.Node], start: int):
@@ -136,17 +138,11 @@ def _merged_from(analyzer: Analyzer, analysis: Analysis, chain: Sequence[fx.Node
 
 
 def _lone(analysis: Analysis, node: fx.Node) -> Segment:
-    return Segment((node,), None, analysis.own_cost.get(node, 0))
-
-
-def _order(option: tuple[int, int, int]) -> tuple:
-    """Cost first (as ``cost_rule.COST`` orders it), then fewer segments, then the longer last segment."""
-    cost, count, start = option
-    return (cost_rule.COST.key(cost), count, start)
+    return Segment((node,), None, analysis.own_cost.get(node, NOTHING))
 
 
 def improve(analyzer: Analyzer, analysis: Analysis, chosen: list[Region], refusals: list[tuple[fx.Node, str]],
-            emittable: Emittable) -> tuple[list[Region], list[tuple[fx.Node, str]]]:
+            emittable: Emittable, rule: CostRule) -> tuple[list[Region], list[tuple[fx.Node, str]]]:
     """``chosen`` with each chain's regions replaced by its cheapest partition where that is strictly cheaper.
 
     Chains share no op, and every region touching one is rooted in it (checked), so
@@ -162,18 +158,18 @@ def improve(analyzer: Analyzer, analysis: Analysis, chosen: list[Region], refusa
         current = list({id(region): region for node in chain for region in touching.get(node, [])}.values())
         if any(root not in chain for root, _ in current):
             continue  # a region reaches into the chain from outside: the chain is not alone
-        best = cheapest(analyzer, analysis, chain, emittable)
+        best = cheapest(analyzer, analysis, chain, emittable, rule)
         today = _as_partition(chain, current, analysis, emittable, best.whole)
-        written = sum(analysis.own_cost.get(node, 0) for node in chain)
-        if not cost_rule.COST.cheaper(best.cost, today.cost):
+        written = sum((analysis.own_cost.get(node, NOTHING) for node in chain), NOTHING)
+        if not rule.cheaper(best.cost, today.cost, chain[-1].name):
             if len(today.segments) > 1:
-                refusals.append((chain[-1], describe(today, written, None)))
+                refusals.append((chain[-1], describe(rule, today, written, None)))
             continue
         replaced |= {id(region) for region in current}
         added += best.regions()
         ops = frozenset(chain).union(*(expr.ops for _, expr in current))
         refusals = [(node, why) for node, why in refusals if node not in ops or not why.startswith("cost rule")]
-        refusals.append((chain[-1], describe(best, written, today.cost)))
+        refusals.append((chain[-1], describe(rule, best, written, today.cost)))
     return [region for region in chosen if id(region) not in replaced] + added, refusals
 
 
@@ -190,14 +186,15 @@ def _as_partition(chain: Sequence[fx.Node], regions: list[Region], analysis: Ana
         if expr is not None and emittable(node, expr):
             segments.append(Segment(tuple(pending), expr, expr.cost))
         else:
-            segments += [Segment((op,), None, analysis.own_cost.get(op, 0)) for op in pending]
+            segments += [Segment((op,), None, analysis.own_cost.get(op, NOTHING)) for op in pending]
         pending = []
     return Partition(tuple(chain), tuple(segments), whole)
 
 
-def describe(partition: Partition, written: int, replaced: int | None) -> str:
+def describe(rule: CostRule, partition: Partition, written: Work, replaced: Work | None) -> str:
     """One line for the report: how the chain was cut, what that costs, against what."""
     cut = " + ".join("(" + ", ".join(node.name for node in segment.nodes) + ")" for segment in partition.segments)
-    against = "" if replaced is None else f", {replaced:,} merging region by region"
+    against = "" if replaced is None else f", {rule.amount(replaced)} merging region by region"
     return (f"chain partition: {' -> '.join(node.name for node in partition.chain)} cut as {cut}: "
-            f"{partition.cost:,} {cost_rule.COST.unit} vs {written:,} as written{against}; merged whole: {partition.whole}")
+            f"{rule.amount(partition.cost)} vs {rule.amount(written)} as written{against} ({rule.describe()}); "
+            f"merged whole: {partition.whole}")

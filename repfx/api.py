@@ -4,6 +4,7 @@ one graph)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -14,12 +15,14 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from repfx.passes import run_pipeline
+from repfx.passes.cost import CostRule
 
 from repfx.capture.export import SupportedModel, capture
 from repfx.capture.inputs import as_input_tuple  # also imported from here by repfx.deploy
 from repfx.capture.partial import (can_fold_in_parts, fold_in_parts, report_of, warn_folded_in_parts,
                                    whole_model_message)
 from repfx.errors import CaptureError
+from repfx.targets import Target, cost_rule
 from repfx.verify.local import LocalProver
 from repfx.verify.mismatch import judge
 from repfx.verify.opcount import count_ops, summarize
@@ -38,7 +41,9 @@ def reparameterize(
     rtol: float | None = None,
     atol: float | None = None,
     dynamic_batch: bool = False,
-    cost: Literal["macs", "always"] = "macs",
+    cost: Literal["latency", "measure", "macs", "always"] | CostRule = "latency",
+    target: Target = None,
+    batch: int | None = None,
     strict: bool = False,
     partial: bool = True,
     progress: Callable[[str], None] | None = None,
@@ -47,8 +52,15 @@ def reparameterize(
 
     Every linear region (convs, eval BN, identities, scales, avg-pools, zero pads,
     concats, linears with no nonlinearity inside) is folded into as few convolutions
-    as compute it exactly, unless the merge would cost more MACs (``cost="always"``
-    forces structural merges). ``model`` is never modified.
+    as compute it exactly, unless that would make the model slower on the device it
+    will run on. ``cost="latency"`` (the default) models each form's time op by op
+    (a roofline: arithmetic, memory traffic, launch overhead) on ``target``: the
+    example inputs' device unless named (``"cpu"``, ``"cuda"``, or a GPU this
+    machine lacks, ``"cuda:h200"``), at ``batch`` samples (default: the example
+    inputs' batch). ``cost="measure"`` times the contested forms on the device
+    instead; ``cost="macs"`` counts multiply-accumulates; ``cost="always"`` merges
+    everything exact. The report lists each contested decision (a merge that adds
+    MACs) with both forms' costs. ``model`` is never modified.
 
     With ``verify``, each rewrite is first proven locally: the region and its
     replacement are evaluated in float64 on the activations that reach it (example
@@ -68,16 +80,19 @@ def reparameterize(
     raises the ``CaptureError`` instead.
     """
     result, _ = _reparameterize(model, example_inputs, partial=partial, verify=verify, rtol=rtol, atol=atol,
-                                dynamic_batch=dynamic_batch, cost=cost, strict=strict, progress=progress)
+                                dynamic_batch=dynamic_batch, cost=cost, target=target, batch=batch, strict=strict,
+                                progress=progress)
     return result
 
 
-def explain(model: SupportedModel, example_inputs: Sequence[Any], *, cost: Literal["macs", "always"] = "macs",
-            partial: bool = True) -> Report:
-    """What ``reparameterize`` would merge and refuse (and op counts), without verification; for a model
-    folded in parts, part by part (``report.parts``, ``report.kept_parts``)."""
+def explain(model: SupportedModel, example_inputs: Sequence[Any], *,
+            cost: Literal["latency", "measure", "macs", "always"] | CostRule = "latency", target: Target = None,
+            batch: int | None = None, partial: bool = True) -> Report:
+    """What ``reparameterize`` would merge and refuse (and op counts, and each contested decision with its
+    costs), without verification; for a model folded in parts, part by part (``report.parts``,
+    ``report.kept_parts``)."""
     _, report = _reparameterize(model, example_inputs, partial=partial, verify=False, rtol=None, atol=None,
-                                dynamic_batch=False, cost=cost)
+                                dynamic_batch=False, cost=cost, target=target, batch=batch)
     return report
 
 
@@ -91,19 +106,20 @@ def reparameterize_whole(model: SupportedModel, example_inputs: Sequence[Any], *
     try:
         return reparameterize(model, example_inputs, partial=False, **options)
     except CaptureError as error:
-        message = _whole_model_message(model, as_input_tuple(example_inputs), error, options.get("cost", "macs"))
+        planning = {key: options[key] for key in ("cost", "target", "batch", "precision", "backend") if key in options}
+        message = _whole_model_message(model, as_input_tuple(example_inputs), error, planning)
         if message is None:
             raise
         raise CaptureError(message) from error
 
 
-def _whole_model_message(model, example_inputs: tuple, error: CaptureError, cost: str) -> str | None:
+def _whole_model_message(model, example_inputs: tuple, error: CaptureError, planning: dict) -> str | None:
     """What blocks capturing ``model`` whole and the part to export instead; None where it cannot be folded in parts."""
     if not can_fold_in_parts(model):
         return None
     try:
         folded = _in_parts(model, example_inputs, error, verify=False, rtol=None, atol=None, dynamic_batch=False,
-                           cost=cost)
+                           cost=_planned_rule(planning, example_inputs))
     except CaptureError:
         return None
     return whole_model_message(report_of(folded))
@@ -111,6 +127,8 @@ def _whole_model_message(model, example_inputs: tuple, error: CaptureError, cost
 
 def _reparameterize(model, example_inputs, *, partial: bool, **options: Any) -> tuple[nn.Module, Report]:
     """``_run``; for an ``nn.Module`` torch.export cannot capture whole (and ``partial``), ``fold_in_parts``."""
+    planning = {key: options.pop(key) for key in ("cost", "target", "batch", "precision", "backend") if key in options}
+    options["cost"] = _planned_rule(planning, as_input_tuple(example_inputs))
     start = time.perf_counter()
     try:
         return _run(model, example_inputs, **options)
@@ -125,6 +143,12 @@ def _reparameterize(model, example_inputs, *, partial: bool, **options: Any) -> 
     return folded, report
 
 
+def _planned_rule(planning: dict, example_inputs: tuple) -> CostRule:
+    """The cost rule, resolved once from the whole model's inputs (parts folded alone see only their own)."""
+    planning = dict(planning)
+    return cost_rule(planning.pop("cost", "latency"), example_inputs=example_inputs, **planning)
+
+
 def _in_parts(model, example_inputs: tuple, blocker: CaptureError, *, verify, rtol, atol, dynamic_batch, cost,
               strict=False, progress=None) -> nn.Module:
     """``fold_in_parts`` with this module's pipeline (``_run``, with local proofs) folding each part."""
@@ -133,10 +157,9 @@ def _in_parts(model, example_inputs: tuple, blocker: CaptureError, *, verify, rt
                          dynamic_batch=dynamic_batch, progress=progress or (lambda phase: None))
 
 
-def _run(model, example_inputs, *, verify, rtol, atol, dynamic_batch, cost, strict=False,
+def _run(model, example_inputs, *, verify, rtol, atol, dynamic_batch, cost: CostRule, strict=False,
          progress=None) -> tuple[fx.GraphModule, Report]:
-    if cost not in ("macs", "always"):
-        raise ValueError(f"cost must be 'macs' or 'always', got {cost!r}")
+    rule = dataclasses.replace(cost, decisions={})  # this graph's decisions only (parts share the settings)
     check_tolerances(rtol, atol)
     progress = progress or (lambda phase: None)
     progress("capture")
@@ -153,7 +176,7 @@ def _run(model, example_inputs, *, verify, rtol, atol, dynamic_batch, cost, stri
     progress("rewrite")
 
     prover = LocalProver(input_sets(example_inputs, LOCAL_PROOF_TRIALS)) if verify else None
-    results = run_pipeline(gm, cost, prover=prover, eager_runtime=True)  # before verification, so the check covers it
+    results = run_pipeline(gm, rule, prover=prover, eager_runtime=True)  # before verification, so the check covers it
     report.iterations = len(results)
     for step in results:
         report.rewrites += [Rewrite(r.kind, r.replaced_ops, r.kernel_shapes, r.ops_before, r.ops_after)
@@ -165,6 +188,8 @@ def _run(model, example_inputs, *, verify, rtol, atol, dynamic_batch, cost, stri
     refusals = list(results[0].refusals) + [(node, reason) for step in results[1:] for node, reason in step.refusals
                                             if reason.startswith("local proof")]
     report.refusals = [Refusal(node, reason) for node, reason in dict.fromkeys(refusals)]
+    report.cost_rule = rule.describe()
+    report.decisions = [decision.to_dict() for decision in results[0].decisions]  # first round, as refusals
     clock = _lap(report, "rewrite", clock)
 
     # Running a graph that writes its buffers advances them: every check runs on copies,

@@ -6,6 +6,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from repfx.passes.cost.rules import amount_text
+
 
 @dataclass(frozen=True)
 class Rewrite:
@@ -75,6 +77,9 @@ class Report:
     capture_blocker: str | None = None  # the whole-model capture error's first line (names the failing line)
     parts: list[Part] = field(default_factory=list)  # folded submodules, largest first
     kept_parts: list[KeptPart] = field(default_factory=list)  # submodules left as written, and why
+    # The cost rule and each contested decision it took (a merge that adds MACs: merged vs kept apart).
+    cost_rule: str | None = None  # e.g. "modeled on cpu: <model>, 2 threads, batch 1, float32"
+    decisions: list[dict] = field(default_factory=list)  # repfx.passes.cost.Decision.to_dict() each
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,9 +125,29 @@ class Report:
                      + ", ".join(f"{phase} {secs:.2f}s" for phase, secs in self.seconds.items()))
         lines += ["", f"merged ({len(self.rewrites)}):"]
         lines += _table(["rewrite", "ops", "count"], _grouped_rewrites(self.rewrites)) if self.rewrites else ["  none"]
+        lines += _decision_lines(self)
         lines += ["", f"refused ({len(self.refusals)}):"]
         lines += _grouped_refusals(self.refusals) or ["  none"]
         return "\n".join(lines)
+
+
+def _decision_lines(report: Report) -> list[str]:
+    """Contested decisions grouped by the forms compared (a repeated block decides alike), with their costs."""
+    if report.cost_rule is None:
+        return []
+    lines = ["", f"cost rule: {report.cost_rule}; contested decisions ({len(report.decisions)}):"]
+    groups: dict[tuple, list[dict]] = {}
+    for decision in report.decisions:
+        groups.setdefault((decision["merged"], decision["apart"], decision["merged_won"]), []).append(decision)
+    for (merged, apart, won), decisions in groups.items():
+        first = decisions[0]
+        where = ", ".join(d["where"] for d in decisions[:3]) + (f" and {len(decisions) - 3} more"
+                                                               if len(decisions) > 3 else "")
+        lines.append(f"  {len(decisions)}x {'merged' if won else 'kept apart'}: [{merged}] "
+                     f"{amount_text(first['merged_cost'], first['unit'])} vs [{apart}] "
+                     f"{amount_text(first['apart_cost'], first['unit'])} ({first['how']})  [{where}]")
+    return lines if report.decisions else lines + ["  none"]
+
 
 
 def _grouped_refusals(refusals: list[Refusal], names_shown: int = 3) -> list[str]:

@@ -151,12 +151,12 @@ def rewrite_kernels(report: repfx.Report) -> list[tuple[int, ...]]:
     return [shape for rewrite in report.rewrites for shape in rewrite.kernel_shapes]
 
 
-def assert_folds_idempotently(factory: Callable[[], nn.Module], shape: Sequence[int]) -> None:
-    """Re-parameterizing the result of re-parameterizing ``factory()`` changes nothing."""
+def assert_folds_idempotently(factory: Callable[[], nn.Module], shape: Sequence[int], **kwargs: Any) -> None:
+    """Re-parameterizing the result of re-parameterizing ``factory()`` (with ``kwargs``) changes nothing."""
     model = build(factory)
     x = rand(*shape)
-    gm, _ = reparam(model, x)
-    assert_idempotent(gm, x)
+    gm, _ = reparam(model, x, **kwargs)
+    assert_idempotent(gm, x, **kwargs)
 
 
 def assert_dynamic_batch_folds(factory: Callable[[], nn.Module], example_batch: int) -> None:

@@ -23,7 +23,6 @@ which imports every module in it.
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +31,7 @@ from torch import Tensor, fx
 
 from repfx.passes.constants import ConstantFolder
 from repfx.passes import cost as cost_rule
+from repfx.passes.cost import NOTHING, CostRule, Work, elementwise, of_form
 from repfx.passes.shapes import size_hint
 from repfx.passes.algebra.forms import ConvForm, NotExact, compose, merge_parallel
 from repfx.passes.regions import sharing
@@ -83,9 +83,10 @@ class Analyzer:
 
     per_channel = staticmethod(per_channel)
 
-    def __init__(self, gm: fx.GraphModule, cost: CostPolicy, boundaries: frozenset[fx.Node] = frozenset()) -> None:
+    def __init__(self, gm: fx.GraphModule, cost: CostPolicy | CostRule,
+                 boundaries: frozenset[fx.Node] = frozenset()) -> None:
         self.gm = gm
-        self.cost_policy = cost
+        self.cost = cost_rule.resolve(cost)
         self.boundaries = boundaries  # ops whose use would only copy a shared weight (``sharing``)
         self.constants = ConstantFolder(gm)
         self.result = Analysis()
@@ -174,7 +175,7 @@ class Analyzer:
             raise NotLinear
         shape = self.sample_shape(arg, channel_last)
         form = ConvForm.identity(shape[0], len(shape) - 1)
-        return Expr((Term(arg, form, 0),), frozenset(), shape)
+        return Expr((Term(arg, form, NOTHING),), frozenset(), shape)
 
     def _rank0(self, node: fx.Node, channel_last: bool) -> bool:
         """Whether ``node`` is read with rank-0 forms: channel-last reads, and every [N, C] tensor."""
@@ -214,18 +215,18 @@ class Analyzer:
         """Expression of ``outer(expr)``; ``node`` (and ``extra_ops``) join the region."""
         shape = self.sample_shape(node, channel_last)
         ops = expr.ops | {node, *extra_ops}
-        self.result.own_cost[node] = outer.macs(shape)
-        separate_cost = expr.cost + outer.macs(shape)
+        self.result.own_cost[node] = of_form(outer, shape)
+        separate_cost = expr.cost + of_form(outer, shape)
         if len(expr.terms) == 1:
             term = expr.terms[0]
             merged = compose(outer, term.form)
             alone = not expr.ops and any(op in self.result.shared for op in (node, *extra_ops))
-            terms = (Term(term.source, merged, merged.macs(shape), node if alone else None),)
+            terms = (Term(term.source, merged, of_form(merged, shape), node if alone else None),)
         elif outer.is_diagonal and not any(outer.padding):
             terms = self._distribute(outer, expr.terms, shape)
         else:
             raise NotExact(f"{outer.describe()} applied to a sum of branches that read different tensors")
-        self.check_cost(node, sum(t.cost for t in terms) + (len(terms) - 1) * math.prod(shape), separate_cost)
+        self.check_cost(node, sum(t.cost for t in terms) + (len(terms) - 1) * elementwise(shape), separate_cost)
         return Expr(terms, frozenset(ops), shape)
 
     def _distribute(self, outer: ConvForm, terms: Sequence[Term], shape: tuple[int, ...]) -> tuple[Term, ...]:
@@ -235,29 +236,29 @@ class Analyzer:
         result = []
         for index, term in enumerate(terms):
             form = compose(outer if index == 0 else scale_only, term.form)
-            result.append(Term(term.source, form, form.macs(shape)))
+            result.append(Term(term.source, form, of_form(form, shape)))
         return tuple(result)
 
     def add(self, node: fx.Node, exprs: Sequence[Expr], operands: Sequence[fx.Node], channel_last: bool) -> Expr:
         shape = self.sample_shape(node, channel_last)
         same_shapes(node, operands)
-        self.result.own_cost[node] = math.prod(shape)
+        self.result.own_cost[node] = elementwise(shape, len(operands))
         terms = self._merge_terms([t for e in exprs for t in e.terms], node, shape)
         ops = frozenset().union(*(e.ops for e in exprs)) | {node}
         return Expr(terms, ops, shape)
 
     def _merge_terms(self, terms: Sequence[Term], node: fx.Node, shape: tuple[int, ...]) -> tuple[Term, ...]:
         """Merge terms reading the same source, most expensive first, when exact and not dearer."""
-        numel = math.prod(shape)
+        add = elementwise(shape)
         clusters: list[Term] = []
-        for term in sorted(terms, key=lambda t: -t.cost):
+        for term in sorted(terms, key=lambda t: -t.cost.macs):
             for index, cluster in enumerate(clusters):
                 if cluster.source is not term.source:
                     continue
                 try:
                     merged = merge_parallel([cluster.form, term.form])
-                    merged_cost = merged.macs(shape)
-                    self.check_cost(node, merged_cost, cluster.cost + term.cost + numel)
+                    merged_cost = of_form(merged, shape)
+                    self.check_cost(node, merged_cost, cluster.cost + term.cost + add)
                 except NotExact as refusal:
                     self.result.refuse(node, str(refusal))
                     continue
@@ -271,9 +272,10 @@ class Analyzer:
             self.result.refuse(node, f"branches read different tensors ({names}); kept as separate terms")
         return tuple(clusters)
 
-    def check_cost(self, node: fx.Node, merged: int, separate: int) -> None:
-        if self.cost_policy == "macs" and not cost_rule.COST.pays(merged, separate):
-            raise NotExact(cost_rule.COST.merge_refused(merged, separate))
+    def check_cost(self, node: fx.Node, merged: Work, separate: Work) -> None:
+        """Refuse the merge at ``node`` unless the rule says it pays (``AlwaysMerge`` never asks)."""
+        if not self.cost.merges_everything and not self.cost.pays(merged, separate, node.name):
+            raise NotExact(self.cost.merge_refused(merged, separate))
 
     # -- helpers for rules -------------------------------------------------------------
     def weight(self, node: fx.Node, arg: Any, what: str = "weight") -> Tensor:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 from torch import fx
 
 from repfx.passes.algebra.forms import ConvForm
+from repfx.passes.cost import NOTHING, CostPolicy, Work, elementwise
 
-CostPolicy = Literal["macs", "always"]
+__all__ = ["Analysis", "CostPolicy", "Expr", "NotLinear", "Term"]
 
 
 class NotLinear(Exception):
@@ -27,7 +27,7 @@ class NotLinear(Exception):
 class Term:
     source: fx.Node
     form: ConvForm
-    cost: int  # MACs per sample to compute this term by itself
+    cost: Work  # the op that computes this term by itself
     shared: fx.Node | None = None  # the term is this op alone, which reads a weight other ops read too
 
 
@@ -47,16 +47,16 @@ class Expr:
         return self.terms[0].form.rank == 0
 
     @property
-    def cost(self) -> int:
-        """MACs to compute the terms separately and add them up (an add costs one per element)."""
-        return sum(term.cost for term in self.terms) + (len(self.terms) - 1) * self.numel
+    def cost(self) -> Work:
+        """The work of computing the terms separately and adding them up (one add per extra term)."""
+        return sum((term.cost for term in self.terms), NOTHING) + (len(self.terms) - 1) * elementwise(self.shape)
 
 
 @dataclass
 class Analysis:
     exprs: dict[fx.Node, Expr] = field(default_factory=dict)
     refusals: dict[tuple[fx.Node, str], None] = field(default_factory=dict)  # ordered set of (node, reason)
-    own_cost: dict[fx.Node, int] = field(default_factory=dict)  # MACs per sample of each op as written
+    own_cost: dict[fx.Node, Work] = field(default_factory=dict)  # the work of each op as written
     operands: dict[fx.Node, tuple[fx.Node, ...]] = field(default_factory=dict)  # tensors each rule read as operands
     shared: dict[fx.Node, list[str]] = field(default_factory=dict)  # op -> its weights other ops read, with them
 
@@ -68,6 +68,6 @@ class Analysis:
         absorbed = {op for node, expr in self.exprs.items() for op in expr.ops if op is not node}
         return [node for node in self.exprs if node not in absorbed]
 
-    def region_cost(self, expr: Expr) -> int:
-        """MACs per sample of the original ops an expression stands for."""
-        return sum(self.own_cost.get(op, 0) for op in expr.ops)
+    def region_cost(self, expr: Expr) -> Work:
+        """The work of the original ops an expression stands for."""
+        return sum((self.own_cost.get(op, NOTHING) for op in expr.ops), NOTHING)

@@ -29,6 +29,8 @@ from repfx.backends.precision import PRECISIONS, precision_dtype
 from repfx.capture.inputs import InputSpec, random_inputs
 from repfx.capture.loading import BadInput, LoadedModel, load_model
 from repfx.cli.memory import check_inputs_fit
+from repfx.cli.planning import positive_int, target_argument
+from repfx.targets import COSTS
 from repfx.cli.progress import PhaseProgress
 from repfx.cli.results import print_result
 from repfx.cli.triton_entry import plan_triton, stage_triton
@@ -86,7 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", choices=("table", "json"), default="table")
     parser.add_argument("--benchmark", action="store_true", help="measure latency before/after on this device")
     parser.add_argument("--no-verify", action="store_true", help="skip the numerical checks (not recommended)")
-    parser.add_argument("--cost", choices=("macs", "always"), default="macs", help="merge cost rule")
+    parser.add_argument("--cost", choices=COSTS, default="latency",
+                        help="merge cost rule: modeled time on the target (default), measured time, MACs, always")
+    parser.add_argument("--target", type=target_argument, metavar="DEVICE",
+                        help="device the model will run on: cpu, cuda, or a GPU not here (cuda:h200, cuda:a100, "
+                             "cuda:l4, ...); default: where it is built (the engine: cuda)")
+    parser.add_argument("--batch", type=positive_int, metavar="N",
+                        help="batch size the merge decisions plan for (default: the example input's)")
     parser.add_argument("--seed", type=int, default=0, help="seed for sample BN statistics and example inputs")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="trust the model file: allow a pickled nn.Module (torch.save(model)) and turn off the "
@@ -146,7 +154,8 @@ def _run(args: argparse.Namespace,
         model, inputs = _resolve_model(args, progress)
         result = build_export(plan, model, inputs, precision=args.precision,
                               dynamic_batch=args.dynamic_batch is not None, batch_range=args.dynamic_batch,
-                              verify=not args.no_verify, cost=args.cost, progress=progress)
+                              verify=not args.no_verify, cost=args.cost, target=args.target, batch=args.batch,
+                              progress=progress)
         if entry is not None:
             stage_triton(entry, plan, result, args.dynamic_batch)
         benchmark = _benchmark(model, result, plan, inputs, progress) if args.benchmark else None

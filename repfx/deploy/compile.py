@@ -24,12 +24,19 @@ from repfx.backends.registry import get_backend, resolve_backend
 from repfx.capture.export import SupportedModel, keeps_dynamic_batch
 from repfx.capture.partial import is_folded_in_parts, report_of
 from repfx.report import Report
+from repfx.targets import Target, cost_rule
 from repfx.verify.numeric import ErrorStats, verify as verify_outputs
 
 logger = logging.getLogger("repfx")
 # Backends that run the plain model as a module, and so also a model folded in parts (repfx.capture.partial);
 # the others lower one re-exported graph. The last is what "auto" falls back to for a model folded in parts.
 MODULE_BACKENDS = ("eager", "inductor")
+MEASURED_WITH = {"eager": "eager", "inductor": "inductor", "onnx": "onnxruntime"}  # cost="measure" times forms so
+
+
+def _backend_target(device: torch.device | None) -> str | None:
+    """The device a backend runs on, as a cost target (None: where the example inputs are)."""
+    return None if device is None else ("cpu" if device.type == "cpu" else f"{device.type}:{device.index or 0}")
 
 
 class DeployedModel(nn.Module):
@@ -65,7 +72,9 @@ def compile(
     dynamic_batch: bool = False,
     verify: bool = True,
     rtol: float | None = None,
-    cost: Literal["macs", "always"] = "macs",
+    cost: Literal["latency", "measure", "macs", "always"] = "latency",
+    target: Target = None,
+    batch: int | None = None,
     batch_range: tuple[int, int, int] | None = None,
     progress: Callable[[str], None] | None = None,
     **backend_options: Any,
@@ -80,7 +89,9 @@ def compile(
     TensorRT's optimization profile). ``verify`` checks the rewrite (fp32) and then the backend's
     output against the plain graph with the precision's rtol (``repfx.backends.precision``).
     ``backend_options`` go to the backend (torch_tensorrt.dynamo.compile settings, torch.compile
-    kwargs, ``threads`` for onnxruntime).
+    kwargs, ``threads`` for onnxruntime). ``cost``, ``target`` and ``batch`` decide which merges
+    pay (``repfx.reparameterize``); the target defaults to the backend's device (TensorRT: CUDA),
+    the precision is the one being built, and ``cost="measure"`` times forms with this backend.
 
     A model torch.export cannot capture whole is folded in parts (``repfx.reparameterize``)
     for the ``eager`` and ``inductor`` backends (``auto`` then means inductor); the others
@@ -97,7 +108,9 @@ def compile(
     # A model folded in parts is a module, not one graph: only backends that run modules take it.
     in_parts = backend == "auto" or name in MODULE_BACKENDS
     plain = (reparameterize if in_parts else reparameterize_whole)(
-        model, inputs, verify=verify, dynamic_batch=dynamic_batch, cost=cost, progress=progress)
+        model, inputs, verify=verify, dynamic_batch=dynamic_batch, progress=progress,
+        cost=cost_rule(cost, target=target if target is not None else _backend_target(chosen.device), batch=batch,
+                       precision=precision, example_inputs=inputs, backend=MEASURED_WITH.get(name, "eager")))
     report: Report = report_of(plain)
     if is_folded_in_parts(plain) and name not in MODULE_BACKENDS:  # "auto" had chosen a one-graph backend
         logger.info("repfx.compile: backend %r (the model was folded in parts and %r lowers one graph)",

@@ -37,6 +37,7 @@ from repfx.deploy.compile import DeployedModel, check_against_plain
 from repfx.deploy.staging import Claim, Transaction, repfx_version, reported_as, sha256_of
 from repfx.errors import VerificationError
 from repfx.report import Report
+from repfx.targets import Target, cost_rule
 
 FORMATS = export_formats()  # the built-in ones ("pt2", "onnx", "engine"): what the CLI's --formats accepts
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -64,7 +65,9 @@ def export(
     dynamic_batch: bool = False,
     batch_range: tuple[int, int, int] | None = None,
     verify: bool = True,
-    cost: Literal["macs", "always"] = "macs",
+    cost: Literal["latency", "measure", "macs", "always"] = "latency",
+    target: Target = None,
+    batch: int | None = None,
     protected: Sequence[os.PathLike] = (),
     progress: Callable[[str], None] | None = None,
     **tensorrt_options: Any,
@@ -91,7 +94,8 @@ def export(
     with Transaction(protected) as transaction:
         plan = plan_export(transaction, out_dir, formats, name=name, precision=precision)
         result = build_export(plan, model, example_inputs, precision=precision, dynamic_batch=dynamic_batch,
-                              batch_range=batch_range, verify=verify, cost=cost, progress=progress,
+                              batch_range=batch_range, verify=verify, cost=cost, target=target, batch=batch,
+                              progress=progress,
                               **tensorrt_options)
         transaction.commit()
     return result
@@ -140,7 +144,8 @@ def plan_export(transaction: Transaction, out_dir: os.PathLike | str, formats: S
 def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequence[Any], *,
                  precision: PrecisionName = "fp32", dynamic_batch: bool = False,
                  batch_range: tuple[int, int, int] | None = None, verify: bool = True,
-                 cost: Literal["macs", "always"] = "macs", progress: Callable[[str], None] | None = None,
+                 cost: Literal["latency", "measure", "macs", "always"] = "latency", target: Target = None,
+                 batch: int | None = None, progress: Callable[[str], None] | None = None,
                  **tensorrt_options: Any) -> ExportResult:
     """The heavy part of ``export``: re-parameterize, lower, check, and write every file of ``plan`` to staging.
 
@@ -153,7 +158,11 @@ def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequen
     dynamic_batch = keeps_dynamic_batch(model, dynamic_batch)
     # One graph is written: a model torch.export cannot capture whole is refused in one line naming what blocks
     # it and the folded part to export instead.
-    plain = reparameterize_whole(model, inputs, verify=verify, dynamic_batch=dynamic_batch, cost=cost,
+    if target is None and "engine" in plan.wanted:
+        target = "cuda"  # a TensorRT engine runs on the GPU it is built on
+    rule = cost_rule(cost, target=target, batch=batch, precision=precision, example_inputs=inputs,
+                     backend="onnxruntime" if "onnx" in plan.wanted else "eager")
+    plain = reparameterize_whole(model, inputs, verify=verify, dynamic_batch=dynamic_batch, cost=rule,
                                  progress=progress)
     report: Report = plain.meta["repfx"]
     report.precision = precision

@@ -17,11 +17,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from torch import fx
 
 from repfx.api import LOCAL_PROOF_TRIALS
 from repfx.capture.inputs import placeholder_specs, random_inputs
 from repfx.errors import VerificationError
+from repfx.targets import cost_rule
 from repfx.verify.local import LocalProver
 from repfx.verify.mismatch import judge
 from repfx.verify.numeric import input_sets, verify
@@ -37,7 +39,9 @@ def repfx_lowering_pass(gm: fx.GraphModule, settings: Any = None) -> fx.GraphMod
     inputs = random_inputs(specs, seed=0) if specs is not None else None
     original = copy.deepcopy(gm) if inputs is not None else None
     prover = LocalProver(input_sets(inputs, LOCAL_PROOF_TRIALS)) if inputs is not None else None
-    results = run_pipeline(gm, "macs", prover=prover, eager_runtime=False)  # TensorRT runs it, not eager PyTorch
+    rule = cost_rule("latency", target="cuda" if torch.cuda.is_available() else None,  # TensorRT runs on CUDA
+                     example_inputs=inputs or ())
+    results = run_pipeline(gm, rule, prover=prover, eager_runtime=False)  # TensorRT runs it, not eager PyTorch
     if not any(step.modified for step in results):
         return gm
     gm.graph.lint()

@@ -161,10 +161,10 @@ def test_concat_becomes_one_conv_with_stacked_channels(second_kernel, cost):
 
 
 def test_concat_3x3_and_1x1_refused_by_cost_rule():
-    """Stacking a 1x1 into a 3x3 costs more MACs than the two convs: kept as 2 convs + cat."""
+    """Stacking a 1x1 into a 3x3 costs more MACs than the two convs: kept as 2 convs + cat (the MACs rule)."""
     model = build(lambda: CatBranches(1))
     x = image()
-    gm, report = reparam(model, x)
+    gm, report = reparam(model, x, cost="macs")
     assert_matches(model, gm, x)
     counts = assert_ops(gm, x, convolution=2, batch_norm=0, add=0)
     assert counts["cat"] == 1

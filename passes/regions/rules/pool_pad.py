@@ -8,7 +8,6 @@ convolution form and are refused with that reason.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +16,7 @@ from torch import Tensor, fx
 
 from repfx.passes.algebra import kernels
 from repfx.passes.algebra.forms import ConvForm, NotExact, pad_output
+from repfx.passes.cost import elementwise, of_form
 from repfx.passes.regions.analyzer import Analyzer, Expr, NotLinear, Operand, Term, as_ints, rule
 
 aten = torch.ops.aten
@@ -80,8 +80,8 @@ def pad(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
         raise NotExact(f"{node.name}: pads a sum of branches reading different tensors")
     term = expr.terms[0]
     form = pad_output(term.form, padding, value_vec)
-    an.result.own_cost[node] = math.prod(shape)
-    return Expr((Term(term.source, form, form.macs(shape)),), expr.ops | {node}, shape)
+    an.result.own_cost[node] = elementwise(shape, 1)
+    return Expr((Term(term.source, form, of_form(form, shape)),), expr.ops | {node}, shape)
 
 
 def _fill_value(an: Analyzer, src: Any, shape: tuple[int, ...]) -> Tensor:
@@ -151,5 +151,5 @@ def border_fill(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
         raise NotExact(f"{node.name}: pads a sum of branches reading different tensors")
     term = expr.terms[0]
     form = pad_output(term.form, padding, value)
-    an.result.own_cost[node] = math.prod(shape)
-    return Expr((Term(term.source, form, form.macs(shape)),), expr.ops | ops, shape)
+    an.result.own_cost[node] = elementwise(shape, 1)
+    return Expr((Term(term.source, form, of_form(form, shape)),), expr.ops | ops, shape)

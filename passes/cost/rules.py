@@ -1,0 +1,180 @@
+"""The cost rules: whether a merge pays, and which of two forms of a region is cheaper.
+
+Every decision that weighs one way of computing a region against another (a single
+merge in the analyzer, a whole region in ``fold``, a partition of a chain in
+``partition``) asks the rule it was handed, so the measure is chosen in one place:
+
+* ``MacsCost``: multiply-accumulates; a merge may not add any.
+* ``LatencyCost``: modeled time on a ``DeviceProfile`` at a batch size and dtype
+  (the roofline of ``profile``); a merge is done when it is not slower.
+* ``MeasuredCost``: ``LatencyCost``, except that a *contested* comparison (the
+  merged form does more MACs than the forms kept apart, so the answer depends on
+  the device) is settled by timing both forms with the timer it is given.
+* ``AlwaysMerge``: every exact merge is done.
+
+A rule notes each contested decision it takes (``decisions``): the forms compared,
+their costs and the winner, for the report. Costs are ``Work``s, priced on demand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from repfx.passes.cost.profile import DeviceProfile, roofline_seconds
+from repfx.passes.cost.work import Work
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One contested comparison: a form with more MACs against one with fewer, and which won."""
+
+    where: str  # the node the decision is about
+    merged: str  # the ops of the form that merges more
+    apart: str  # the ops of the form kept apart
+    merged_cost: float
+    apart_cost: float
+    unit: str
+    merged_won: bool
+    how: str  # "modeled", "measured" or "counted"
+
+    def __str__(self) -> str:
+        winner = "merged" if self.merged_won else "kept apart"
+        return (f"{self.where}: merged [{self.merged}] {amount_text(self.merged_cost, self.unit)} vs apart "
+                f"[{self.apart}] {amount_text(self.apart_cost, self.unit)} ({self.how}): {winner}")
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def amount_text(value: float, unit: str) -> str:
+    """A cost as a person reads it: milliseconds for seconds, a count with its unit otherwise."""
+    return f"{value * 1e3:.4g} ms" if unit == "s" else f"{value:,.0f} {unit}"
+
+
+@dataclass
+class CostRule:
+    """The base every rule shares: compare two works, decide, and note contested decisions."""
+
+    decisions: dict[str, Decision] = field(default_factory=dict, repr=False, compare=False)  # by node name
+    unit = "MACs per sample"
+    merges_everything = False  # ``AlwaysMerge``: the analysis skips pricing altogether
+
+    def price(self, work: Work) -> float:
+        raise NotImplementedError
+
+    def compare(self, merged: Work, apart: Work) -> tuple[float, float, str]:
+        """Both costs and how they were found; ``MeasuredCost`` times contested pairs instead."""
+        return self.price(merged), self.price(apart), "modeled"
+
+    def key(self, work: Work) -> float:
+        """Orders works, cheapest first (the chain partition's sort key)."""
+        return self.price(work)
+
+    def pays(self, merged: Work, apart: Work, where: str = "") -> bool:
+        """A merge is done when it costs no more than what it replaces (a tie merges: fewer ops run)."""
+        merged_cost, apart_cost, how = self.compare(merged, apart)
+        won = merged_cost <= apart_cost
+        self._note(where, merged, apart, merged_cost, apart_cost, won, how)
+        return won
+
+    def cheaper(self, candidate: Work, incumbent: Work, where: str = "") -> bool:
+        """``candidate`` replaces ``incumbent`` only when strictly cheaper, so a tie keeps the decision made."""
+        candidate_cost, incumbent_cost, how = self.compare(candidate, incumbent)
+        won = candidate_cost < incumbent_cost
+        if candidate.macs >= incumbent.macs:
+            self._note(where, candidate, incumbent, candidate_cost, incumbent_cost, won, how)
+        else:
+            self._note(where, incumbent, candidate, incumbent_cost, candidate_cost, not won, how)
+        return won
+
+    def _note(self, where: str, merged: Work, apart: Work, merged_cost: float, apart_cost: float, won: bool,
+              how: str) -> None:
+        if merged.macs <= apart.macs or not where:
+            return  # fewer MACs, fewer ops, fewer bytes: not a question any device answers differently
+        # One decision per node: a later level (a single merge after a whole region was refused, then the
+        # chain partition) refines an earlier one, and what it compared is what the graph shows.
+        self.decisions.pop(where, None)
+        self.decisions[where] = Decision(where, merged.describe(), apart.describe(), merged_cost, apart_cost,
+                                         self.unit, won, how)
+
+    def amount(self, work: Work) -> str:
+        return amount_text(self.price(work), self.unit)
+
+    def describe(self) -> str:
+        return "MACs"
+
+    def _vs(self, merged: Work, apart: Work, what: str) -> str:
+        merged_cost, apart_cost = self.price(merged), self.price(apart)
+        return (f"{amount_text(merged_cost, self.unit)} vs {amount_text(apart_cost, self.unit)} {what} "
+                f"({merged_cost / max(apart_cost, 1e-12):.2f}x, {self.describe()})")
+
+    def merge_refused(self, merged: Work, apart: Work) -> str:
+        """The reason a single merge is refused."""
+        return f"cost rule: merged op needs {self._vs(merged, apart, 'for the ops it would replace')}; kept separate"
+
+    def region_refused(self, ops: int, merged: Work, written: Work) -> str:
+        """The reason a whole region is not merged as far as exactness allows."""
+        return (f"cost rule: merging this region into {ops} op(s) needs {self._vs(merged, written, 'as written')}; "
+                "merged only where each step pays")
+
+
+@dataclass
+class MacsCost(CostRule):
+    """Multiply-accumulates per sample; the rule before latency, kept for comparison (``cost="macs"``)."""
+
+    def price(self, work: Work) -> float:
+        return work.macs
+
+    def compare(self, merged: Work, apart: Work) -> tuple[float, float, str]:
+        return merged.macs, apart.macs, "counted"
+
+
+@dataclass
+class AlwaysMerge(MacsCost):
+    """Every exact merge (``cost="always"``): what the per-block converters do."""
+
+    merges_everything = True
+
+    def pays(self, merged: Work, apart: Work, where: str = "") -> bool:
+        return True
+
+
+@dataclass
+class LatencyCost(CostRule):
+    """Modeled seconds on ``profile`` for ``batch`` samples of ``dtype`` (``cost="latency"``)."""
+
+    profile: DeviceProfile = None  # type: ignore[assignment]  # required; a dataclass default keeps field order
+    batch: int = 1
+    dtype: str = "float32"
+    unit = "s"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.profile, DeviceProfile):
+            raise TypeError(f"LatencyCost needs a DeviceProfile, got {type(self.profile).__name__}")
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise ValueError(f"batch must be a positive int, got {self.batch!r}")
+
+    def price(self, work: Work) -> float:
+        return sum(roofline_seconds(op, self.profile, self.batch, self.dtype) for op in work.ops)
+
+    def describe(self) -> str:
+        return f"modeled on {self.profile.name}, batch {self.batch}, {self.dtype}"
+
+
+Timer = Callable[[Work], float]  # seconds to run every op of a work once, at the rule's batch and dtype
+
+
+@dataclass
+class MeasuredCost(LatencyCost):
+    """``LatencyCost`` whose contested comparisons are timed with ``timer`` (``cost="measure"``)."""
+
+    timer: Timer | None = None
+
+    def compare(self, merged: Work, apart: Work) -> tuple[float, float, str]:
+        if merged.macs <= apart.macs or self.timer is None:
+            return super().compare(merged, apart)
+        return self.timer(merged), self.timer(apart), "measured"
+
+    def describe(self) -> str:
+        return f"measured on {self.profile.name}, batch {self.batch}, {self.dtype}"

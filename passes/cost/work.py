@@ -1,0 +1,113 @@
+"""What a way of computing a region does, op by op: the quantity every cost rule prices.
+
+A ``Work`` is the list of ops one form of a region executes (a merged conv, or the
+convs kept apart plus the adds that sum them), each an ``Op`` with what a cost
+model needs: multiply-accumulates, elements read and written per sample, weight
+elements, and enough of its geometry (``layout``) to build it again and time it.
+Works add up, so the analyzer prices a region exactly as it priced MACs before:
+the work of its terms plus one add per extra term. Rules turn a work into a number
+(MACs, modeled seconds, measured seconds); none of them is known here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Op:
+    """One executed op, per sample (the batch is the rule's business)."""
+
+    kind: str  # "conv", "conv_transpose", "linear" or "elementwise"
+    macs: int  # multiply-accumulates per sample
+    reads: int  # activation elements read per sample
+    writes: int  # elements written per sample
+    params: int  # weight and bias elements, read once per call whatever the batch
+    layout: tuple = ()  # geometry to rebuild the op (``repfx.targets.timing``); see ``conv_layout``
+
+    def describe(self) -> str:
+        if self.kind == "elementwise":
+            return f"elementwise x{self.layout[1]}" if self.layout else "elementwise"
+        in_shape, out_channels, kernel, stride, _padding, dilation, groups = self.layout[:7]
+        size = "x".join(map(str, kernel)) or "linear"
+        extra = ("" if groups == 1 else f" g{groups}") + ("" if all(s == 1 for s in stride) else f" s{stride[0]}")
+        extra += "" if all(d == 1 for d in dilation) else f" d{dilation[0]}"
+        transposed = "T" if self.kind == "conv_transpose" else ""
+        return f"{size}{transposed} {in_shape[0]}->{out_channels}{extra}"
+
+
+@dataclass(frozen=True)
+class Work:
+    """The ops one form of a region executes; adding works concatenates their ops."""
+
+    ops: tuple[Op, ...] = ()
+
+    def __add__(self, other: Work) -> Work:
+        return Work(self.ops + other.ops)
+
+    def __radd__(self, other: Any) -> Work:  # ``sum(works)`` starts from 0
+        if other == 0:
+            return self
+        return NotImplemented
+
+    def __mul__(self, times: int) -> Work:  # ``(n - 1) * add``: the adds summing n terms
+        return Work(self.ops * times)
+
+    __rmul__ = __mul__
+
+    @property
+    def macs(self) -> int:
+        return sum(op.macs for op in self.ops)
+
+    def describe(self) -> str:
+        """``3x3 16->32 + 1x1 16->32 + elementwise x2``: the ops, for the report."""
+        return " + ".join(op.describe() for op in self.ops) or "nothing"
+
+
+NOTHING = Work()
+
+
+def elementwise(shape: Sequence[int], operands: int = 2) -> Work:
+    """An op that reads ``operands`` tensors of ``shape`` and writes one (an add, a copy into a concat)."""
+    numel = math.prod(shape)
+    return Work((Op("elementwise", numel, operands * numel, numel, 0, (tuple(shape), operands)),))
+
+
+def of_form(form: Any, out_shape: Sequence[int]) -> Work:
+    """The work of one ``ConvForm`` or ``TransposedConvForm`` producing ``out_shape`` = ``(C, *spatial)``.
+
+    An identity executes nothing; a per-channel scale without padding is an
+    elementwise op (a lone BatchNorm), one multiply-accumulate per element.
+    """
+    numel = math.prod(out_shape)
+    if form.is_identity:
+        return NOTHING
+    if form.is_diagonal and not any(form.padding):
+        return Work((Op("elementwise", numel, numel, numel, 2 * out_shape[0], (tuple(out_shape), 1)),))
+    layout = conv_layout(form, out_shape)
+    kind = "conv_transpose" if form.transposed else ("linear" if form.rank == 0 else "conv")
+    params = form.weight.numel() + form.bias.numel()
+    return Work((Op(kind, form.macs(out_shape), math.prod(layout[0]), numel, params, layout),))
+
+
+def conv_layout(form: Any, out_shape: Sequence[int]) -> tuple:
+    """``(in_shape, out_channels, kernel, stride, padding, dilation, groups[, output_padding])``.
+
+    The input's spatial size is the smallest that yields ``out_shape`` (a strided
+    conv may in truth read up to stride-1 more pixels: immaterial to a cost).
+    """
+    kernel, stride, dilation = form.kernel_size, form.stride, form.dilation
+    padding = tuple(form.padding)
+    if form.transposed:
+        spatial = tuple(max(1, (size + 2 * p - d * (k - 1) - 1 - op) // s + 1) for size, k, s, p, d, op
+                        in zip(out_shape[1:], kernel, stride, padding, dilation, form.output_padding))
+        extra: tuple = (tuple(form.output_padding),)
+    else:
+        spatial = tuple(max(1, (size - 1) * s - 2 * p + d * (k - 1) + 1) for size, k, s, p, d
+                        in zip(out_shape[1:], kernel, stride, padding, dilation))
+        extra = ()
+    in_shape = (form.in_channels, *spatial)
+    return (in_shape, form.out_channels, tuple(kernel), tuple(stride), padding, tuple(dilation), form.groups, *extra)

@@ -1,0 +1,50 @@
+"""Timing one callable on a device: warm up, then the median of repeated timed batches of calls.
+
+Shared by the profile micro-benchmark and by ``cost="measure"``. A CUDA device is
+synchronized around each timed batch (kernels launch asynchronously); each batch
+runs long enough (``min_seconds``) that the timer's resolution does not matter.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def synchronizer(device: torch.device | str) -> Callable[[], None]:
+    """What waits for ``device`` to finish its queued work (nothing to wait for on a CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def seconds_per_call(run: Callable[[], object], device: torch.device | str = "cpu", *, repeats: int = 5,
+                     min_seconds: float = 0.02, warmup: int = 2) -> float:
+    """Median over ``repeats`` batches of the mean time of one call of ``run``."""
+    sync = synchronizer(device)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            run()
+        sync()
+        calls = _calls_filling(run, sync, min_seconds)
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(calls):
+                run()
+            sync()
+            samples.append((time.perf_counter() - start) / calls)
+    return statistics.median(samples)
+
+
+def _calls_filling(run: Callable[[], object], sync: Callable[[], None], min_seconds: float) -> int:
+    """How many calls one timed batch needs to last ``min_seconds`` (at least one)."""
+    start = time.perf_counter()
+    run()
+    sync()
+    once = max(time.perf_counter() - start, 1e-7)
+    return max(1, min(10_000, int(min_seconds / once)))

@@ -1,0 +1,88 @@
+"""Measure a ``DeviceProfile``: arithmetic rate, memory bandwidth and per-op overhead, in about a second.
+
+The three numbers are measured with the ops the latency model prices, at the
+current thread count (``torch.get_num_threads()``), so they are rates this device
+attains on convolutions, not datasheet peaks:
+
+* rate: a dense 3x3 convolution large enough to be compute-bound, per dtype;
+* bandwidth: an elementwise add of tensors larger than a core's caches;
+* overhead: a convolution so small its arithmetic is negligible.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+from torch.nn import functional as F
+
+from repfx.passes.cost import DeviceProfile
+from repfx.targets.clock import seconds_per_call
+
+# (batch, channels, size) of the compute-bound conv and elements per operand of the add, per device type
+COMPUTE_CONV = {"cpu": (1, 64, 56), "cuda": (16, 256, 56)}
+STREAM_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
+
+
+def measure_profile(device: torch.device | str = "cpu", dtypes: tuple[str, ...] = ()) -> DeviceProfile:
+    """The profile of ``device`` measured now; ``dtypes`` beyond float32 (CUDA: float16, bfloat16 by default)."""
+    device = torch.device(device)
+    kind = device.type
+    if kind not in COMPUTE_CONV:
+        raise ValueError(f"cannot measure a profile of a {kind} device (cpu and cuda are supported)")
+    dtypes = dtypes or (("float32", "float16", "bfloat16") if kind == "cuda" else ("float32",))
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.inference_mode():
+        flops = {dtype: _conv_rate(device, getattr(torch, dtype), generator) for dtype in dtypes}
+        bandwidth = _stream_bandwidth(device, generator)
+        overhead = _tiny_op_seconds(device, generator)
+    return DeviceProfile(_name(device), kind, flops, bandwidth, overhead,
+                         f"measured with torch {torch.__version__}")
+
+
+def _conv_rate(device: torch.device, dtype: torch.dtype, generator: torch.Generator) -> float:
+    batch, channels, size = COMPUTE_CONV[device.type]
+    x = torch.randn(batch, channels, size, size, device=device, generator=generator).to(dtype)
+    weight = torch.randn(channels, channels, 3, 3, device=device, generator=generator).to(dtype)
+    seconds = seconds_per_call(lambda: F.conv2d(x, weight, padding=1), device)
+    macs = batch * channels * channels * 9 * size * size
+    return 2 * macs / seconds
+
+
+def _stream_bandwidth(device: torch.device, generator: torch.Generator) -> float:
+    elements = STREAM_ELEMENTS[device.type]
+    a = torch.randn(elements, device=device, generator=generator)
+    b, out = torch.randn_like(a), torch.empty_like(a)
+    seconds = seconds_per_call(lambda: torch.add(a, b, out=out), device)
+    return 3 * elements * a.element_size() / seconds
+
+
+def _tiny_op_seconds(device: torch.device, generator: torch.Generator) -> float:
+    x = torch.randn(1, 8, 4, 4, device=device, generator=generator)
+    weight = torch.randn(8, 8, 1, 1, device=device, generator=generator)
+    return seconds_per_call(lambda: F.conv2d(x, weight), device, min_seconds=0.01)
+
+
+def _name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {_cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def cache_key(device: torch.device | str, threads: int | None = None) -> str:
+    """What a measured profile depends on: the device, the thread count (default: the current) and the torch build."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
+    return f"{device.type}|{name}|threads={threads or torch.get_num_threads()}|torch={torch.__version__}"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``platform.processor()`` is empty on Linux; /proc/cpuinfo has it)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -1,0 +1,108 @@
+"""``cost="measure"``: time a form of a region on the device, with the backend being built.
+
+A ``Work`` lists ops with their geometry; ``WorkModule`` builds them again with
+seeded random weights, each reading its own random input of the real size, and
+the timer runs that module as the backend would (eager PyTorch, torch.compile, or
+ONNX Runtime). Only contested comparisons are timed (``MeasuredCost``), and each
+form is timed once per shape signature: the same block repeated through a network
+costs one measurement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from repfx.passes.cost import Op, Work
+from repfx.targets.clock import seconds_per_call
+
+BACKENDS = ("eager", "inductor", "onnxruntime")
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+class WorkModule(nn.Module):
+    """Every op of a work, each on its own input; ``inputs()`` makes those inputs."""
+
+    def __init__(self, work: Work, batch: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> None:
+        super().__init__()
+        self.ops = work.ops
+        self.batch, self.dtype, self.device = batch, dtype, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.weights = nn.ParameterList([nn.Parameter(self._random(*shape), requires_grad=False)
+                                         for op in self.ops for shape in _weight_shapes(op)])
+
+    def _random(self, *shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator).to(self.device, self.dtype)
+
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self._random(self.batch, *_input_shape(op)) for op in self.ops)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        weights = iter(self.weights)
+        return tuple(_run(op, x, weights) for op, x in zip(self.ops, inputs))
+
+
+def _weight_shapes(op: Op) -> list[tuple[int, ...]]:
+    if op.kind == "elementwise":
+        shape, operands = op.layout
+        return [(shape[0],), (shape[0],)] if operands == 1 else []
+    in_shape, out_channels, kernel, _stride, _padding, _dilation, groups = op.layout[:7]
+    if op.kind == "linear":
+        return [(out_channels, in_shape[0]), (out_channels,)]
+    if op.kind == "conv_transpose":
+        return [(in_shape[0], out_channels // groups, *kernel), (out_channels,)]
+    return [(out_channels, in_shape[0] // groups, *kernel), (out_channels,)]
+
+
+def _input_shape(op: Op) -> tuple[int, ...]:
+    return tuple(op.layout[0])
+
+
+def _run(op: Op, x: torch.Tensor, weights) -> torch.Tensor:
+    if op.kind == "elementwise":
+        shape, operands = op.layout
+        if operands == 1:
+            scale, shift = next(weights), next(weights)
+            view = (-1,) + (1,) * (len(shape) - 1)
+            return x * scale.view(view) + shift.view(view)
+        return sum((x for _ in range(operands - 1)), x)  # an n-way add reads n tensors of this size
+    weight, bias = next(weights), next(weights)
+    if op.kind == "linear":
+        return F.linear(x, weight, bias)
+    _in, _out, kernel, stride, padding, dilation, groups = op.layout[:7]
+    if op.kind == "conv_transpose":
+        return _CONV_T[len(kernel)](x, weight, bias, stride, padding, op.layout[7], groups, dilation)
+    return _CONV[len(kernel)](x, weight, bias, stride, padding, dilation, groups)
+
+
+class WorkTimer:
+    """Seconds to run a work once on ``device`` at ``batch`` and ``dtype``, with ``backend``; cached per work."""
+
+    def __init__(self, device: torch.device | str, batch: int, dtype: str, backend: str = "eager") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"cost='measure' times with one of {', '.join(BACKENDS)}, not {backend!r}")
+        self.device, self.batch, self.dtype, self.backend = torch.device(device), batch, dtype, backend
+        self.seconds: dict[tuple, float] = {}
+
+    def __call__(self, work: Work) -> float:
+        key = tuple((op.kind, op.layout) for op in work.ops)
+        if not key:
+            return 0.0
+        if key not in self.seconds:
+            module = WorkModule(work, self.batch, getattr(torch, self.dtype), self.device).eval()
+            inputs = module.inputs()
+            run = self._runner(module, inputs)
+            self.seconds[key] = seconds_per_call(lambda: run(*inputs), self.device, repeats=5, min_seconds=0.01)
+        return self.seconds[key]
+
+    def _runner(self, module: WorkModule, inputs: tuple) -> Callable:
+        if self.backend == "eager":
+            return module
+        if self.backend == "inductor":
+            return torch.compile(module, dynamic=False)
+        from repfx.backends.onnx import compile_onnx  # ONNX Runtime is imported only when timing with it
+        return compile_onnx(torch.export.export(module, inputs))

@@ -1,0 +1,172 @@
+"""repfx.targets: device profiles (measured, cached, published), the rule a call resolves, and decisions end to end.
+
+Every decision asserted here is taken under a pinned profile (``tests/conftest.py``
+pins this machine's CPU; the others are given here or come from the published GPU
+table), so none can flake on a busy machine. The one real measurement
+(``measure_profile``) asserts only that it yields positive rates.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import assert_matches, assert_ops, build, rand, reparam
+
+import repfx
+from repfx.passes.cost import DeviceProfile, LatencyCost, MacsCost, MeasuredCost
+from repfx.targets import cost_rule, device_profile, measure_profile, published_profile
+from repfx.targets.cache import FILE_NAME, MARK, cached_profile
+
+LAUNCH_BOUND = DeviceProfile("launch-bound", "cpu", {"float32": 1e12}, bandwidth=1e12, overhead_s=1e-4)
+COMPUTE_BOUND = DeviceProfile("compute-bound", "cpu", {"float32": 1e9}, bandwidth=1e12, overhead_s=1e-9)
+
+
+class DepthwiseBesideDense(nn.Module):
+    """dw3x3-BN beside a dense 1x1-BN, summed: merged, one dense 3x3 (9x the 1x1's MACs)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.dw = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False),
+                                nn.BatchNorm2d(channels))
+        self.pw = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        return torch.relu(self.dw(x) + self.pw(x))
+
+
+def block(channels: int = 16):
+    return build(lambda: DepthwiseBesideDense(channels))
+
+
+@pytest.mark.parametrize("profile, convolutions", [
+    pytest.param(LAUNCH_BOUND, 1, id="overhead-bound-merges"),
+    pytest.param(COMPUTE_BOUND, 2, id="compute-bound-keeps-apart"),
+])
+def test_latency_decision_per_regime(profile, convolutions):
+    model, x = block(), rand(2, 16, 8, 8)
+    gm, report = reparam(model, x, target=profile)
+    assert_matches(model, gm, x)
+    assert_ops(gm, x, convolution=convolutions, batch_norm=0)
+    (decision,) = report.decisions
+    assert decision["merged_won"] is (convolutions == 1) and decision["how"] == "modeled"
+    assert "contested decisions (1)" in str(report) and profile.name in report.cost_rule
+
+
+def test_macs_keeps_apart_what_latency_merges():
+    model, x = block(), rand(2, 16, 8, 8)
+    gm, _ = reparam(model, x, cost="macs")
+    assert_ops(gm, x, convolution=2)
+
+
+def test_batch_moves_the_decision_for_a_gpu_this_machine_lacks():
+    """At batch 1 an H200 is launch-bound (merge); at 128 the merged dense 7x7 is compute-bound (keep apart)."""
+    class DepthwiseThenPointwise(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dw = nn.Conv2d(128, 128, 7, padding=3, groups=128, bias=False)
+            self.bn = nn.BatchNorm2d(128)
+            self.pw = nn.Conv2d(128, 128, 1)
+
+        def forward(self, x):
+            return self.pw(self.bn(self.dw(x)))
+
+    model, x = build(DepthwiseThenPointwise), rand(1, 128, 28, 28)
+    merged = repfx.explain(model, (x,), target="cuda:h200", batch=1)
+    apart = repfx.explain(model, (x,), target="cuda:h200", batch=128)
+    assert merged.ops_after["convolution"] == 1 and apart.ops_after["convolution"] == 2
+    assert "cuda:h200" in merged.cost_rule and "batch 128" in apart.cost_rule
+    assert any(not d["merged_won"] for d in apart.decisions)
+
+
+def test_explain_shows_decisions_without_verifying():
+    report = repfx.explain(block(), (rand(2, 16, 8, 8),), target=COMPUTE_BOUND)
+    assert report.max_abs_error is None and len(report.decisions) == 1
+    assert report.to_dict()["decisions"][0]["where"]
+
+
+def test_measure_on_cpu_times_the_contested_forms():
+    model, x = block(8), rand(1, 8, 8, 8)
+    gm, report = reparam(model, x, cost="measure")
+    assert_matches(model, gm, x)
+    (decision,) = report.decisions
+    assert decision["how"] == "measured" and decision["merged_cost"] > 0 and decision["apart_cost"] > 0
+    assert ops_after(report) == (1 if decision["merged_won"] else 2)
+
+
+def ops_after(report) -> int:
+    return report.ops_after["convolution"]
+
+
+# -- resolving a rule -------------------------------------------------------------------
+
+def test_the_default_target_is_the_inputs_device_and_batch_and_dtype():
+    rule = cost_rule("latency", example_inputs=(rand(4, 3, 8, 8).half(),))
+    assert isinstance(rule, LatencyCost) and not isinstance(rule, MeasuredCost)
+    assert (rule.batch, rule.dtype, rule.profile.device) == (4, "float16", "cpu")
+    assert cost_rule("latency", batch=64, precision="bf16", example_inputs=(rand(1, 3),)).batch == 64
+    assert isinstance(cost_rule("macs", target="cuda:h200"), MacsCost)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"cost": "flops"}, "cost must be one of"),
+    ({"target": "cuda:h300"}, "known: a100, h100, h200"),
+    ({"target": "tpu"}, "target must be"),
+    ({"batch": 0}, "batch must be a positive int"),
+    ({"cost": "measure", "target": "cuda:a100"}, "use cost='latency' to plan for it"),
+])
+def test_bad_planning_arguments_are_one_line(kwargs, message):
+    with pytest.raises(ValueError, match=message) as error:
+        repfx.explain(block(), (rand(2, 16, 8, 8),), **kwargs)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: target='cuda' would measure it")
+def test_cuda_without_a_gpu_says_to_name_one():
+    with pytest.raises(ValueError, match="name the GPU to plan for, e.g. target='cuda:h200'"):
+        device_profile("cuda")
+
+
+def test_published_profiles_are_derated_tensor_core_figures():
+    h200, h100 = published_profile("h200"), published_profile("H100")
+    assert h200.device == "cuda" and h200.rate("float16") == 2 * h200.rate("float32")
+    assert h200.bandwidth > h100.bandwidth and h200.rate("float32") == h100.rate("float32")
+    assert "published" in h200.source and published_profile("4090").name == "cuda:rtx4090"
+
+
+# -- measuring and caching a profile -------------------------------------------------------
+
+def test_measured_cpu_profile_has_positive_rates():
+    profile = measure_profile("cpu")
+    assert profile.device == "cpu" and profile.rate("float32") > 0 and profile.bandwidth > 0
+    assert 0 < profile.overhead_s < 0.1 and "measured" in profile.source
+
+
+def test_cache_measures_once_then_reads(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPFX_CACHE_DIR", str(tmp_path))
+    calls = []
+    measure = lambda: calls.append(1) or LAUNCH_BOUND  # noqa: E731
+    assert cached_profile("key", measure) == LAUNCH_BOUND and cached_profile("key", measure) == LAUNCH_BOUND
+    assert len(calls) == 1
+    stored = json.loads((tmp_path / FILE_NAME).read_text())
+    assert stored["written_by"] == MARK and stored["profiles"]["key"]["name"] == "launch-bound"
+
+
+@pytest.mark.parametrize("content", ["not json {", json.dumps({"profiles": {}}), json.dumps([1, 2])])
+def test_a_cache_file_repfx_did_not_write_is_never_overwritten(tmp_path, monkeypatch, content):
+    monkeypatch.setenv("REPFX_CACHE_DIR", str(tmp_path))
+    (tmp_path / FILE_NAME).write_text(content)
+    with pytest.warns(UserWarning, match="not stored"):
+        assert cached_profile("key", lambda: COMPUTE_BOUND) == COMPUTE_BOUND
+    assert (tmp_path / FILE_NAME).read_text() == content
+
+
+def test_a_bad_cached_entry_is_measured_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPFX_CACHE_DIR", str(tmp_path))
+    (tmp_path / FILE_NAME).write_text(json.dumps({"written_by": MARK, "profiles": {"key": {"name": "x"}}}))
+    with pytest.warns(UserWarning, match="measuring again"):
+        assert cached_profile("key", lambda: COMPUTE_BOUND) == COMPUTE_BOUND
+    assert json.loads((tmp_path / FILE_NAME).read_text())["profiles"]["key"]["name"] == "compute-bound"
