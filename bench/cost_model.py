@@ -97,8 +97,11 @@ CASES = [
          (32, 16, 16)),
     Case("dw3x3 || 1x1, 256 ch", "compute", lambda: Parallel(conv_bn(256, 256, 3, groups=256), conv_bn(256, 256, 1)),
          (256, 14, 14)),
-    Case("1x1 64->16 -> 3x3", "overhead", lambda: Chain(conv_bn(64, 16, 1), conv_bn(16, 64, 3)), (64, 16, 16)),
-    Case("1x1 256->64 -> 3x3", "compute", lambda: Chain(conv_bn(256, 64, 1), conv_bn(64, 256, 3)), (256, 28, 28)),
+    # The bottleneck 1x1 has no BN or bias: a shift before the 3x3's zero padding would not fold exactly.
+    Case("1x1 64->16 -> 3x3", "overhead", lambda: Chain(nn.Conv2d(64, 16, 1, bias=False), conv_bn(16, 64, 3)),
+         (64, 16, 16)),
+    Case("1x1 256->64 -> 3x3", "compute", lambda: Chain(nn.Conv2d(256, 64, 1, bias=False), conv_bn(64, 256, 3)),
+         (256, 28, 28)),
     Case("dw7x7 -> 1x1, 16 ch", "overhead", lambda: Chain(conv_bn(16, 16, 7, groups=16), conv_bn(16, 16, 1)),
          (16, 16, 16)),
     Case("dw7x7 -> 1x1, 128 ch", "compute", lambda: Chain(conv_bn(128, 128, 7, groups=128), conv_bn(128, 128, 1)),

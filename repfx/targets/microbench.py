@@ -6,7 +6,9 @@ attains on convolutions, not datasheet peaks:
 
 * rate: a dense 3x3 convolution large enough to be compute-bound, per dtype;
 * bandwidth: an elementwise add of tensors larger than a core's caches;
-* overhead: a convolution so small its arithmetic is negligible.
+* overhead: what a small convolution takes beyond its modeled arithmetic and traffic (at
+  least the time of a conv so small that its arithmetic is negligible): a tiny conv can take
+  a cheaper code path than the convolutions of a network, so it alone would understate it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from repfx.targets.clock import seconds_per_call
 # (batch, channels, size) of the compute-bound conv and elements per operand of the add, per device type
 COMPUTE_CONV = {"cpu": (1, 64, 56), "cuda": (16, 256, 56)}
 STREAM_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
+SMALL_CONV = (16, 16)  # channels and size of a small 3x3 conv: mostly overhead, a little arithmetic
 
 
 def measure_profile(device: torch.device | str = "cpu", dtypes: tuple[str, ...] = ()) -> DeviceProfile:
@@ -35,7 +38,7 @@ def measure_profile(device: torch.device | str = "cpu", dtypes: tuple[str, ...] 
     with torch.inference_mode():
         flops = {dtype: _conv_rate(device, getattr(torch, dtype), generator) for dtype in dtypes}
         bandwidth = _stream_bandwidth(device, generator)
-        overhead = _tiny_op_seconds(device, generator)
+        overhead = _overhead_seconds(device, generator, flops["float32"], bandwidth)
     return DeviceProfile(_name(device), kind, flops, bandwidth, overhead,
                          f"measured with torch {torch.__version__}")
 
@@ -57,10 +60,17 @@ def _stream_bandwidth(device: torch.device, generator: torch.Generator) -> float
     return 3 * elements * a.element_size() / seconds
 
 
-def _tiny_op_seconds(device: torch.device, generator: torch.Generator) -> float:
-    x = torch.randn(1, 8, 4, 4, device=device, generator=generator)
-    weight = torch.randn(8, 8, 1, 1, device=device, generator=generator)
-    return seconds_per_call(lambda: F.conv2d(x, weight), device, min_seconds=0.01)
+def _overhead_seconds(device: torch.device, generator: torch.Generator, rate: float, bandwidth: float) -> float:
+    tiny_x = torch.randn(1, 8, 4, 4, device=device, generator=generator)
+    tiny_weight = torch.randn(8, 8, 1, 1, device=device, generator=generator)
+    tiny = seconds_per_call(lambda: F.conv2d(tiny_x, tiny_weight), device, min_seconds=0.01)
+    channels, size = SMALL_CONV
+    x = torch.randn(1, channels, size, size, device=device, generator=generator)
+    weight = torch.randn(channels, channels, 3, 3, device=device, generator=generator)
+    small = seconds_per_call(lambda: F.conv2d(x, weight, padding=1), device, min_seconds=0.01)
+    macs = channels * channels * 9 * size * size
+    traffic = (2 * channels * size * size + weight.numel()) * x.element_size()
+    return max(tiny, small - max(2 * macs / rate, traffic / bandwidth))
 
 
 def _name(device: torch.device) -> str:
