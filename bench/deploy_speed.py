@@ -58,8 +58,8 @@ from repfx.backends.program import export_program
 from repfx.deploy.benchmarking import median_latency_ms
 from repfx.samples import randomize_bn_
 
-# The last three hold contested merges (an exact merge that adds MACs: FastViT's and RepViT's stride-2
-# dwkxk -> 1x1 in each family): there repfx's cost rule decides; the per-block converters never merge them.
+# The last three hold contested merges (exact merges that add MACs: each family's stride-2 dwkxk -> 1x1):
+# there repfx's cost rule decides; the per-block converters never merge them.
 MODELS = {"repvgg_a0": "RepVGG-A0", "repvgg_b0": "RepVGG-B0", "mobileone_s0": "MobileOne-S0",
           "fastvit_t8": "FastViT-T8", "repvit_m0_9": "RepViT-M0.9", "repghostnet_050": "RepGhostNet-0.5"}
 QUICK_MODELS = ("repvgg_a0", "mobileone_s0")
