@@ -194,7 +194,7 @@ def run_case(case: Case, batch: int, runtimes: list[str], policies: list[str], a
     apart = repfx.reparameterize(model, inputs, cost="macs", verify=False)
     merged_convs, apart_convs = convolutions(merged), convolutions(apart)
     if merged_convs == apart_convs:
-        return [[case.name, case.regime, str(batch), "-", "not contested here: both forms are the same"]]
+        return [[case.name, case.regime, str(batch), "-", "-", "-", "same form"] + ["not contested"] * len(policies)]
     with torch.no_grad():
         reference = model(*inputs)
         for form in (merged, apart):

@@ -31,6 +31,7 @@ class DeviceProfile:
     bandwidth: float = 1e10  # bytes per second
     overhead_s: float = 1e-5  # seconds per op launched
     source: str = "given"
+    busy: bool = False  # measured while the machine was busy: an estimate, not kept in the cache
 
     def rate(self, dtype: str) -> float:
         """FLOP/s for ``dtype``; a dtype the profile lacks runs at the float32 rate (no faster path assumed)."""
@@ -38,7 +39,7 @@ class DeviceProfile:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "device": self.device, "flops": dict(self.flops), "bandwidth": self.bandwidth,
-                "overhead_s": self.overhead_s, "source": self.source}
+                "overhead_s": self.overhead_s, "source": self.source, "busy": self.busy}
 
     @classmethod
     def from_dict(cls, data: dict) -> DeviceProfile:
@@ -48,7 +49,8 @@ class DeviceProfile:
             if "float32" not in flops:
                 raise ValueError("flops has no float32 rate")
             return cls(str(data["name"]), str(data["device"]), flops, _positive(data["bandwidth"], "bandwidth"),
-                       _positive(data["overhead_s"], "overhead_s"), str(data.get("source", "given")))
+                       _positive(data["overhead_s"], "overhead_s"), str(data.get("source", "given")),
+                       bool(data.get("busy", False)))
         except (KeyError, TypeError) as error:
             raise ValueError(f"not a device profile: {error}") from None
 

@@ -65,6 +65,16 @@ def _measured(device: str) -> DeviceProfile:
     return cached_profile(cache_key(device), lambda: measure_profile(device))
 
 
+def remeasure(target: str = "cpu") -> DeviceProfile:
+    """Measure ``target`` (``"cpu"`` or a CUDA device here) again and replace its cached profile."""
+    device = check_target(target)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"target={target!r}: there is no CUDA device here to measure")
+    device = "cuda:0" if device == "cuda" else device
+    _measured.cache_clear()
+    return cached_profile(cache_key(device), lambda: measure_profile(device), refresh=True)
+
+
 def cost_rule(cost: str | CostRule = "latency", *, target: Target = None, batch: int | None = None,
               precision: str | None = None, example_inputs: Sequence[Any] = (), backend: str = "eager") -> CostRule:
     """The rule for ``cost``; ``target``, ``batch`` and ``precision`` default to what the example inputs show."""
@@ -112,5 +122,5 @@ def _dtype_name(precision: str | None, first: torch.Tensor | None) -> str:
     return "float32"
 
 
-__all__ = ["COSTS", "DeviceProfile", "Target", "check_target", "cost_rule", "device_profile", "known_gpus", "measure_profile",
-           "published_profile"]
+__all__ = ["COSTS", "DeviceProfile", "Target", "check_target", "cost_rule", "device_profile", "known_gpus",
+           "measure_profile", "published_profile", "remeasure"]

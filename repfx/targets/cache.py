@@ -2,7 +2,8 @@
 
 The file is JSON (never a pickle: nothing in it can run), written by repfx and
 marked so (``written_by``); a file there that repfx did not write, or cannot read,
-is left alone and the profile is measured again without being stored. The
+is left alone and the profile is measured again without being stored; so is a
+profile measured on a busy machine (an estimate, ``DeviceProfile.busy``). The
 directory is ``platformdirs.user_cache_dir("repfx")`` unless ``REPFX_CACHE_DIR``
 names another (tests point it at a temporary directory).
 """
@@ -31,17 +32,22 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("repfx"))
 
 
-def cached_profile(key: str, measure: Callable[[], DeviceProfile]) -> DeviceProfile:
-    """The profile stored under ``key``, or ``measure()``'s, stored when the file is repfx's own."""
+def cached_profile(key: str, measure: Callable[[], DeviceProfile], refresh: bool = False) -> DeviceProfile:
+    """The profile stored under ``key``, or ``measure()``'s (always, with ``refresh``), stored when the file is
+    repfx's own."""
     path = cache_dir() / FILE_NAME
     entries, ours = _read(path)
-    if key in entries:
+    if key in entries and not refresh:
         try:
             return DeviceProfile.from_dict(entries[key])
         except ValueError as error:
             warnings.warn(f"repfx: ignoring the cached profile in {path} ({error}); measuring again", stacklevel=3)
     profile = measure()
-    if ours:
+    if profile.busy:
+        warnings.warn(f"repfx: {profile.name}: {profile.source}; the merge decisions use that estimate and it is "
+                      "not cached (python -m repfx.targets --measure on a quiet machine stores a true profile)",
+                      stacklevel=3)
+    elif ours:
         entries[key] = profile.to_dict()
         _write(path, entries)
     return profile

@@ -41,6 +41,27 @@ def seconds_per_call(run: Callable[[], object], device: torch.device | str = "cp
     return statistics.median(samples)
 
 
+def fastest_call_seconds(run: Callable[[], object], device: torch.device | str = "cpu", *,
+                         calls: int = 20, warmup: int = 2) -> float:
+    """The fastest of ``calls`` single timed calls: what the device attains when nothing else interrupts it.
+
+    Other work on a shared machine only ever adds time (a descheduled thread stalls an
+    OpenMP barrier for milliseconds), so the minimum estimates the device, the median the moment.
+    """
+    sync = synchronizer(device)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(warmup):
+            run()
+        sync()
+        for _ in range(calls):
+            start = time.perf_counter()
+            run()
+            sync()
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
 def _calls_filling(run: Callable[[], object], sync: Callable[[], None], min_seconds: float) -> int:
     """How many calls one timed batch needs to last ``min_seconds`` (at least one)."""
     start = time.perf_counter()

@@ -2,7 +2,11 @@
 
 The three numbers are measured with the ops the latency model prices, at the
 current thread count (``torch.get_num_threads()``), so they are rates this device
-attains on convolutions, not datasheet peaks:
+attains on convolutions, not datasheet peaks. Each is the fastest of several single
+calls: other work on the machine only ever adds time, and a profile is cached for
+good (``python -m repfx.targets --measure`` measures again). On a busy CPU several
+threads can run slower than one (a descheduled thread stalls every OpenMP barrier);
+then the profile is estimated from one thread, marked ``busy`` and not cached:
 
 * rate: a dense 3x3 convolution large enough to be compute-bound, per dtype;
 * bandwidth: an elementwise add of tensors larger than a core's caches;
@@ -19,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from repfx.passes.cost import DeviceProfile
-from repfx.targets.clock import seconds_per_call
+from repfx.targets.clock import fastest_call_seconds
 
 # (batch, channels, size) of the compute-bound conv and elements per operand of the add, per device type
 COMPUTE_CONV = {"cpu": (1, 64, 56), "cuda": (16, 256, 56)}
@@ -34,20 +38,42 @@ def measure_profile(device: torch.device | str = "cpu", dtypes: tuple[str, ...] 
     if kind not in COMPUTE_CONV:
         raise ValueError(f"cannot measure a profile of a {kind} device (cpu and cuda are supported)")
     dtypes = dtypes or (("float32", "float16", "bfloat16") if kind == "cuda" else ("float32",))
+    flops, bandwidth, overhead = _measure(device, dtypes)
+    threads = torch.get_num_threads()
+    if kind == "cpu" and threads > 1:
+        single = _one_thread(lambda: _measure(device, dtypes))
+        if single[0]["float32"] > flops["float32"]:  # more threads ran slower: their barriers stalled
+            return DeviceProfile(_name(device), kind, {d: rate * threads for d, rate in single[0].items()},
+                                 single[1], single[2], f"estimated from one thread x {threads} with torch "
+                                 f"{torch.__version__}: {threads} threads ran slower than one (a busy machine)",
+                                 busy=True)
+    return DeviceProfile(_name(device), kind, flops, bandwidth, overhead, f"measured with torch {torch.__version__}")
+
+
+def _measure(device: torch.device, dtypes: tuple[str, ...]) -> tuple[dict[str, float], float, float]:
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.inference_mode():
         flops = {dtype: _conv_rate(device, getattr(torch, dtype), generator) for dtype in dtypes}
         bandwidth = _stream_bandwidth(device, generator)
         overhead = _overhead_seconds(device, generator, flops["float32"], bandwidth)
-    return DeviceProfile(_name(device), kind, flops, bandwidth, overhead,
-                         f"measured with torch {torch.__version__}")
+    return flops, bandwidth, overhead
+
+
+def _one_thread(measure):
+    """``measure()`` with one intra-op thread, the thread count restored afterwards whatever happens."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return measure()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _conv_rate(device: torch.device, dtype: torch.dtype, generator: torch.Generator) -> float:
     batch, channels, size = COMPUTE_CONV[device.type]
     x = torch.randn(batch, channels, size, size, device=device, generator=generator).to(dtype)
     weight = torch.randn(channels, channels, 3, 3, device=device, generator=generator).to(dtype)
-    seconds = seconds_per_call(lambda: F.conv2d(x, weight, padding=1), device)
+    seconds = _best(lambda: F.conv2d(x, weight, padding=1), device)
     macs = batch * channels * channels * 9 * size * size
     return 2 * macs / seconds
 
@@ -56,18 +82,18 @@ def _stream_bandwidth(device: torch.device, generator: torch.Generator) -> float
     elements = STREAM_ELEMENTS[device.type]
     a = torch.randn(elements, device=device, generator=generator)
     b, out = torch.randn_like(a), torch.empty_like(a)
-    seconds = seconds_per_call(lambda: torch.add(a, b, out=out), device)
+    seconds = _best(lambda: torch.add(a, b, out=out), device)
     return 3 * elements * a.element_size() / seconds
 
 
 def _overhead_seconds(device: torch.device, generator: torch.Generator, rate: float, bandwidth: float) -> float:
     tiny_x = torch.randn(1, 8, 4, 4, device=device, generator=generator)
     tiny_weight = torch.randn(8, 8, 1, 1, device=device, generator=generator)
-    tiny = seconds_per_call(lambda: F.conv2d(tiny_x, tiny_weight), device, min_seconds=0.01)
+    tiny = _best(lambda: F.conv2d(tiny_x, tiny_weight), device, calls=50)
     channels, size = SMALL_CONV
     x = torch.randn(1, channels, size, size, device=device, generator=generator)
     weight = torch.randn(channels, channels, 3, 3, device=device, generator=generator)
-    small = seconds_per_call(lambda: F.conv2d(x, weight, padding=1), device, min_seconds=0.01)
+    small = _best(lambda: F.conv2d(x, weight, padding=1), device, calls=50)
     macs = channels * channels * 9 * size * size
     traffic = (2 * channels * size * size + weight.numel()) * x.element_size()
     return max(tiny, small - max(2 * macs / rate, traffic / bandwidth))
@@ -77,6 +103,10 @@ def _name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
     return f"cpu: {_cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def _best(run, device: torch.device, calls: int = 10) -> float:
+    return fastest_call_seconds(run, device, calls=calls)
 
 
 def cache_key(device: torch.device | str, threads: int | None = None) -> str:

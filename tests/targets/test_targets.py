@@ -167,3 +167,30 @@ def test_a_bad_cached_entry_is_measured_again(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="measuring again"):
         assert cached_profile("key", lambda: COMPUTE_BOUND) == COMPUTE_BOUND
     assert json.loads((tmp_path / FILE_NAME).read_text())["profiles"]["key"]["name"] == "compute-bound"
+
+
+def test_a_busy_machine_gives_an_estimate_that_is_not_cached(tmp_path, monkeypatch):
+    """Two threads slower than one (stalled barriers): the profile comes from one thread, flagged, not stored."""
+    from repfx.targets import microbench
+
+    monkeypatch.setenv("REPFX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
+    results = iter([({"float32": 1e9}, 1e9, 1e-2), ({"float32": 5e10}, 2e9, 2e-5)])  # 2 threads, then 1
+    monkeypatch.setattr(microbench, "_measure", lambda device, dtypes: next(results))
+    with pytest.warns(UserWarning, match="not cached"):
+        profile = cached_profile("key", lambda: microbench.measure_profile("cpu"))
+    assert profile.busy and profile.rate("float32") == 1e11 and profile.overhead_s == 2e-5
+    assert not (tmp_path / FILE_NAME).exists()
+
+
+def test_remeasuring_replaces_the_cached_profile(tmp_path, monkeypatch):
+    import repfx.targets as targets
+
+    monkeypatch.setenv("REPFX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(targets, "measure_profile", lambda device: LAUNCH_BOUND)
+    targets.remeasure("cpu")
+    monkeypatch.setattr(targets, "measure_profile", lambda device: COMPUTE_BOUND)
+    assert targets.remeasure("cpu") == COMPUTE_BOUND
+    assert list(json.loads((tmp_path / FILE_NAME).read_text())["profiles"].values())[0]["name"] == "compute-bound"
+    targets._measured.cache_clear()  # the next test must see the session's pinned profile again

@@ -1,0 +1,34 @@
+"""``python -m repfx.targets``: the device profile the cost rule plans with, and a way to measure it again.
+
+    python -m repfx.targets                  # this CPU's profile (measured once, then cached)
+    python -m repfx.targets --target cuda:h200
+    python -m repfx.targets --measure        # measure again (a quiet machine gives truer rates)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from repfx.targets import device_profile, known_gpus, remeasure
+from repfx.targets.cache import cache_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m repfx.targets", description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="cpu", help=f"cpu, cuda, or a GPU: {', '.join(known_gpus())}")
+    parser.add_argument("--measure", action="store_true", help="measure the device here again and cache it")
+    args = parser.parse_args(argv)
+    try:
+        profile = remeasure(args.target) if args.measure else device_profile(args.target)
+    except ValueError as error:
+        print(f"python -m repfx.targets: {error}", file=sys.stderr)
+        return 2
+    rates = ", ".join(f"{dtype} {rate / 1e9:,.1f} GFLOP/s" for dtype, rate in profile.flops.items())
+    print(f"{profile.name} ({profile.source})\n  {rates}\n  bandwidth {profile.bandwidth / 1e9:,.1f} GB/s, "
+          f"overhead {profile.overhead_s * 1e6:,.1f} us per op\n  cache: {cache_dir()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
