@@ -25,6 +25,7 @@ from repfx.passes.constants import written_attributes
 from repfx.capture.inputs import as_input_tuple, example_batch_size, is_batched, user_input_nodes, with_batch
 from repfx.errors import CaptureError, first_line
 from repfx.capture.failure import export_failure_message, quiet_torch_logs
+from repfx.capture.lean import lean_tracing
 from repfx.capture.model_state import ModeChange, describe_mode_changes, train_mode_changes
 
 SupportedModel = nn.Module | fx.GraphModule | torch.export.ExportedProgram | torch.jit.ScriptModule
@@ -43,16 +44,17 @@ def capture(model: SupportedModel, example_inputs: Sequence[Any], *, dynamic_bat
     """Aten GraphModule with eval semantics for ``model``; the model itself is never modified."""
     example_inputs = as_input_tuple(example_inputs)
     mode_changes = _warn_about_train_mode(model) if _is_plain_module(model) else []
-    program = _export(model, example_inputs, dynamic_batch)
-    if program is model or isinstance(model, torch.jit.ScriptModule):
-        # The program's module would share the user's tensors (and advance any state it updates).
-        program = copy.deepcopy(program)
-    _reject_training_program(program)
-    if _has_mutation(program):
-        try:
-            program = program.run_decompositions({})
-        except Exception as error:
-            raise CaptureError(f"functionalizing the exported graph failed: {first_line(error)}") from error
+    with lean_tracing():  # no stack traces or code regenerated per pass: nothing downstream reads them
+        program = _export(model, example_inputs, dynamic_batch)
+        if program is model or isinstance(model, torch.jit.ScriptModule):
+            # The program's module would share the user's tensors (and advance any state it updates).
+            program = copy.deepcopy(program)
+        _reject_training_program(program)
+        if _has_mutation(program):
+            try:
+                program = program.run_decompositions({})
+            except Exception as error:
+                raise CaptureError(f"functionalizing the exported graph failed: {first_line(error)}") from error
     graph = _plain_graph_module(program.module())
     return Captured(graph, mode_changes, written_attributes(graph))
 
