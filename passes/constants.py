@@ -58,6 +58,8 @@ class ConstantFolder:
             return _fetch_attr(self._gm, node.target)
         if node.op != "call_function" or _is_nondeterministic(node.target):
             return _NOT_CONSTANT
+        if not all(self.is_constant(arg) for arg in node.all_input_nodes):
+            return _NOT_CONSTANT  # decided without mapping the arguments (most nodes read an activation)
         args = self._value(node.args)
         kwargs = self._value(node.kwargs)
         if args is _NOT_CONSTANT or kwargs is _NOT_CONSTANT:

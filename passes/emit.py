@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from repfx.passes.algebra.forms import ConvForm
-from repfx.passes.algebra.kernels import regroup
+from repfx.passes.algebra.kernels import float64, regroup
 from repfx.passes.algebra.transposed import TransposedConvForm
 from repfx.passes.regions.analyzer import Expr, Term
 
@@ -146,9 +146,9 @@ class Emitter:
     def _constant(self, out: Emission, kind: str, value: Tensor, dtype: torch.dtype) -> fx.Node:
         name = _unique_attr(self.gm, f"repfx_{out.root.name}_{kind}")
         # contiguous_format strides, whatever layout the folding arithmetic left behind.
-        stored = value.to(dtype).clone(memory_format=torch.contiguous_format)
+        stored = value.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)  # one copy, never an alias
         self.gm.register_parameter(name, nn.Parameter(stored, requires_grad=False))
-        out.exact[name] = value
+        out.exact[name] = float64(value)  # a stored parameter a form kept as it was (a lone copy) is upcast here
         node = self.gm.graph.get_attr(name)
         node.meta["val"] = getattr(self.gm, name)
         out.nodes.append(node)

@@ -9,8 +9,12 @@ of the tensor it reads. Regions collapse by combining forms:
 * ``compose``: one form applied to the output of another (conv->BN, 1x1->kxk, ...).
 
 Each combination either returns an exactly equivalent form or raises ``NotExact``
-with a sentence saying why; the caller records it. Forms hold float64 tensors so
-that long chains stay exact; emission casts back to the model dtype once.
+with a sentence saying why; the caller records it. Forms hold exact values: what
+they compute is float64, so that long chains stay exact, and a convolution's own
+weight is the stored parameter (any float dtype converts to float64 exactly), upcast
+by the first product that reads it rather than copied up front, since a lone conv,
+and every conv of a later round, is never computed with. Emission casts back to the
+model dtype once.
 No torch.fx here: the graph side lives in ``regions`` and ``emit``.
 """
 
@@ -25,7 +29,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from repfx.passes.algebra import kernels
+from repfx.passes.algebra import grid, kernels, products
+from repfx.passes.algebra.deferred import Deferred
 
 
 # Shifts that cancel (DBB pads with ``bias - mean * scale`` computed by the model in
@@ -49,9 +54,11 @@ class ConvForm:
     """``y = conv(x, weight, bias, stride, padding, dilation, groups)`` with zero padding.
 
     Rank 0 (weight ``[C_out, C_in/groups]``) is a linear layer on ``[N, C]`` inputs.
+    ``kernel`` is float64 or a stored parameter (exact either way, see the module docstring),
+    or, for a combination, a ``Deferred`` one; ``weight`` reads its values.
     """
 
-    weight: Tensor
+    kernel: Tensor | Deferred
     bias: Tensor
     stride: tuple[int, ...]
     padding: tuple[int, ...]
@@ -70,7 +77,7 @@ class ConvForm:
         dilation: Sequence[int],
         groups: int,
     ) -> ConvForm:
-        weight = weight.detach().to(torch.float64)
+        weight = weight.detach()  # kept as stored: upcast by the first product that reads it
         bias = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)
         return cls(weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
 
@@ -94,20 +101,42 @@ class ConvForm:
 
     # -- properties ---------------------------------------------------------------
     @property
+    def weight(self) -> Tensor:
+        """The kernel's values (a deferred kernel is computed here, once)."""
+        return self.kernel.value() if isinstance(self.kernel, Deferred) else self.kernel
+
+    def fresh_weight(self) -> Tensor:
+        """The kernel in float64 as a new contiguous tensor the caller owns (to add others into)."""
+        if not isinstance(self.kernel, Deferred):
+            return self.kernel.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
+        value = self.kernel.fresh()
+        if value.dtype == torch.float64 and value.is_contiguous():
+            return value
+        return value.to(torch.float64, memory_format=torch.contiguous_format)
+
+    def outline(self) -> ConvForm:
+        """This form as a price reads it: a deferred kernel is not computed but stands in as an
+        empty tensor of its shape (on the meta device). A diagonal form's values are its price."""
+        if not isinstance(self.kernel, Deferred) or self.is_diagonal:
+            return self
+        shape_only = torch.empty(self.kernel.shape, dtype=torch.float64, device="meta")
+        return ConvForm(shape_only, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    @property
     def rank(self) -> int:
-        return self.weight.dim() - 2
+        return len(self.kernel.shape) - 2
 
     @property
     def in_channels(self) -> int:
-        return self.weight.shape[1] * self.groups
+        return self.kernel.shape[1] * self.groups
 
     @property
     def out_channels(self) -> int:
-        return self.weight.shape[0]
+        return self.kernel.shape[0]
 
     @property
     def kernel_size(self) -> tuple[int, ...]:
-        return tuple(self.weight.shape[2:])
+        return tuple(self.kernel.shape[2:])
 
     @property
     def is_pointwise(self) -> bool:
@@ -140,7 +169,7 @@ class ConvForm:
             return 0
         if self.is_diagonal and not any(self.padding):
             return numel
-        return numel * self.weight.shape[1] * math.prod(self.kernel_size)
+        return numel * self.kernel.shape[1] * math.prod(self.kernel_size)
 
     def describe(self) -> str:
         if self.rank == 0:
@@ -170,43 +199,13 @@ def _check_same_input(forms: Sequence[ConvForm]) -> None:
                 f"branch centres are misaligned (2*padding-(k-1)*dilation = {first.alignment} vs {form.alignment})")
 
 
-def _aligned_weights(forms: Sequence[ConvForm], groups: int) -> tuple[list[Tensor], tuple[int, ...], tuple[int, ...]]:
-    """Write every form's kernel on one common tap grid with ``groups`` groups.
-
-    The grid spans offsets ``[-P, P - alignment]`` around each output's anchor, where
-    P is the largest padding; its step (the merged dilation) is the largest that
-    still hits every tap of every form, so a dilated kernel stays dilated.
-    """
-    rank = forms[0].rank
-    padding, dilation, size = [], [], []
-    placements: list[list[tuple[int, int]]] = [[] for _ in forms]
-    for dim in range(rank):
-        pad = max(form.padding[dim] for form in forms)
-        extent = 2 * pad - forms[0].alignment[dim]
-        spacings = [extent] + [pad - form.padding[dim] for form in forms]
-        spacings += [form.dilation[dim] for form in forms if form.kernel_size[dim] > 1]
-        step = reduce(math.gcd, spacings) or 1
-        padding.append(pad)
-        dilation.append(step)
-        size.append(extent // step + 1)
-        for placement, form in zip(placements, forms):
-            tap_step = form.dilation[dim] // step if form.kernel_size[dim] > 1 else 1
-            placement.append(((pad - form.padding[dim]) // step, tap_step))
-    weights = []
-    for form, placement in zip(forms, placements):
-        weight = kernels.regroup(form.weight, form.groups, groups)
-        if rank:
-            offsets, steps = zip(*placement)
-            weight = kernels.place_kernel(weight, size, offsets, steps)
-        weights.append(weight)
-    return weights, tuple(padding), tuple(dilation)
-
-
 def merge_parallel(forms: Sequence[ConvForm]) -> ConvForm:
     """Sum of forms reading the same tensor: conv is linear in its kernel, so kernels add.
 
     Exact when strides and alignments agree (same output grid); differing groups
-    are reconciled by regrouping to their gcd, kernel sizes by zero taps.
+    are reconciled by regrouping to their gcd, kernel sizes by zero taps. The sum is
+    one new kernel (deferred): the first branch's, when it spans the grid, with the
+    others added into it, in order, where their taps land.
     """
     transposed = [form for form in forms if form.transposed]
     if transposed:  # a transposed form knows when its kernels add (``transposed.TransposedConvForm.merge``)
@@ -216,12 +215,23 @@ def merge_parallel(forms: Sequence[ConvForm]) -> ConvForm:
     if len(out_channels) != 1:
         raise NotExact(f"branches produce different channel counts {sorted(out_channels)}")
     groups = reduce(math.gcd, (form.groups for form in forms))
-    weights, padding, dilation = _aligned_weights(forms, groups)
-    weight, bias = weights[0].clone(), forms[0].bias.clone()
-    for other, form in zip(weights[1:], forms[1:]):
-        weight += other
+    size, padding, dilation, placements = grid.common_grid(forms)
+    first = forms[0]
+    shape = (first.out_channels, first.in_channels // groups) + size
+
+    def summed() -> Tensor:
+        if grid.fills_grid(first, groups, size, placements[0]):
+            weight, rest = first.fresh_weight(), 1
+        else:
+            weight, rest = torch.zeros(shape, dtype=torch.float64), 0
+        for form, placement in zip(forms[rest:], placements[rest:]):
+            kernels.add_placed(weight, form.weight, form.groups, groups, *placement)
+        return weight
+
+    bias = first.bias.clone()
+    for form in forms[1:]:
         bias += form.bias
-    return ConvForm(weight, bias, forms[0].stride, padding, dilation, groups)
+    return ConvForm(Deferred(shape, summed), bias, first.stride, padding, dilation, groups)
 
 
 def stack_outputs(forms: Sequence[ConvForm]) -> ConvForm:
@@ -231,9 +241,18 @@ def stack_outputs(forms: Sequence[ConvForm]) -> ConvForm:
     interleave differently once concatenated, and the cost rule decides if that pays.
     """
     _check_same_input(forms)
-    weights, padding, dilation = _aligned_weights(forms, 1)
+    size, padding, dilation, placements = grid.common_grid(forms)
+    rows = [form.out_channels for form in forms]
+    shape = (sum(rows), forms[0].in_channels) + size
+
+    def stacked() -> Tensor:
+        weight = torch.zeros(shape, dtype=torch.float64)
+        for block, form, placement in zip(weight.split(rows), forms, placements):
+            kernels.add_placed(block, form.weight, form.groups, 1, *placement)
+        return weight
+
     bias = torch.cat([form.bias for form in forms])
-    return ConvForm(torch.cat(weights), bias, forms[0].stride, padding, dilation, 1)
+    return ConvForm(Deferred(shape, stacked), bias, forms[0].stride, padding, dilation, 1)
 
 
 def compose(outer: ConvForm, inner: ConvForm) -> ConvForm:
@@ -251,45 +270,25 @@ def compose(outer: ConvForm, inner: ConvForm) -> ConvForm:
         return outer.after(inner)
     if inner.out_channels != outer.in_channels or inner.rank != outer.rank:
         raise NotExact(f"channel mismatch: {inner.out_channels} channels into an op expecting {outer.in_channels}")
+    if inner.is_identity:
+        return outer  # what the general rule computes (times ones, plus a zero shift), without copying the kernel
     if inner.is_pointwise:
         if any(outer.padding) and not negligible(inner.bias):
             raise NotExact("border rule: the inner op adds a non-zero shift and the outer op zero-pads, "
                            "so one zero-padded conv would see the shift where the original sees zeros")
-        weight, groups = _compose_channel_maps(outer, inner)
-        bias = outer.bias + kernels.kernel_response_to_constant(outer.weight, outer.groups, inner.bias)
+        weight, groups = products.channel_maps(outer, inner)
+        bias = products.shifted_bias(outer, inner.bias)
         padding = tuple(po + pi for po, pi in zip(outer.padding, inner.padding))
         return ConvForm(weight, bias, outer.stride, padding, outer.dilation, groups)
     if outer.is_pointwise:
         if any(outer.padding):
             raise NotExact("the outer op pads the output of a spatial convolution; "
                            "a single convolution would read real pixels there instead of zeros")
-        weight, groups = _compose_channel_maps(outer, inner)
-        bias = outer.bias + kernels.kernel_response_to_constant(outer.weight, outer.groups, inner.bias)
+        weight, groups = products.channel_maps(outer, inner)
+        bias = products.shifted_bias(outer, inner.bias)
         return ConvForm(weight, bias, inner.stride, inner.padding, inner.dilation, groups)
     raise NotExact(f"{outer.describe()} after {inner.describe()}: composing two spatial kernels "
                    "grows the kernel; not merged")
-
-
-def _compose_channel_maps(outer: ConvForm, inner: ConvForm) -> tuple[Tensor, int]:
-    """Kernel and groups of ``outer`` after ``inner`` (one of them pointwise).
-
-    Per-channel scales and depthwise kernels take fast paths: they only rescale
-    rows or columns (per tap), and expanding them to a dense matrix would cost
-    O(C^3 k) for wide layers.
-    """
-    if outer.is_diagonal and not any(outer.padding):
-        scale = outer.weight.reshape((-1,) + (1,) * (inner.weight.dim() - 1))
-        return scale * inner.weight, inner.groups
-    if inner.is_diagonal:
-        return kernels.scale_input_channels(outer.weight, outer.groups, inner.weight.reshape(-1)), outer.groups
-    if outer.weight.shape[1] == 1 and inner.is_pointwise:
-        return kernels.depthwise_after_pointwise(outer.weight, inner.weight), inner.groups
-    if inner.groups == inner.in_channels == inner.out_channels and outer.is_pointwise:
-        return kernels.pointwise_after_depthwise(outer.weight, outer.groups, inner.weight), outer.groups
-    groups = math.gcd(outer.groups, inner.groups)
-    outer_w = kernels.regroup(outer.weight, outer.groups, groups)
-    inner_w = kernels.regroup(inner.weight, inner.groups, groups)
-    return kernels.compose_channels(outer_w, inner_w, groups), groups
 
 
 def pad_output(form: ConvForm, padding: Sequence[int], value: Tensor | None = None) -> ConvForm:
@@ -306,7 +305,7 @@ def pad_output(form: ConvForm, padding: Sequence[int], value: Tensor | None = No
         raise NotExact("the pad value differs from the padded op's output on zeros (its shift), "
                        "so the border is not what a padded convolution produces")
     total = tuple(p + q for p, q in zip(form.padding, padding))
-    return ConvForm(form.weight, form.bias, form.stride, total, form.dilation, form.groups)
+    return ConvForm(form.kernel, form.bias, form.stride, total, form.dilation, form.groups)
 
 
 def pointwise_at_rank(form: ConvForm, rank: int) -> ConvForm:

@@ -1,8 +1,10 @@
 """Kernel algebra: pure tensor functions behind every re-parameterization.
 
 Nothing here knows about graphs. Every function takes and returns plain tensors
-(callers pass float64 so that folding chains stay exact to ~1e-15) and states the
-identity it relies on, so the graph passes stay thin and these can be tested alone.
+(callers pass float64 so that folding chains stay exact to ~1e-15; where one factor
+of a product is float64 the other may be a stored parameter, which the product
+upcasts exactly) and states the identity it relies on, so the graph passes stay thin
+and these can be tested alone.
 
 Weight layout is PyTorch's: ``[C_out, C_in / groups, *kernel]``. A rank-0 weight
 ``[C_out, C_in]`` is a linear layer, which is a convolution with no spatial dims.
@@ -32,6 +34,22 @@ def batch_norm_scale_shift(
     if bias is not None:
         shift = shift + bias
     return scale, shift
+
+
+def float64(tensor: Tensor) -> Tensor:
+    """``tensor`` in float64: itself when it already is, else an exact upcast copy."""
+    return tensor if tensor.dtype == torch.float64 else tensor.to(torch.float64)
+
+
+def scaled(weight: Tensor, factor: Tensor) -> Tensor:
+    """``weight * factor`` in float64 (``factor`` float64, broadcasting to ``weight``'s shape), one new tensor.
+
+    A stored parameter is upcast into the result and scaled there: a product of mixed
+    dtypes casts element by element, slower than the copy it saves.
+    """
+    if weight.dtype == torch.float64:
+        return weight * factor
+    return weight.to(torch.float64).mul_(factor)
 
 
 def identity_kernel(channels: int, rank: int, *, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -92,6 +110,30 @@ def place_kernel(weight: Tensor, size: Sequence[int], offsets: Sequence[int], st
     return result
 
 
+def add_placed(target: Tensor, weight: Tensor, groups: int, target_groups: int,
+               offsets: Sequence[int], steps: Sequence[int]) -> None:
+    """``target += place_kernel(regroup(weight, groups, target_groups), ...)``, in place.
+
+    Neither the regrouped nor the placed kernel is built: they are ``weight`` with
+    zeros around it, and adding zeros leaves ``target`` as it is, so only the taps
+    ``weight`` lands on are touched. Merging a 1x1 or an identity branch into a wide
+    kxk kernel thus costs the small kernel's size, not two copies of the large one.
+    A regrouped kernel is block diagonal: seen as ``[g', r, o, r, i, *k]`` (``r``
+    fine groups per coarse one), ``weight``'s blocks are its ``r == r`` diagonal.
+    ``target`` (``[C_out, C_in / target_groups, *size]``) must be contiguous.
+    """
+    if groups % target_groups:
+        raise ValueError(f"cannot regroup {groups} groups into {target_groups}: not a divisor")
+    ratio = groups // target_groups
+    out_per_group, in_per_group = weight.shape[0] // groups, weight.shape[1]
+    taps = tuple(slice(offset, offset + (length - 1) * step + 1, step)
+                 for length, offset, step in zip(weight.shape[2:], offsets, steps))
+    blocks = target.view((target_groups, ratio, out_per_group, ratio, in_per_group) + tuple(target.shape[2:]))
+    diagonal = blocks.diagonal(dim1=1, dim2=3)  # [g', o, i, *size, r]: fine group r's rows read its own columns
+    source = weight.reshape((target_groups, ratio, out_per_group, in_per_group) + tuple(weight.shape[2:]))
+    diagonal[(slice(None),) * 3 + taps].add_(source.movedim(1, -1))
+
+
 def grouped_view(weight: Tensor, groups: int) -> Tensor:
     """``[C_out, C_in/g, *k]`` viewed as ``[g, C_out/g, C_in/g, *k]``."""
     return weight.reshape((groups, weight.shape[0] // groups) + tuple(weight.shape[1:]))
@@ -126,7 +168,8 @@ def kernel_response_to_constant(weight: Tensor, groups: int, value: Tensor) -> T
     This is how a per-channel shift in front of a convolution becomes part of its
     bias: sum over taps and input channels of W[o, i, taps] * value[i].
     """
-    summed = _taps_last(grouped_view(weight, groups)).sum(-1)  # g, o, i
+    taps = _taps_last(grouped_view(weight, groups))
+    summed = float64(taps[..., 0]) if taps.shape[-1] == 1 else taps.sum(-1, dtype=torch.float64)  # g, o, i
     per_group = value.reshape(groups, -1)  # g, i
     return torch.einsum("goi,gi->go", summed, per_group).reshape(-1)
 
@@ -135,7 +178,7 @@ def scale_input_channels(weight: Tensor, groups: int, scale: Tensor) -> Tensor:
     """Kernel of ``conv(scale[c] * x)``: input channel ``c`` of the kernel times ``scale[c]``."""
     weight_g = grouped_view(weight, groups)
     factor = scale.reshape((groups, 1, -1) + (1,) * (weight.dim() - 2))
-    return (weight_g * factor).reshape(weight.shape)
+    return scaled(weight_g, factor).reshape(weight.shape)
 
 
 def depthwise_after_pointwise(outer: Tensor, inner: Tensor) -> Tensor:

@@ -3,13 +3,14 @@
 The end-to-end comparison sees a rewrite only through the rest of the model: through
 fp32 rounding, which a deep or cancelling model amplifies, and through discontinuous
 ops (a top-k over near-ties flips on the last bit). A local proof has neither
-problem. The graph runs on the example and seeded inputs; where a rewritten region
-starts, the activations that actually reach it are taken, upcast to float64, and fed
-to the region as written and to its replacement (with the replacement's constants at
-their exact float64 values, before the one rounding to the model's dtype). Folding is
-exact algebra, so the two agree to float64 rounding; a difference beyond
-``LOCAL_RTOL`` relative to the region's output is a wrong rewrite, which the pass then
-erases instead of committing.
+problem. The graph runs on the example and seeded inputs (one pass over its nodes,
+every input set in lock step, so that each region's float64 constants are computed
+once); where a rewritten region starts, the activations that actually reach it are
+taken, upcast to float64, and fed to the region as written and to its replacement
+(with the replacement's constants at their exact float64 values, before the one
+rounding to the model's dtype). Folding is exact algebra, so the two agree to float64
+rounding; a difference beyond ``LOCAL_RTOL`` relative to the region's output is a
+wrong rewrite, which the pass then erases instead of committing.
 """
 
 from __future__ import annotations
@@ -49,64 +50,64 @@ class LocalProver:
         self.summary = ProofSummary(input_sets=len(self.input_sets))
 
     def __call__(self, gm: fx.GraphModule, candidates: Sequence[Candidate]) -> dict[Candidate, str]:
+        try:
+            outcomes = _RegionRun(gm, candidates, self.input_sets).outcomes()
+        except _GraphFailed:  # say on which input set: run them one at a time
+            outcomes = self._set_by_set(gm, candidates)
         failed: dict[Candidate, str] = {}
-        for set_index, inputs in enumerate(self.input_sets):
-            pending = [candidate for candidate in candidates if candidate not in failed]
-            if not pending:
-                break
-            try:
-                outcomes = _RegionRun(gm, pending).outcomes(inputs)
-            except Exception as error:  # the graph itself does not run here: nothing can be proven
-                reason = f"local proof not possible: running the graph failed ({first_line(error, 200)})"
-                return failed | {candidate: reason for candidate in pending}
-            for candidate, (relative, reason) in outcomes.items():
-                self.summary.worst_relative_error = max(self.summary.worst_relative_error, relative)
-                if reason is not None:
-                    failed[candidate] = f"local proof failed on input set {set_index}: {reason}; not rewritten"
+        for candidate, (relatives, failure) in outcomes.items():
+            self.summary.worst_relative_error = max([self.summary.worst_relative_error, *relatives])
+            if failure is not None:
+                failed[candidate] = failure
         self.summary.regions_failed += len(failed)
         self.summary.regions_proven += len(candidates) - len(failed)
         return failed
 
+    def _set_by_set(self, gm: fx.GraphModule, candidates: Sequence[Candidate]) -> dict[Candidate, _Outcome]:
+        """The graph fails to run on some input set: the sets before it still prove, or refute, what they can."""
+        outcomes: dict[Candidate, _Outcome] = {candidate: ([], None) for candidate in candidates}
+        for set_index, inputs in enumerate(self.input_sets):
+            pending = [candidate for candidate in candidates if outcomes[candidate][1] is None]
+            if not pending:
+                break
+            try:
+                results = _RegionRun(gm, pending, [inputs], first_set=set_index).outcomes()
+            except _GraphFailed as error:
+                reason = f"local proof not possible: running the graph failed ({first_line(error.__cause__, 200)})"
+                return outcomes | {candidate: (outcomes[candidate][0], reason) for candidate in pending}
+            for candidate, (relatives, failure) in results.items():
+                outcomes[candidate] = (outcomes[candidate][0] + relatives, failure)
+        return outcomes
 
-class _RegionRun(fx.Interpreter):
-    """One run of the graph that checks each candidate when the run reaches its root.
 
-    Emitted nodes are skipped (nothing reads them yet); the values a region or its
-    replacement read from outside are kept until every candidate that needs them is
-    checked. State the graph writes is fetched as copies, so proving never advances it.
+_Outcome = tuple[list[float], "str | None"]  # relative errors, in input-set order; the failure, if one
+
+
+class _GraphFailed(Exception):
+    """Running the graph itself raised (the cause): nothing can be proven on that input set."""
+
+
+class _SetRun(fx.Interpreter):
+    """The graph on one input set, a node at a time (``_RegionRun`` steps every set in turn).
+
+    Emitted nodes are skipped (nothing reads them yet). State the graph writes is
+    fetched as copies, so proving never advances it.
     """
 
-    def __init__(self, gm: fx.GraphModule, candidates: Sequence[Candidate]) -> None:
+    def __init__(self, gm: fx.GraphModule, emitted: set[fx.Node], written: set[str], inputs: tuple) -> None:
         super().__init__(gm)
-        self.by_root = {candidate.emission.root: candidate for candidate in candidates}
-        self.emitted = {node for candidate in candidates for node in candidate.emission.nodes}
-        self.needs = {candidate: _external_inputs(candidate) for candidate in candidates}
-        self.remaining = Counter(node for needed in self.needs.values() for node in needed)
-        self.kept: dict[fx.Node, Any] = {}
-        self.written = set(written_attributes(gm))
+        self.emitted = emitted
+        self.written = written
         self.state_copies: dict[str, Any] = {}
-        self.results: dict[Candidate, tuple[float, str | None]] = {}
-        self.order = {node: index for index, node in enumerate(gm.graph.nodes)}
-        self.constants = ConstantFolder(gm)
+        self.env = {}
+        self.args_iter = iter(self.graph.process_inputs(*copy_inputs(inputs)))  # pytree inputs flattened
 
-    def outcomes(self, inputs: tuple) -> dict[Candidate, tuple[float, str | None]]:
-        """(relative error, failure reason or None) per candidate."""
-        with torch.no_grad():
-            self.run(*copy_inputs(inputs))  # the Interpreter flattens pytree inputs itself
-        unreached = {candidate: (0.0, "the run never reached the region") for candidate in self.needs
-                     if candidate not in self.results}
-        return self.results | unreached
-
-    def run_node(self, node: fx.Node) -> Any:
-        if node in self.emitted:
-            return None
-        value = super().run_node(node)
-        if node in self.remaining:
-            self.kept[node] = value
-        candidate = self.by_root.get(node)
-        if candidate is not None:
-            self.results[candidate] = self._check(candidate)
-            self._release(self.needs[candidate])
+    def step(self, node: fx.Node) -> Any:
+        """``node``'s value (dropping values no later node reads), as ``Interpreter.run`` does."""
+        value = None if node in self.emitted else self.run_node(node)
+        self.env[node] = value
+        for dead in self.user_to_last_uses.get(node, []):
+            del self.env[dead]
         return value
 
     def fetch_attr(self, target: str) -> Any:
@@ -116,12 +117,72 @@ class _RegionRun(fx.Interpreter):
             self.state_copies[target] = super().fetch_attr(target).clone()
         return self.state_copies[target]
 
-    def _check(self, candidate: Candidate) -> tuple[float, str | None]:
+
+class _RegionRun:
+    """One pass over the graph, every input set in lock step, checking each candidate when
+    the pass reaches its root.
+
+    A candidate is checked on the input sets in order, up to the first that refutes it;
+    the float64 values of its constants are computed once for all of them. The values a
+    region or its replacement read from outside are kept until every candidate that
+    needs them is checked.
+    """
+
+    def __init__(self, gm: fx.GraphModule, candidates: Sequence[Candidate], input_sets: Sequence[tuple],
+                 first_set: int = 0) -> None:
+        self.gm = gm
+        self.first_set = first_set  # the index the first of ``input_sets`` has in the reports
+        self.by_root = {candidate.emission.root: candidate for candidate in candidates}
+        emitted = {node for candidate in candidates for node in candidate.emission.nodes}
+        written = set(written_attributes(gm))
+        self.runs = [_SetRun(gm, emitted, written, inputs) for inputs in input_sets]
+        self.needs = {candidate: _external_inputs(candidate) for candidate in candidates}
+        self.remaining = Counter(node for needed in self.needs.values() for node in needed)
+        self.kept: list[dict[fx.Node, Any]] = [{} for _ in self.runs]
+        self.results: dict[Candidate, _Outcome] = {}
+        self.order = {node: index for index, node in enumerate(gm.graph.nodes)}
+        self.constants = ConstantFolder(gm)
+
+    def outcomes(self) -> dict[Candidate, _Outcome]:
+        """Per candidate: relative errors and the failure message (None: proven). Raises ``_GraphFailed``."""
+        with torch.no_grad():
+            for node in self.gm.graph.nodes:
+                for run, kept in zip(self.runs, self.kept):
+                    try:
+                        value = run.step(node)
+                    except Exception as error:
+                        raise _GraphFailed from error
+                    if node in self.remaining:
+                        kept[node] = value
+                candidate = self.by_root.get(node)
+                if candidate is not None:
+                    self.results[candidate] = self._check(candidate)
+                    self._release(self.needs[candidate])
+                if node.op == "output":
+                    break
+        unreached = ([0.0], self._failure(0, "the run never reached the region"))
+        return self.results | {candidate: unreached for candidate in self.needs if candidate not in self.results}
+
+    def _failure(self, set_index: int, reason: str) -> str:
+        return f"local proof failed on input set {self.first_set + set_index}: {reason}; not rewritten"
+
+    def _check(self, candidate: Candidate) -> _Outcome:
+        region = sorted(candidate.ops, key=self.order.__getitem__)
+        constants: dict[fx.Node | str, Any] = {}  # float64 values, shared by the input sets
+        relatives = []
+        for set_index, kept in enumerate(self.kept):
+            relative, reason = self._check_on(candidate, region, self._reader(kept, constants), constants)
+            relatives.append(relative)
+            if reason is not None:
+                return relatives, self._failure(set_index, reason)
+        return relatives, None
+
+    def _check_on(self, candidate: Candidate, region: list[fx.Node], outside: Callable[[fx.Node], Any],
+                  constants: dict) -> tuple[float, str | None]:
         emission = candidate.emission
         try:
-            region = sorted(candidate.ops, key=self.order.__getitem__)
-            original = _evaluate(region, self._outside, {})[emission.root]
-            rewritten = _evaluate(emission.nodes, self._outside, emission.exact)[emission.result]
+            original = _evaluate(region, outside, {}, constants)[emission.root]
+            rewritten = _evaluate(emission.nodes, outside, emission.exact, constants)[emission.result]
         except Exception as error:
             return 0.0, f"evaluating the region in float64 failed ({first_line(error, 200)})"
         if original.shape != rewritten.shape:
@@ -133,19 +194,28 @@ class _RegionRun(fx.Interpreter):
                               f"(max|y| {scale:.3g}, bound {LOCAL_RTOL:g} relative)")
         return relative, None
 
-    def _outside(self, node: fx.Node) -> Any:
-        """A value read from outside: constants recomputed in float64 (as the fold computed them),
-        activations as the run produced them, upcast."""
-        if self.constants.is_constant(node):
-            return float64_values(self.constants.value(node))
-        return float64_values(self.kept[node])
+    def _reader(self, kept: dict[fx.Node, Any], constants: dict) -> Callable[[fx.Node], Any]:
+        """Values read from outside, each upcast once: constants recomputed in float64 (as the fold
+        computed them, shared by the input sets), activations as this set's run produced them."""
+        activations: dict[fx.Node, Any] = {}
+
+        def outside(node: fx.Node) -> Any:
+            if self.constants.is_constant(node):
+                if node not in constants:
+                    constants[node] = float64_values(self.constants.value(node))
+                return constants[node]
+            if node not in activations:
+                activations[node] = float64_values(kept[node])
+            return activations[node]
+        return outside
 
     def _release(self, nodes: set[fx.Node]) -> None:
         for node in nodes:
             self.remaining[node] -= 1
             if self.remaining[node] <= 0:
                 del self.remaining[node]
-                self.kept.pop(node, None)
+                for kept in self.kept:
+                    kept.pop(node, None)
 
 
 def _external_inputs(candidate: Candidate) -> set[fx.Node]:
@@ -155,8 +225,10 @@ def _external_inputs(candidate: Candidate) -> set[fx.Node]:
     return {arg for node in nodes for arg in node.all_input_nodes if arg not in inside}
 
 
-def _evaluate(nodes: Sequence[fx.Node], outside: Callable[[fx.Node], Any], exact: dict[str, torch.Tensor]) -> dict:
-    """Run ``nodes`` in float64: values from ``outside(node)``, emitted constants from ``exact``."""
+def _evaluate(nodes: Sequence[fx.Node], outside: Callable[[fx.Node], Any], exact: dict[str, torch.Tensor],
+              constants: dict) -> dict:
+    """Run ``nodes`` in float64: values from ``outside(node)``, emitted constants from ``exact``,
+    other attributes upcast once into ``constants``."""
     env: dict[fx.Node, Any] = {}
 
     def load(arg: fx.Node) -> Any:
@@ -164,7 +236,12 @@ def _evaluate(nodes: Sequence[fx.Node], outside: Callable[[fx.Node], Any], exact
 
     for node in nodes:
         if node.op == "get_attr":
-            env[node] = exact[node.target] if node.target in exact else float64_values(_attr(node))
+            if node.target in exact:
+                env[node] = exact[node.target]
+            else:
+                if node.target not in constants:
+                    constants[node.target] = float64_values(_attr(node))
+                env[node] = constants[node.target]
             continue
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), load)
         env[node] = node.target(*args, **kwargs)
