@@ -14,8 +14,7 @@ import sys
 import torch
 
 from repfx import reparameterize
-from repfx.cli.planning import positive_int, target_argument
-from repfx.targets import COSTS
+from repfx.cli.planning import add_planning_arguments
 from repfx.errors import CaptureError, VerificationError
 
 
@@ -35,13 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the bundled samples and exit")
     parser.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1x3x224x224")
     parser.add_argument("--seed", type=int, default=0, help="seed for BN statistics and inputs")
-    parser.add_argument("--cost", choices=COSTS, default="latency",
-                        help="merge cost rule: modeled time on the target (default), measured time, MACs, always")
-    parser.add_argument("--target", type=target_argument, metavar="DEVICE",
-                        help="device the model will run on: cpu, cuda, or a GPU not here (cuda:h200, cuda:a100, "
-                             "cuda:l4, ...); default: where it is built (the engine: cuda)")
-    parser.add_argument("--batch", type=positive_int, metavar="N",
-                        help="batch size the merge decisions plan for (default: the example input's)")
+    add_planning_arguments(parser)
     parser.add_argument("--report", choices=("table", "json"), default="table")
     args = parser.parse_args(argv)
     if args.list:

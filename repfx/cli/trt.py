@@ -29,8 +29,7 @@ from repfx.backends.precision import PRECISIONS, precision_dtype
 from repfx.capture.inputs import InputSpec, random_inputs
 from repfx.capture.loading import BadInput, LoadedModel, load_model
 from repfx.cli.memory import check_inputs_fit
-from repfx.cli.planning import positive_int, target_argument
-from repfx.targets import COSTS
+from repfx.cli.planning import add_planning_arguments
 from repfx.cli.progress import PhaseProgress
 from repfx.cli.results import print_result
 from repfx.cli.triton_entry import plan_triton, stage_triton
@@ -88,13 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", choices=("table", "json"), default="table")
     parser.add_argument("--benchmark", action="store_true", help="measure latency before/after on this device")
     parser.add_argument("--no-verify", action="store_true", help="skip the numerical checks (not recommended)")
-    parser.add_argument("--cost", choices=COSTS, default="latency",
-                        help="merge cost rule: modeled time on the target (default), measured time, MACs, always")
-    parser.add_argument("--target", type=target_argument, metavar="DEVICE",
-                        help="device the model will run on: cpu, cuda, or a GPU not here (cuda:h200, cuda:a100, "
-                             "cuda:l4, ...); default: where it is built (the engine: cuda)")
-    parser.add_argument("--batch", type=positive_int, metavar="N",
-                        help="batch size the merge decisions plan for (default: the example input's)")
+    add_planning_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed for sample BN statistics and example inputs")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="trust the model file: allow a pickled nn.Module (torch.save(model)) and turn off the "

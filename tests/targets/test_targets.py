@@ -194,3 +194,17 @@ def test_remeasuring_replaces_the_cached_profile(tmp_path, monkeypatch):
     assert targets.remeasure("cpu") == COMPUTE_BOUND
     assert list(json.loads((tmp_path / FILE_NAME).read_text())["profiles"].values())[0]["name"] == "compute-bound"
     targets._measured.cache_clear()  # the next test must see the session's pinned profile again
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target", "cuda:h300"], "known: a100, h100, h200"),
+    (["--batch", "0"], "expected a positive integer"),
+    (["--cost", "flops"], "invalid choice"),
+])
+def test_cli_planning_arguments_are_checked_before_any_work(argv, message, capsys):
+    from repfx.cli import demo, trt
+
+    for main in (demo.main, trt.main):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv + (["--sample", "repvgg_a0", "--out", "never-written"] if main is trt.main else []))
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
