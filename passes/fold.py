@@ -101,12 +101,15 @@ def _choose(gm: fx.GraphModule, rule: CostRule,
     careful: Analysis | None = None  # only built when some region fails the global rule
     chosen, refusals = [], []
     fallback_ops: set[fx.Node] = set()
+    accepted, refused = [], {}
     for root in eager.roots():
         expr = eager.exprs[root]
         merged, original = expr.cost, eager.region_cost(expr)
         if rule.pays(merged, original, root.name):
             chosen.append((root, expr))
+            accepted.append(root)
             continue
+        refused[root] = (expr, rule.decisions.get(root.name))
         if careful is None:
             careful = analyze(gm, rule, boundaries)
             careful_roots = set(careful.roots())
@@ -116,7 +119,29 @@ def _choose(gm: fx.GraphModule, rule: CostRule,
     refusals += [(node, reason) for node, reason in eager.refusals if node not in fallback_ops]
     if careful is not None:
         refusals += [(node, reason) for node, reason in careful.refusals if node in fallback_ops]
+        _keep_decisions_that_decided(rule, accepted, refused)
     return partition.improve(analyzer, eager, chosen, refusals, _rewrites_fewer_ops, rule)
+
+
+def _keep_decisions_that_decided(rule: CostRule, accepted: list[fx.Node],
+                                 refused: dict[fx.Node, tuple[Expr, object]]) -> None:
+    """The contested decisions the graph follows, one set per region.
+
+    The careful analysis walks the whole graph, so it also notes merges inside
+    regions merged whole, which decided nothing; and a refused region has both its
+    whole-region decision and the single merges that replaced it. Kept: the decision
+    of each region merged whole, and inside a refused region the single-merge
+    decisions (its whole-region decision only when no single merge was contested).
+    ``refused`` maps each refused root to its expression and its whole-region decision.
+    """
+    kept = {root.name for root in accepted}
+    for root, (expr, whole) in refused.items():
+        inside = {op.name for op in expr.ops} & set(rule.decisions)
+        if any(rule.decisions[name] is not whole for name in inside):
+            inside = {name for name in inside if rule.decisions[name] is not whole}
+        kept |= inside
+    for name in [name for name in rule.decisions if name not in kept]:
+        del rule.decisions[name]
 
 
 def _executed(expr: Expr) -> list[fx.Node]:

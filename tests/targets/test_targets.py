@@ -208,3 +208,40 @@ def test_cli_planning_arguments_are_checked_before_any_work(argv, message, capsy
         with pytest.raises(SystemExit) as exit_:
             main(argv + (["--sample", "repvgg_a0", "--out", "never-written"] if main is trt.main else []))
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+class DepthwiseThenPointwiseBN(nn.Module):
+    """dw3x3-BN -> 1x1-BN (RepViT's and FastViT's downsampling): merged, one dense 3x3."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.dw = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False),
+                                nn.BatchNorm2d(channels))
+        self.pw = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        return self.pw(self.dw(x))
+
+
+class TwoBlocks(nn.Module):
+    """Two dw3x3 -> 1x1 blocks, the first followed by a widening 1x1 (a chain of three convs) and a ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.narrow, self.up = DepthwiseThenPointwiseBN(4), nn.Conv2d(4, 64, 1)
+        self.wide = DepthwiseThenPointwiseBN(64)
+
+    def forward(self, x):
+        return self.wide(torch.relu(self.up(self.narrow(x))))
+
+
+def test_the_report_keeps_one_decision_per_block_and_only_those_that_decided():
+    """Both regions are refused whole, so the op-by-op analysis decides them; it walks the whole graph and
+    notes merges that decided nothing (one came out "merged" though nothing merged). One decision per
+    region is reported, each as the graph shows it."""
+    middle = DeviceProfile("middle", "cpu", {"float32": 1e10}, bandwidth=1e11, overhead_s=2e-5)
+    model, x = build(TwoBlocks), rand(2, 4, 8, 8)
+    gm, report = reparam(model, x, target=middle)
+    assert_matches(model, gm, x)
+    assert_ops(gm, x, convolution=1 + 1 + 2, batch_norm=0)
+    assert [(d["where"], d["merged_won"]) for d in report.decisions] == [("conv2d_4", False), ("conv2d_2", False)]
