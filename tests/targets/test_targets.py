@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import assert_matches, assert_ops, build, rand, reparam
+from helpers import assert_matches, assert_ops, build, conv_bn, rand, reparam
 
 import repfx
 from repfx.passes.cost import DeviceProfile, LatencyCost, MacsCost, MeasuredCost
@@ -30,9 +30,7 @@ class DepthwiseBesideDense(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.dw = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False),
-                                nn.BatchNorm2d(channels))
-        self.pw = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels))
+        self.dw, self.pw = conv_bn(channels, channels, 3, padding=1, groups=channels), conv_bn(channels, channels, 1)
 
     def forward(self, x):
         return torch.relu(self.dw(x) + self.pw(x))
@@ -215,9 +213,7 @@ class DepthwiseThenPointwiseBN(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.dw = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False),
-                                nn.BatchNorm2d(channels))
-        self.pw = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels))
+        self.dw, self.pw = conv_bn(channels, channels, 3, padding=1, groups=channels), conv_bn(channels, channels, 1)
 
     def forward(self, x):
         return self.pw(self.dw(x))
