@@ -137,7 +137,8 @@ def test_published_profiles_are_derated_tensor_core_figures():
 def test_measured_cpu_profile_has_positive_rates():
     profile = measure_profile("cpu")
     assert profile.device == "cpu" and profile.rate("float32") > 0 and profile.bandwidth > 0
-    assert 0 < profile.overhead_s < 0.1 and "measured" in profile.source
+    assert 0 < profile.overhead_s < 0.1
+    assert profile.busy or "measured" in profile.source  # under xdist the other worker may make it busy
 
 
 def test_cache_measures_once_then_reads(tmp_path, monkeypatch):
