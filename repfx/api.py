@@ -30,6 +30,7 @@ from repfx.report import Refusal, Report, Rewrite
 from repfx.verify.numeric import check_tolerances, copy_inputs, input_sets
 from repfx.verify.numeric import verify as verify_outputs
 
+PLANNING = ("cost", "target", "batch", "precision", "backend")  # what ``repfx.targets.cost_rule`` takes
 LOCAL_PROOF_TRIALS = 1  # seeded input sets besides the example inputs for the per-region proofs
 
 
@@ -106,7 +107,7 @@ def reparameterize_whole(model: SupportedModel, example_inputs: Sequence[Any], *
     try:
         return reparameterize(model, example_inputs, partial=False, **options)
     except CaptureError as error:
-        planning = {key: options[key] for key in ("cost", "target", "batch", "precision", "backend") if key in options}
+        planning = {key: options[key] for key in PLANNING if key in options}
         message = _whole_model_message(model, as_input_tuple(example_inputs), error, planning)
         if message is None:
             raise
@@ -127,7 +128,7 @@ def _whole_model_message(model, example_inputs: tuple, error: CaptureError, plan
 
 def _reparameterize(model, example_inputs, *, partial: bool, **options: Any) -> tuple[nn.Module, Report]:
     """``_run``; for an ``nn.Module`` torch.export cannot capture whole (and ``partial``), ``fold_in_parts``."""
-    planning = {key: options.pop(key) for key in ("cost", "target", "batch", "precision", "backend") if key in options}
+    planning = {key: options.pop(key) for key in PLANNING if key in options}
     options["cost"] = _planned_rule(planning, as_input_tuple(example_inputs))
     start = time.perf_counter()
     try:

@@ -114,14 +114,6 @@ class ConvForm:
             return value
         return value.to(torch.float64, memory_format=torch.contiguous_format)
 
-    def outline(self) -> ConvForm:
-        """This form as a price reads it: a deferred kernel is not computed but stands in as an
-        empty tensor of its shape (on the meta device). A diagonal form's values are its price."""
-        if not isinstance(self.kernel, Deferred) or self.is_diagonal:
-            return self
-        shape_only = torch.empty(self.kernel.shape, dtype=torch.float64, device="meta")
-        return ConvForm(shape_only, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
     @property
     def rank(self) -> int:
         return len(self.kernel.shape) - 2

@@ -79,10 +79,6 @@ class TransposedConvForm:
     def kernel_size(self) -> tuple[int, ...]:
         return tuple(self.weight.shape[2:])
 
-    def outline(self) -> TransposedConvForm:
-        """What a price reads (``ConvForm.outline``): this form's kernel is never deferred."""
-        return self
-
     @property
     def geometry(self) -> tuple:
         """Everything that places taps on the output grid: equal geometry, equal grids."""

@@ -80,7 +80,10 @@ def of_form(form: Any, out_shape: Sequence[int]) -> Work:
     """The work of one ``ConvForm`` or ``TransposedConvForm`` producing ``out_shape`` = ``(C, *spatial)``.
 
     An identity executes nothing; a per-channel scale without padding is an
-    elementwise op (a lone BatchNorm), one multiply-accumulate per element.
+    elementwise op (a lone BatchNorm), one multiply-accumulate per element. Only
+    shapes are read (and a diagonal form's values, to tell an identity): a combined
+    form's kernel is computed when first read (``algebra.deferred``), and pricing a
+    merge the rule then refuses must not compute it.
     """
     numel = math.prod(out_shape)
     if form.is_identity:
@@ -89,7 +92,7 @@ def of_form(form: Any, out_shape: Sequence[int]) -> Work:
         return Work((Op("elementwise", numel, numel, numel, 2 * out_shape[0], (tuple(out_shape), 1)),))
     layout = conv_layout(form, out_shape)
     kind = "conv_transpose" if form.transposed else ("linear" if form.rank == 0 else "conv")
-    params = form.weight.numel() + form.bias.numel()
+    params = form.out_channels * (form.in_channels // form.groups) * math.prod(form.kernel_size) + form.bias.numel()
     return Work((Op(kind, form.macs(out_shape), math.prod(layout[0]), numel, params, layout),))
 
 

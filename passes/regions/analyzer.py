@@ -39,7 +39,7 @@ from repfx.passes.regions.expr import Analysis, CostPolicy, Expr, NotLinear, Ter
 from repfx.passes.regions.values import as_ints, per_channel, same_shapes
 
 __all__ = ["RULES", "Analysis", "Analyzer", "CostPolicy", "Expr", "NotLinear", "Operand", "Rule", "Term", "analyze",
-           "as_ints", "price", "registered_rules", "rule"]  # rules and passes import these from here
+           "as_ints", "registered_rules", "rule"]  # rules and passes import these from here
 
 Operand = Callable[..., Expr]  # (arg, channel_last=False) -> Expr
 Rule = Callable[["Analyzer", fx.Node, Operand], Expr]  # raises NotExact (reported) or NotLinear (silent)
@@ -61,12 +61,6 @@ def rule(*targets: Any) -> Callable[[Rule], Rule]:
             RULES[target] = fn
         return fn
     return register
-
-
-def price(form: Any, shape: tuple[int, ...]) -> Work:
-    """The cost rule's work for ``form`` producing ``shape``, read from its outline: a combined
-    form's kernel is deferred, and pricing it must not compute it (``algebra.deferred``)."""
-    return of_form(form.outline(), shape)
 
 
 def _qualified_name(fn: Callable) -> str:
@@ -221,13 +215,13 @@ class Analyzer:
         """Expression of ``outer(expr)``; ``node`` (and ``extra_ops``) join the region."""
         shape = self.sample_shape(node, channel_last)
         ops = expr.ops | {node, *extra_ops}
-        self.result.own_cost[node] = price(outer, shape)
+        self.result.own_cost[node] = of_form(outer, shape)
         separate_cost = expr.cost + self.result.own_cost[node]
         if len(expr.terms) == 1:
             term = expr.terms[0]
             merged = compose(outer, term.form)
             alone = not expr.ops and any(op in self.result.shared for op in (node, *extra_ops))
-            terms = (Term(term.source, merged, price(merged, shape), node if alone else None),)
+            terms = (Term(term.source, merged, of_form(merged, shape), node if alone else None),)
         elif outer.is_diagonal and not any(outer.padding):
             terms = self._distribute(outer, expr.terms, shape)
         else:
@@ -242,7 +236,7 @@ class Analyzer:
         result = []
         for index, term in enumerate(terms):
             form = compose(outer if index == 0 else scale_only, term.form)
-            result.append(Term(term.source, form, price(form, shape)))
+            result.append(Term(term.source, form, of_form(form, shape)))
         return tuple(result)
 
     def add(self, node: fx.Node, exprs: Sequence[Expr], operands: Sequence[fx.Node], channel_last: bool) -> Expr:
@@ -263,7 +257,7 @@ class Analyzer:
                     continue
                 try:
                     merged = merge_parallel([cluster.form, term.form])
-                    merged_cost = price(merged, shape)
+                    merged_cost = of_form(merged, shape)
                     self.check_cost(node, merged_cost, cluster.cost + term.cost + add)
                 except NotExact as refusal:
                     self.result.refuse(node, str(refusal))

@@ -24,7 +24,7 @@ from repfx.backends.registry import get_backend, resolve_backend
 from repfx.capture.export import SupportedModel, keeps_dynamic_batch
 from repfx.capture.partial import is_folded_in_parts, report_of
 from repfx.report import Report
-from repfx.targets import Target, cost_rule
+from repfx.targets import Target, cost_rule, device_target
 from repfx.verify.numeric import ErrorStats, verify as verify_outputs
 
 logger = logging.getLogger("repfx")
@@ -34,9 +34,11 @@ MODULE_BACKENDS = ("eager", "inductor")
 MEASURED_WITH = {"eager": "eager", "inductor": "inductor", "onnx": "onnxruntime"}  # cost="measure" times forms so
 
 
-def _backend_target(device: torch.device | None) -> str | None:
-    """The device a backend runs on, as a cost target (None: where the example inputs are)."""
-    return None if device is None else ("cpu" if device.type == "cpu" else f"{device.type}:{device.index or 0}")
+def _planned_target(target: Target, backend_device: torch.device | None) -> Target:
+    """The target asked for; else the backend's device; else (None) where the example inputs are."""
+    if target is not None or backend_device is None:
+        return target
+    return device_target(backend_device)
 
 
 class DeployedModel(nn.Module):
@@ -109,7 +111,7 @@ def compile(
     in_parts = backend == "auto" or name in MODULE_BACKENDS
     plain = (reparameterize if in_parts else reparameterize_whole)(
         model, inputs, verify=verify, dynamic_batch=dynamic_batch, progress=progress,
-        cost=cost_rule(cost, target=target if target is not None else _backend_target(chosen.device), batch=batch,
+        cost=cost_rule(cost, target=_planned_target(target, chosen.device), batch=batch,
                        precision=precision, example_inputs=inputs, backend=MEASURED_WITH.get(name, "eager")))
     report: Report = report_of(plain)
     if is_folded_in_parts(plain) and name not in MODULE_BACKENDS:  # "auto" had chosen a one-graph backend

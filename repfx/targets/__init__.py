@@ -89,7 +89,7 @@ def cost_rule(cost: str | CostRule = "latency", *, target: Target = None, batch:
     if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     first = _first_tensor(example_inputs)
-    target = target if target is not None else (_device_name(first.device) if first is not None else "cpu")
+    target = target if target is not None else (device_target(first.device) if first is not None else "cpu")
     profile = device_profile(target)
     batch = batch or (int(first.shape[0]) if first is not None and first.dim() > 0 else 1)
     dtype = _dtype_name(precision, first)
@@ -98,7 +98,7 @@ def cost_rule(cost: str | CostRule = "latency", *, target: Target = None, batch:
     if profile.source.startswith("published"):
         raise ValueError(f"cost='measure' times forms on the device itself, and {profile.name} is not here; "
                          "use cost='latency' to plan for it")
-    timer = WorkTimer(_device_name(torch.device(profile.device)), batch, dtype, backend)
+    timer = WorkTimer(device_target(torch.device(profile.device)), batch, dtype, backend)
     return MeasuredCost(profile=profile, batch=batch, dtype=dtype, timer=timer)
 
 
@@ -108,7 +108,8 @@ def _first_tensor(example_inputs: Sequence[Any]) -> torch.Tensor | None:
     return (floating or leaves or [None])[0]
 
 
-def _device_name(device: torch.device) -> str:
+def device_target(device: torch.device) -> str:
+    """A torch device as a target name: ``"cpu"`` or ``"cuda:<index>"``."""
     return "cpu" if device.type == "cpu" else f"{device.type}:{device.index or 0}"
 
 
@@ -122,5 +123,5 @@ def _dtype_name(precision: str | None, first: torch.Tensor | None) -> str:
     return "float32"
 
 
-__all__ = ["COSTS", "DeviceProfile", "Target", "check_target", "cost_rule", "device_profile", "known_gpus",
-           "measure_profile", "published_profile", "remeasure"]
+__all__ = ["COSTS", "DeviceProfile", "Target", "check_target", "cost_rule", "device_profile", "device_target",
+           "known_gpus", "measure_profile", "published_profile", "remeasure"]

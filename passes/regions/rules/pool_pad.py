@@ -16,8 +16,8 @@ from torch import Tensor, fx
 
 from repfx.passes.algebra import kernels
 from repfx.passes.algebra.forms import ConvForm, NotExact, pad_output
-from repfx.passes.cost import elementwise
-from repfx.passes.regions.analyzer import Analyzer, Expr, NotLinear, Operand, Term, as_ints, price, rule
+from repfx.passes.cost import elementwise, of_form
+from repfx.passes.regions.analyzer import Analyzer, Expr, NotLinear, Operand, Term, as_ints, rule
 
 aten = torch.ops.aten
 
@@ -81,7 +81,7 @@ def pad(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     term = expr.terms[0]
     form = pad_output(term.form, padding, value_vec)
     an.result.own_cost[node] = elementwise(shape, 1)
-    return Expr((Term(term.source, form, price(form, shape)),), expr.ops | {node}, shape)
+    return Expr((Term(term.source, form, of_form(form, shape)),), expr.ops | {node}, shape)
 
 
 def _fill_value(an: Analyzer, src: Any, shape: tuple[int, ...]) -> Tensor:
@@ -152,4 +152,4 @@ def border_fill(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     term = expr.terms[0]
     form = pad_output(term.form, padding, value)
     an.result.own_cost[node] = elementwise(shape, 1)
-    return Expr((Term(term.source, form, price(form, shape)),), expr.ops | ops, shape)
+    return Expr((Term(term.source, form, of_form(form, shape)),), expr.ops | ops, shape)

@@ -11,8 +11,8 @@ import torch
 from torch import fx
 
 from repfx.passes.algebra.forms import NotExact, stack_outputs
-from repfx.passes.cost import NOTHING, elementwise
-from repfx.passes.regions.analyzer import Analyzer, Expr, NotLinear, Operand, Term, price, rule
+from repfx.passes.cost import NOTHING, elementwise, of_form
+from repfx.passes.regions.analyzer import Analyzer, Expr, NotLinear, Operand, Term, rule
 
 aten = torch.ops.aten
 
@@ -45,7 +45,7 @@ def cat(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     if any(len(e.terms) != 1 for e in exprs) or len({id(e.terms[0].source) for e in exprs}) != 1:
         raise NotExact(f"{node.name}: concatenated tensors are not all single branches of one input")
     form = stack_outputs([e.terms[0].form for e in exprs])
-    merged_cost = price(form, shape)
+    merged_cost = of_form(form, shape)
     an.check_cost(node, merged_cost, sum((e.cost for e in exprs), NOTHING) + elementwise(shape, 1))
     ops = frozenset().union(*(e.ops for e in exprs)) | {node}
     an.result.own_cost[node] = elementwise(shape, 1)
