@@ -24,6 +24,7 @@ from torch import fx
 from repfx.passes import partition
 from repfx.passes import cost as cost_rule
 from repfx.passes.cost import CostRule
+from repfx.passes.cost.work import NOTHING, Work
 from repfx.passes.emit import Emission, EmissionPlan, Emitter, plan, remove_dead_code
 from repfx.passes.regions import sharing
 from repfx.passes.regions.analyzer import Analysis, Analyzer, CostPolicy, Expr, analyze
@@ -98,21 +99,28 @@ def _choose(gm: fx.GraphModule, rule: CostRule,
     eager = analyzer.run()
     if rule.merges_everything:
         return [(root, eager.exprs[root]) for root in eager.roots()], list(eager.refusals)
-    careful: Analysis | None = None  # only built when some region fails the global rule
+    careful: Analysis | None = None  # only built when some region is contested or fails the global rule
+    careful_roots: set[fx.Node] = set()
     chosen, refusals = [], []
     fallback_ops: set[fx.Node] = set()
     accepted, refused = [], {}
     for root in eager.roots():
         expr = eager.exprs[root]
         merged, original = expr.cost, eager.region_cost(expr)
+        contested = _adds_macs(merged, original)
+        if contested:
+            careful = careful or analyze(gm, rule, boundaries)
+            careful_roots = careful_roots or set(careful.roots())
+            original = _cheaper_alternative(rule, original, _careful_plan(careful, careful_roots, eager, expr))
         if rule.pays(merged, original, root.name):
             chosen.append((root, expr))
-            accepted.append(root)
+            # Merged as far as the careful analysis merged it: its single merges are what decided.
+            decided_by = {root} if root.name in rule.decisions or not contested else expr.ops
+            accepted += decided_by
             continue
         refused[root] = (expr, rule.decisions.get(root.name))
-        if careful is None:
-            careful = analyze(gm, rule, boundaries)
-            careful_roots = set(careful.roots())
+        careful = careful or analyze(gm, rule, boundaries)
+        careful_roots = careful_roots or set(careful.roots())
         fallback_ops |= expr.ops
         refusals.append((root, rule.region_refused(len(expr.terms), merged, original)))
         chosen += [(node, careful.exprs[node]) for node in expr.ops if node in careful_roots]
@@ -123,6 +131,34 @@ def _choose(gm: fx.GraphModule, rule: CostRule,
     return partition.improve(analyzer, eager, chosen, refusals, _rewrites_fewer_ops, rule)
 
 
+def _adds_macs(merged: Work, original: Work) -> bool:
+    """Whether merging a region does more multiply-accumulates than its convs as written (a contested merge).
+
+    The elementwise ops as written (BatchNorms, adds) do not count: they fold into the
+    convs whichever way the region is cut, so they are not what merging trades against.
+    """
+    return merged.macs > sum(op.macs for op in original.ops if op.kind != "elementwise")
+
+
+def _careful_plan(careful: Analysis, careful_roots: set[fx.Node], eager: Analysis, expr: Expr) -> Work:
+    """The work of ``expr``'s region as the careful analysis would cut it: each of its careful
+    regions merged, and the ops no careful region covers as written."""
+    inside = [careful.exprs[node] for node in expr.ops if node in careful_roots]
+    covered = set().union(*(part.ops for part in inside)) if inside else set()
+    rest = [eager.own_cost.get(op, NOTHING) for op in expr.ops if op not in covered]
+    return sum((part.cost for part in inside), NOTHING) + sum(rest, NOTHING)
+
+
+def _cheaper_alternative(rule: CostRule, written: Work, careful: Work) -> Work:
+    """What a contested merge competes with: the region cut where each merge pays (its BatchNorms
+    folded, cheap merges done), or as written when that is cheaper still.
+
+    Against the region as written alone, a merge would be credited with the BatchNorms and adds it
+    folds, which the region kept apart folds just as well (the RepVGG lesson cuts both ways).
+    """
+    return careful if rule.key(careful) < rule.key(written) else written
+
+
 def _keep_decisions_that_decided(rule: CostRule, accepted: list[fx.Node],
                                  refused: dict[fx.Node, tuple[Expr, object]]) -> None:
     """The contested decisions the graph follows, one set per region.
@@ -130,11 +166,12 @@ def _keep_decisions_that_decided(rule: CostRule, accepted: list[fx.Node],
     The careful analysis walks the whole graph, so it also notes merges inside
     regions merged whole, which decided nothing; and a refused region has both its
     whole-region decision and the single merges that replaced it. Kept: the decision
-    of each region merged whole, and inside a refused region the single-merge
+    of each region merged whole (the careful analysis's single merges when it merged the
+    region just as far, so the whole merge added nothing to compare), and inside a refused region the single-merge
     decisions (its whole-region decision only when no single merge was contested).
     ``refused`` maps each refused root to its expression and its whole-region decision.
     """
-    kept = {root.name for root in accepted}
+    kept = {node.name for node in accepted}
     for root, (expr, whole) in refused.items():
         inside = {op.name for op in expr.ops} & set(rule.decisions)
         if any(rule.decisions[name] is not whole for name in inside):

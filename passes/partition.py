@@ -168,6 +168,8 @@ def improve(analyzer: Analyzer, analysis: Analysis, chosen: list[Region], refusa
         replaced |= {id(region) for region in current}
         added += best.regions()
         ops = frozenset(chain).union(*(expr.ops for _, expr in current))
+        for node in ops - {chain[-1]}:
+            rule.decisions.pop(node.name, None)  # the chain's cut decides these ops now (one decision per region)
         refusals = [(node, why) for node, why in refusals if node not in ops or not why.startswith("cost rule")]
         refusals.append((chain[-1], describe(rule, best, written, today.cost)))
     return [region for region in chosen if id(region) not in replaced] + added, refusals

@@ -242,3 +242,33 @@ def test_the_report_keeps_one_decision_per_block_and_only_those_that_decided():
     assert_matches(model, gm, x)
     assert_ops(gm, x, convolution=1 + 1 + 2, batch_norm=0)
     assert [(d["where"], d["merged_won"]) for d in report.decisions] == [("conv2d_4", False), ("conv2d_2", False)]
+
+
+class GroupedBranchesWithIdentity(nn.Module):
+    """3x3 g4-BN + 1x1 g2-BN + identity BN: merged, one 3x3 g2 (the groups' gcd) with twice the 3x3's MACs."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.big = conv_bn(channels, channels, 3, padding=1, groups=4)
+        self.small = conv_bn(channels, channels, 1, groups=2)
+        self.identity = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return self.big(x) + self.small(x) + self.identity(x)
+
+
+def test_a_contested_merge_competes_with_the_region_kept_apart_not_as_written():
+    """Priced against the region as written (three BNs, two adds: seven ops), the 3x3 g2 looks cheaper
+    (256 us vs 289 us on this profile); but kept apart the BNs fold and the identity joins the 1x1 for free,
+    leaving two convs and one add (204 us). That is what the merge competes with, so it is refused."""
+    middle = DeviceProfile("middle", "cpu", {"float32": 1e10}, bandwidth=1e12, overhead_s=2e-5)
+    model, x = build(lambda: GroupedBranchesWithIdentity(32)), rand(1, 32, 16, 16)
+    gm, report = reparam(model, x, target=middle)
+    assert_matches(model, gm, x)
+    assert_ops(gm, x, convolution=2, batch_norm=0, add=1)
+    (decision,) = report.decisions
+    assert not decision["merged_won"]
+    assert decision["apart"] == "3x3 32->32 g4 + 1x1 32->32 g2 + elementwise x2"
+    assert decision["apart_cost"] == pytest.approx(2 * (32 * 8 * 9 + 32 * 16) * 256 / 1e10 + 3 * 2e-5, rel=0.05)
+    always, _ = reparam(model, x, cost="always")
+    assert_ops(always, x, convolution=1, add=0)
