@@ -3,7 +3,8 @@
 The default cost rule (``cost="latency"``) prices forms on the measured profile of the
 target device, cached in repfx's cache directory. The session points that directory
 (``REPFX_CACHE_DIR``, inherited by CLI subprocesses and xdist workers) at a temporary
-one holding ``PINNED`` under this machine's CPU keys (any thread count): tests never measure, never write
+one holding ``PINNED`` under this machine's CPU keys (any thread count, and ONNX Runtime's, which
+``backend="onnx"`` plans with): tests never measure, never write
 the user's cache, and decide alike on every machine. Tests of the measurement and of
 the cache itself use their own directories.
 """
@@ -29,5 +30,6 @@ def pytest_configure(config) -> None:
     directory = tempfile.mkdtemp(prefix="repfx-test-cache-")
     with open(os.path.join(directory, FILE_NAME), "w", encoding="utf-8") as file:
         pinned = {cache_key("cpu", threads): PINNED.to_dict() for threads in range(1, 2 * (os.cpu_count() or 1) + 1)}
+        pinned[cache_key("cpu", runtime="onnxruntime")] = PINNED.to_dict()
         json.dump({"written_by": MARK, "profiles": pinned}, file)
     os.environ["REPFX_CACHE_DIR"] = os.environ["REPFX_TEST_CACHE_DIR"] = directory

@@ -24,6 +24,7 @@ from torch.utils import _pytree as pytree
 
 import repfx
 from repfx import samples
+from repfx.passes.cost import DeviceProfile
 from repfx.capture.inputs import as_input_tuple
 from repfx.verify.opcount import count_ops, summarize
 
@@ -168,3 +169,19 @@ def assert_dynamic_batch_folds(factory: Callable[[], nn.Module], example_batch: 
         assert_matches(model, gm, x)
         assert_ops(gm, x, convolution=1, batch_norm=0, add=0)
 
+
+
+# Two pinned device profiles at the extremes of the latency rule: every merge pays, or none that adds MACs.
+LAUNCH_BOUND = DeviceProfile("launch-bound", "cpu", {"float32": 1e12}, bandwidth=1e12, overhead_s=1e-4)
+COMPUTE_BOUND = DeviceProfile("compute-bound", "cpu", {"float32": 1e9}, bandwidth=1e12, overhead_s=1e-9)
+
+
+class DepthwiseBesideDense(nn.Module):
+    """dw3x3-BN beside a dense 1x1-BN, summed: merged, one dense 3x3 (9x the 1x1's MACs): a contested merge."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.dw, self.pw = conv_bn(channels, channels, 3, padding=1, groups=channels), conv_bn(channels, channels, 1)
+
+    def forward(self, x):
+        return torch.relu(self.dw(x) + self.pw(x))

@@ -6,6 +6,12 @@ model will run on: by default the example inputs' device. A CPU or a CUDA device
 present here is measured once (``microbench``, about a second) and cached
 (``cache``); a GPU this machine lacks is planned for from published figures
 (``gpus``). ``cost="measure"`` times contested forms on the device (``timing``).
+
+The runtime matters as much as the device: ONNX Runtime pays a few microseconds per
+op where eager PyTorch pays tens, so a model deployed to it (``backend="onnx"``) is
+planned with a CPU profile measured in ONNX Runtime (``onnxruntime_bench``). Inductor
+calls the same convolution kernels as eager and is planned with eager's profile (the
+elementwise ops it fuses are not modeled); so is ONNX Runtime on a CUDA device.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from repfx.targets.microbench import cache_key, measure_profile
 from repfx.targets.timing import WorkTimer
 
 COSTS = ("latency", "measure", "macs", "always")
+RUNTIMES = ("eager", "onnxruntime")  # runtimes with a profile of their own (inductor plans with eager's)
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 Target = Union[str, DeviceProfile, None]
 
@@ -42,37 +49,52 @@ def check_target(target: str) -> str:
                      f"(known GPUs: {', '.join(known_gpus())}), got {target!r}")
 
 
-def device_profile(target: Target = "cpu") -> DeviceProfile:
-    """The profile of ``target``: ``"cpu"``, ``"cuda"``/``"cuda:1"`` (measured here), ``"cuda:h200"`` (published)."""
+def device_profile(target: Target = "cpu", runtime: str = "eager") -> DeviceProfile:
+    """The profile of ``target``: ``"cpu"``, ``"cuda"``/``"cuda:1"`` (measured here), ``"cuda:h200"`` (published);
+    ``runtime="onnxruntime"`` measures a CPU in ONNX Runtime instead of eager PyTorch."""
     if isinstance(target, DeviceProfile):
         return target
     if not isinstance(target, str):
         raise TypeError(f"target must be a device string or a DeviceProfile, got {type(target).__name__}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     kind, _, name = check_target(target).partition(":")
     if kind == "cpu":
-        return _measured("cpu")
+        return _measured("cpu", runtime)
     if name and not name.isdigit():
         return published_profile(name)
     if not torch.cuda.is_available():
         raise ValueError(f"target={target!r}: there is no CUDA device here to measure; name the GPU to plan "
                          f"for, e.g. target='cuda:h200' (known: {', '.join(known_gpus())})")
-    return _measured(target if name else "cuda:0")
+    return _measured(target if name else "cuda:0", "eager")
 
 
 @functools.lru_cache(maxsize=None)
-def _measured(device: str) -> DeviceProfile:
+def _measured(device: str, runtime: str) -> DeviceProfile:
     """Measured once per process (and once per machine, through the cache file)."""
-    return cached_profile(cache_key(device), lambda: measure_profile(device))
+    runtime = runtime if device == "cpu" else "eager"
+    return cached_profile(cache_key(device, runtime=runtime), _measurement(device, runtime))
 
 
-def remeasure(target: str = "cpu") -> DeviceProfile:
-    """Measure ``target`` (``"cpu"`` or a CUDA device here) again and replace its cached profile."""
+def _measurement(device: str, runtime: str):
+    if runtime == "onnxruntime":
+        from repfx.targets.onnxruntime_bench import measure_onnxruntime_profile  # needs onnxruntime
+
+        return measure_onnxruntime_profile
+    return lambda: measure_profile(device)
+
+
+def remeasure(target: str = "cpu", runtime: str = "eager") -> DeviceProfile:
+    """Measure ``target`` (``"cpu"`` or a CUDA device here) in ``runtime`` again and replace its cached profile."""
     device = check_target(target)
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"target={target!r}: there is no CUDA device here to measure")
     device = "cuda:0" if device == "cuda" else device
+    runtime = runtime if device == "cpu" else "eager"
     _measured.cache_clear()
-    return cached_profile(cache_key(device), lambda: measure_profile(device), refresh=True)
+    return cached_profile(cache_key(device, runtime=runtime), _measurement(device, runtime), refresh=True)
 
 
 def cost_rule(cost: str | CostRule = "latency", *, target: Target = None, batch: int | None = None,
@@ -90,7 +112,7 @@ def cost_rule(cost: str | CostRule = "latency", *, target: Target = None, batch:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     first = _first_tensor(example_inputs)
     target = target if target is not None else (device_target(first.device) if first is not None else "cpu")
-    profile = device_profile(target)
+    profile = device_profile(target, runtime="onnxruntime" if backend == "onnxruntime" else "eager")
     batch = batch or (int(first.shape[0]) if first is not None and first.dim() > 0 else 1)
     dtype = _dtype_name(precision, first)
     if cost == "latency":
@@ -123,5 +145,5 @@ def _dtype_name(precision: str | None, first: torch.Tensor | None) -> str:
     return "float32"
 
 
-__all__ = ["COSTS", "DeviceProfile", "Target", "check_target", "cost_rule", "device_profile", "device_target",
+__all__ = ["COSTS", "RUNTIMES", "DeviceProfile", "Target", "check_target", "cost_rule", "device_profile", "device_target",
            "known_gpus", "measure_profile", "published_profile", "remeasure"]

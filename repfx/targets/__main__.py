@@ -3,6 +3,7 @@
     python -m repfx.targets                  # this CPU's profile (measured once, then cached)
     python -m repfx.targets --target cuda:h200
     python -m repfx.targets --measure        # measure again (a quiet machine gives truer rates)
+    python -m repfx.targets --runtime onnxruntime   # this CPU as ONNX Runtime runs it (backend="onnx")
 """
 
 from __future__ import annotations
@@ -10,17 +11,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from repfx.targets import device_profile, known_gpus, remeasure
+from repfx.targets import RUNTIMES, device_profile, known_gpus, remeasure
 from repfx.targets.cache import cache_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m repfx.targets", description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="cpu", help=f"cpu, cuda, or a GPU: {', '.join(known_gpus())}")
+    parser.add_argument("--runtime", default="eager", choices=RUNTIMES,
+                        help="the runtime the model is deployed to (onnxruntime: the onnx backend; default eager)")
     parser.add_argument("--measure", action="store_true", help="measure the device here again and cache it")
     args = parser.parse_args(argv)
     try:
-        profile = remeasure(args.target) if args.measure else device_profile(args.target)
+        profile = (remeasure(args.target, args.runtime) if args.measure
+                   else device_profile(args.target, args.runtime))
     except ValueError as error:
         print(f"python -m repfx.targets: {error}", file=sys.stderr)
         return 2

@@ -102,21 +102,26 @@ def _overhead_seconds(device: torch.device, generator: torch.Generator, rate: fl
 def _name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {_cpu_model()}, {torch.get_num_threads()} threads"
+    return f"cpu: {cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def _best(run, device: torch.device, calls: int = 10) -> float:
     return fastest_call_seconds(run, device, calls=calls)
 
 
-def cache_key(device: torch.device | str, threads: int | None = None) -> str:
-    """What a measured profile depends on: the device, the thread count (default: the current) and the torch build."""
+def cache_key(device: torch.device | str, threads: int | None = None, runtime: str = "eager") -> str:
+    """What a measured profile depends on: the device, the runtime, and for eager PyTorch the thread count
+    (default: the current) and the torch build; for ONNX Runtime its version (it sizes its own thread pool)."""
     device = torch.device(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    if runtime == "onnxruntime":
+        from repfx.targets.onnxruntime_bench import runtime_version
+
+        return f"{device.type}|{name}|onnxruntime={runtime_version()}"
     return f"{device.type}|{name}|threads={threads or torch.get_num_threads()}|torch={torch.__version__}"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     """The CPU's model name (``platform.processor()`` is empty on Linux; /proc/cpuinfo has it)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:

@@ -14,27 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import assert_matches, assert_ops, build, conv_bn, rand, reparam
+from helpers import (COMPUTE_BOUND, LAUNCH_BOUND, DepthwiseBesideDense, assert_matches, assert_ops, build, conv_bn,
+                     rand, reparam)
 
 import repfx
 from repfx.passes.cost import DeviceProfile, LatencyCost, MacsCost, MeasuredCost
 from repfx.targets import cost_rule, device_profile, measure_profile, published_profile
 from repfx.targets.cache import FILE_NAME, MARK, cached_profile
-
-LAUNCH_BOUND = DeviceProfile("launch-bound", "cpu", {"float32": 1e12}, bandwidth=1e12, overhead_s=1e-4)
-COMPUTE_BOUND = DeviceProfile("compute-bound", "cpu", {"float32": 1e9}, bandwidth=1e12, overhead_s=1e-9)
-
-
-class DepthwiseBesideDense(nn.Module):
-    """dw3x3-BN beside a dense 1x1-BN, summed: merged, one dense 3x3 (9x the 1x1's MACs)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.dw, self.pw = conv_bn(channels, channels, 3, padding=1, groups=channels), conv_bn(channels, channels, 1)
-
-    def forward(self, x):
-        return torch.relu(self.dw(x) + self.pw(x))
-
 
 def block(channels: int = 16):
     return build(lambda: DepthwiseBesideDense(channels))

@@ -1,0 +1,120 @@
+"""Measure a CPU ``DeviceProfile`` as ONNX Runtime attains it: the runtime the ``onnx`` backend deploys to.
+
+ONNX Runtime runs a whole graph per call from C++, so an op costs it a kernel
+dispatch, not a Python call: its per-op overhead is a fraction of eager PyTorch's,
+and its convolutions (MLAS) reach their own rates. A merge decided with eager's
+figures would be decided for the wrong runtime (the small blocks where merging wins
+in eager may not win here). So the same three numbers are measured in ONNX Runtime
+itself, on graphs written directly with ``onnx.helper`` (no export needed):
+
+* rate: one dense 3x3 convolution, large enough to be compute-bound;
+* bandwidth: one elementwise add of tensors larger than a core's caches;
+* overhead: what each further op of a chain of small convolutions adds beyond its
+  modeled work (a chain, because one ``session.run`` has a fixed cost of its own that a
+  deployed model pays once, not per op).
+
+Each figure is the fastest of single calls, as in ``microbench``; a session with one
+thread is measured too, and when it is faster the machine is busy (the profile is
+then estimated from it, flagged and not cached).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from repfx.passes.cost import DeviceProfile
+from repfx.targets.clock import fastest_call_seconds
+from repfx.targets.microbench import COMPUTE_CONV, SMALL_CONV, STREAM_ELEMENTS, cpu_model
+
+CHAIN = 16  # convolutions in the chain whose per-op cost is the overhead
+OPSET = 17
+IR_VERSION = 8  # an IR version every supported onnxruntime loads
+
+
+def runtime_version() -> str:
+    from repfx.backends.availability import require_onnxruntime  # imported only when ONNX Runtime is planned for
+
+    return require_onnxruntime().__version__
+
+
+def measure_onnxruntime_profile() -> DeviceProfile:
+    """This CPU's profile in ONNX Runtime (float32: the CPU provider has no faster float16 convolution)."""
+    flops, bandwidth, overhead = _measure(threads=0)
+    single = _measure(threads=1)
+    name = f"cpu: {cpu_model()}, onnxruntime {runtime_version()}"
+    if single[0] > flops:  # the default thread pool ran slower than one thread: its barriers stalled
+        threads = max(1, torch.get_num_threads())
+        return DeviceProfile(name, "cpu", {"float32": single[0] * threads}, single[1], single[2],
+                             f"estimated from one thread x {threads}: the thread pool ran slower than one thread "
+                             "(a busy machine)", busy=True)
+    return DeviceProfile(name, "cpu", {"float32": flops}, bandwidth, overhead,
+                         f"measured in onnxruntime {runtime_version()}")
+
+
+def _measure(threads: int) -> tuple[float, float, float]:
+    """(FLOP/s, bytes/s, seconds per op) with ``threads`` intra-op threads (0: ONNX Runtime's default)."""
+    rng = np.random.default_rng(0)
+    batch, channels, size = COMPUTE_CONV["cpu"]
+    x = rng.standard_normal((batch, channels, size, size), dtype=np.float32)
+    conv = _session(_conv_graph(x.shape, rng.standard_normal((channels, channels, 3, 3), dtype=np.float32), 1),
+                    threads)
+    rate = 2 * batch * channels * channels * 9 * size * size / _best(conv, {"X": x})
+
+    a, b = (rng.standard_normal(STREAM_ELEMENTS["cpu"], dtype=np.float32) for _ in range(2))
+    add = _session(_add_graph(a.shape), threads)
+    bandwidth = 3 * a.nbytes / _best(add, {"X": a, "Z": b})
+
+    channels, size = SMALL_CONV
+    x = rng.standard_normal((1, channels, size, size), dtype=np.float32)
+    weight = rng.standard_normal((channels, channels, 3, 3), dtype=np.float32) / (3 * channels)
+    one, chain = (_best(_session(_conv_graph(x.shape, weight, count), threads), {"X": x}, calls=50)
+                  for count in (1, CHAIN))
+    macs = channels * channels * 9 * size * size
+    modeled = max(2 * macs / rate, (2 * x.nbytes + weight.nbytes) / bandwidth)
+    per_op = (chain - one) / (CHAIN - 1)
+    return rate, bandwidth, max(per_op - modeled, per_op / 10)  # never below a tenth of an op's whole time
+
+
+def _best(session, feeds: dict[str, np.ndarray], calls: int = 10) -> float:
+    return fastest_call_seconds(lambda: session.run(None, feeds), "cpu", calls=calls)
+
+
+def _conv_graph(x_shape: tuple, weight: np.ndarray, count: int):
+    """``count`` same-padded convolutions in a chain, sharing one square weight (channels in = out)."""
+    from onnx import helper, numpy_helper
+
+    pad = weight.shape[-1] // 2
+    names = ["X"] + [f"h{index}" for index in range(count - 1)] + ["Y"]
+    nodes = [helper.make_node("Conv", [names[index], "W"], [names[index + 1]], pads=[pad] * 4)
+             for index in range(count)]
+    return _model(nodes, {"X": x_shape}, [numpy_helper.from_array(weight, "W")])
+
+
+def _add_graph(shape: tuple):
+    from onnx import helper
+
+    return _model([helper.make_node("Add", ["X", "Z"], ["Y"])], {"X": shape, "Z": shape}, [])
+
+
+def _model(nodes: list, inputs: dict[str, tuple], initializers: list) -> bytes:
+    from onnx import TensorProto, helper
+
+    declared = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in inputs.items()]
+    graph = helper.make_graph(nodes, "repfx_profile", declared,
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, next(iter(inputs.values())))],
+                              initializers)  # every graph here keeps its first input's shape
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    return model.SerializeToString()
+
+
+def _session(model: bytes, threads: int):
+    """A session of ``model`` on the CPU provider, configured as the ``onnx`` backend configures its own."""
+    from repfx.backends.availability import require_onnxruntime
+    from repfx.backends.onnx import session_options
+
+    options = session_options()
+    if threads:
+        options.intra_op_num_threads = threads
+    return require_onnxruntime().InferenceSession(model, options, providers=["CPUExecutionProvider"])
