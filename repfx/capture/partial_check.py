@@ -20,17 +20,15 @@ from collections import Counter
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from repfx.capture.calls import describe
-from repfx.errors import VerificationError, first_line
+from repfx.errors import VerificationError
 from repfx.passes.constants import float64_values
 from repfx.report import KeptPart, Part, Refusal, Report
 from repfx.verify.local import ProofSummary
-from repfx.verify.mismatch import DISCONTINUOUS, accept_or_refuse
-from repfx.verify.numeric import DEFAULT_RTOL, ErrorStats, copy_inputs, verify as verify_outputs
+from repfx.verify.mismatch import DISCONTINUOUS, accept_or_refuse, agreement_in_float64
+from repfx.verify.numeric import ErrorStats, copy_inputs, verify as verify_outputs
 from repfx.verify.opcount import count_ops, summarize
 
 if TYPE_CHECKING:
@@ -78,18 +76,11 @@ def _accepted(stats: ErrorStats, given: nn.Module, folded: nn.Module, example_in
 def _amplified_rounding(given: nn.Module, folded: nn.Module, example_inputs: tuple, rtol: float | None,
                         atol: float | None, mismatch: str) -> str:
     """Why a difference with no discontinuous op is rounding (both models agree in float64), or the error."""
-    dtype = next((leaf.dtype for leaf in pytree.tree_leaves(example_inputs)
-                  if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()), torch.float32)
-    as_double = float64_values(example_inputs)
-    try:
-        stats = verify_outputs(copy.deepcopy(given).double(), copy.deepcopy(folded).double(), as_double,
-                               rtol=DEFAULT_RTOL.get(dtype, 1e-4) if rtol is None else rtol, atol=atol,
-                               raise_on_mismatch=False)
-    except Exception as error:
-        raise VerificationError(f"{mismatch}, and the float64 re-run that tells rounding from a wrong model failed "
-                                f"({first_line(error, 200)}). {NOT_RETURNED}") from error
-    if stats.mismatches:
-        raise VerificationError(f"{mismatch}; in float64 too: {stats.mismatches[0]}. {NOT_RETURNED}")
+    stats = agreement_in_float64(
+        lambda tolerance: verify_outputs(copy.deepcopy(given).double(), copy.deepcopy(folded).double(),
+                                         float64_values(example_inputs), rtol=tolerance, atol=atol,
+                                         raise_on_mismatch=False),
+        example_inputs, rtol, mismatch, NOT_RETURNED)
     return (f"no discontinuous op runs, and in float64 the folded model is within tolerance of the original "
             f"(max |difference| {stats.max_abs_error:.1e}): the model amplifies fp32 rounding")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -88,22 +88,33 @@ def accept_or_refuse(note: str, subject: str, *, strict: bool, stacklevel: int) 
 def _float64_agreement(reference: fx.GraphModule, rewritten: fx.GraphModule, example_inputs: tuple,
                        rtol: float | None, atol: float | None, extra_batch: int | None, mismatch: str) -> str:
     """Why a mismatch without discontinuous ops is rounding, or ``VerificationError`` if it is not."""
-    dtype = next((leaf.dtype for leaf in pytree.tree_leaves(example_inputs)
-                  if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()), torch.float32)
-    rtol = DEFAULT_RTOL.get(dtype, 1e-4) if rtol is None else rtol
-    try:
-        stats = verify(_as_float64(reference), _as_float64(rewritten), _as_float64(example_inputs), rtol=rtol,
-                       atol=atol, extra_batch=extra_batch, raise_on_mismatch=False)
-    except Exception as error:
-        raise VerificationError(f"{mismatch}, and the float64 re-check that could tell rounding from a wrong "
-                                f"graph failed ({first_line(error, 200)}). The rewritten graph was not returned.") \
-            from error
-    if stats.mismatches:
-        raise VerificationError(f"{mismatch}; in float64 too: {stats.mismatches[0]}, so this is not fp32 rounding. "
-                                "The rewritten graph was not returned.")
+    stats = agreement_in_float64(
+        lambda tolerance: verify(_as_float64(reference), _as_float64(rewritten), _as_float64(example_inputs),
+                                 rtol=tolerance, atol=atol, extra_batch=extra_batch, raise_on_mismatch=False),
+        example_inputs, rtol, mismatch, "The rewritten graph was not returned.")
     return (f"no discontinuous op follows them, and in float64 the rewritten graph is within tolerance of the "
             f"original (max |difference| {stats.max_abs_error:.1e}), so the model amplifies fp32 rounding "
             "(ill-conditioned)")
+
+
+def agreement_in_float64(compare: Callable[[float], ErrorStats], example_inputs: tuple, rtol: float | None,
+                         mismatch: str, not_returned: str) -> ErrorStats:
+    """``compare(rtol)``'s statistics when the two sides, re-run in float64, agree; else ``VerificationError``.
+
+    In float64 the order of sums no longer matters, so agreement there shows that an fp32
+    difference is rounding the model amplifies; ``rtol`` defaults to the inputs' dtype's.
+    """
+    dtype = next((leaf.dtype for leaf in pytree.tree_leaves(example_inputs)
+                  if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()), torch.float32)
+    try:
+        stats = compare(DEFAULT_RTOL.get(dtype, 1e-4) if rtol is None else rtol)
+    except Exception as error:
+        raise VerificationError(f"{mismatch}, and the float64 re-check that could tell rounding from a wrong "
+                                f"result failed ({first_line(error, 200)}). {not_returned}") from error
+    if stats.mismatches:
+        raise VerificationError(f"{mismatch}; in float64 too: {stats.mismatches[0]}, so this is not fp32 rounding. "
+                                f"{not_returned}")
+    return stats
 
 
 def _as_float64(value: Any) -> Any:
