@@ -162,7 +162,9 @@ class LatencyCost(CostRule):
         return f"modeled on {self.profile.name}, batch {self.batch}, {self.dtype}"
 
 
-Timer = Callable[[Work], float]  # seconds to run every op of a work once, at the rule's batch and dtype
+# Seconds to run every op of each of two works once, at the rule's batch and dtype: timed side by side, since
+# only the comparison matters and a machine's load drifts between two separate measurements.
+Timer = Callable[[Work, Work], tuple[float, float]]
 
 
 @dataclass
@@ -174,7 +176,8 @@ class MeasuredCost(LatencyCost):
     def compare(self, merged: Work, apart: Work) -> tuple[float, float, str]:
         if merged.macs <= apart.macs or self.timer is None:
             return super().compare(merged, apart)
-        return self.timer(merged), self.timer(apart), "measured"
+        merged_seconds, apart_seconds = self.timer(merged, apart)
+        return merged_seconds, apart_seconds, "measured"
 
     def describe(self) -> str:
         return f"measured on {self.profile.name}, batch {self.batch}, {self.dtype}"

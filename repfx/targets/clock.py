@@ -41,6 +41,31 @@ def seconds_per_call(run: Callable[[], object], device: torch.device | str = "cp
     return statistics.median(samples)
 
 
+def interleaved_seconds(runs: list[Callable[[], object]], device: torch.device | str = "cpu", *,
+                        rounds: int = 7, min_seconds: float = 0.005, warmup: int = 2) -> list[float]:
+    """Per run, the median over ``rounds`` of the mean time of one call, the runs taking turns each round.
+
+    What is compared is timed alike: a load that comes and goes lands on every run in turn,
+    not on whichever was being timed at the moment.
+    """
+    sync = synchronizer(device)
+    with torch.inference_mode():
+        for run in runs:
+            for _ in range(warmup):
+                run()
+        sync()
+        calls = [_calls_filling(run, sync, min_seconds) for run in runs]
+        samples: list[list[float]] = [[] for _ in runs]
+        for _ in range(rounds):
+            for run, count, times in zip(runs, calls, samples):
+                start = time.perf_counter()
+                for _ in range(count):
+                    run()
+                sync()
+                times.append((time.perf_counter() - start) / count)
+    return [statistics.median(times) for times in samples]
+
+
 def fastest_call_seconds(run: Callable[[], object], device: torch.device | str = "cpu", *,
                          calls: int = 20, warmup: int = 2) -> float:
     """The fastest of ``calls`` single timed calls: what the device attains when nothing else interrupts it.

@@ -1,11 +1,15 @@
-"""``cost="measure"``: time a form of a region on the device, with the backend being built.
+"""``cost="measure"``: time two forms of a region on the device, side by side, with the backend being built.
 
 A ``Work`` lists ops with their geometry; ``WorkModule`` builds them again with
-seeded random weights, each reading its own random input of the real size, and
-the timer runs that module as the backend would (eager PyTorch, torch.compile, or
-ONNX Runtime). Only contested comparisons are timed (``MeasuredCost``), and each
-form is timed once per shape signature: the same block repeated through a network
-costs one measurement.
+seeded random weights. An op reads the previous op's output when the shapes match
+(a chain, or a branch reading what was just written, as the region does: the data
+is in cache), else a random input of its own of the real size. The timer runs that
+module as the backend would (eager PyTorch, torch.compile, or ONNX Runtime).
+
+Only contested comparisons are timed (``MeasuredCost``). The two forms are timed in
+alternating rounds, so that a load that comes and goes on the machine weighs on both
+alike, and each pair is timed once per shape signature: the same block repeated
+through a network costs one measurement.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from repfx.passes.cost import Op, Work
-from repfx.targets.clock import seconds_per_call
+from repfx.targets.clock import interleaved_seconds
 
 BACKENDS = ("eager", "inductor", "onnxruntime")
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -25,7 +29,7 @@ _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 class WorkModule(nn.Module):
-    """Every op of a work, each on its own input; ``inputs()`` makes those inputs."""
+    """Every op of a work, in order; ``inputs()`` makes the inputs of the ops that do not read their predecessor."""
 
     def __init__(self, work: Work, batch: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> None:
         super().__init__()
@@ -43,7 +47,11 @@ class WorkModule(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         weights = iter(self.weights)
-        return tuple(_run(op, x, weights) for op, x in zip(self.ops, inputs))
+        outputs: list[torch.Tensor] = []
+        for op, x in zip(self.ops, inputs):
+            previous = outputs[-1] if outputs else None
+            outputs.append(_run(op, previous if previous is not None and previous.shape == x.shape else x, weights))
+        return tuple(outputs)
 
 
 def _weight_shapes(op: Op) -> list[tuple[int, ...]]:
@@ -80,24 +88,29 @@ def _run(op: Op, x: torch.Tensor, weights) -> torch.Tensor:
 
 
 class WorkTimer:
-    """Seconds to run a work once on ``device`` at ``batch`` and ``dtype``, with ``backend``; cached per work."""
+    """Seconds to run each of two works once on ``device`` at ``batch`` and ``dtype``, with ``backend``,
+    timed in alternating rounds; cached per pair of works."""
 
     def __init__(self, device: torch.device | str, batch: int, dtype: str, backend: str = "eager") -> None:
         if backend not in BACKENDS:
             raise ValueError(f"cost='measure' times with one of {', '.join(BACKENDS)}, not {backend!r}")
         self.device, self.batch, self.dtype, self.backend = torch.device(device), batch, dtype, backend
-        self.seconds: dict[tuple, float] = {}
+        self.seconds: dict[tuple, tuple[float, float]] = {}
 
-    def __call__(self, work: Work) -> float:
-        key = tuple((op.kind, op.layout) for op in work.ops)
-        if not key:
-            return 0.0
+    def __call__(self, first: Work, second: Work) -> tuple[float, float]:
+        key = (_signature(first), _signature(second))
         if key not in self.seconds:
-            module = WorkModule(work, self.batch, getattr(torch, self.dtype), self.device).eval()
-            inputs = module.inputs()
-            run = self._runner(module, inputs)
-            self.seconds[key] = seconds_per_call(lambda: run(*inputs), self.device, repeats=5, min_seconds=0.01)
+            runs = [self._call(work) for work in (first, second)]
+            self.seconds[key] = tuple(interleaved_seconds(runs, self.device))  # type: ignore[assignment]
         return self.seconds[key]
+
+    def _call(self, work: Work) -> Callable[[], object]:
+        if not work.ops:
+            return lambda: None
+        module = WorkModule(work, self.batch, getattr(torch, self.dtype), self.device).eval()
+        inputs = module.inputs()
+        run = self._runner(module, inputs)
+        return lambda: run(*inputs)
 
     def _runner(self, module: WorkModule, inputs: tuple) -> Callable:
         if self.backend == "eager":
@@ -106,3 +119,7 @@ class WorkTimer:
             return torch.compile(module, dynamic=False)
         from repfx.backends.onnx import compile_onnx  # ONNX Runtime is imported only when timing with it
         return compile_onnx(torch.export.export(module, inputs))
+
+
+def _signature(work: Work) -> tuple:
+    return tuple((op.kind, op.layout) for op in work.ops)

@@ -109,9 +109,9 @@ def test_measure_times_only_contested_pairs_and_follows_the_timer():
     merged, apart = contested()
     timed = []
 
-    def timer(work: Work) -> float:
-        timed.append(work)
-        return 1.0 if work is merged else 2.0
+    def timer(first: Work, second: Work) -> tuple[float, float]:
+        timed.extend([first, second])
+        return (1.0, 2.0) if first is merged else (2.0, 1.0)
 
     rule = MeasuredCost(profile=SLOW, timer=timer)
     assert rule.pays(merged, apart, "cat") and timed == [merged, apart]
@@ -120,7 +120,7 @@ def test_measure_times_only_contested_pairs_and_follows_the_timer():
     three = of_form(conv(8, 8, 3), (8, 16, 16))
     rule.pays(three, three + three, "add")
     assert timed == []  # fewer MACs merged: no device decides otherwise, nothing is timed
-    slower = MeasuredCost(profile=SLOW, timer=lambda work: 2.0 if work is merged else 1.0)
+    slower = MeasuredCost(profile=SLOW, timer=lambda first, second: (2.0, 1.0))
     assert not slower.pays(merged, apart, "cat")
 
 

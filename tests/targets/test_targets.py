@@ -82,6 +82,26 @@ def test_measure_on_cpu_times_the_contested_forms():
     assert report.ops_after["convolution"] in (1, 2)
 
 
+def test_a_timed_form_feeds_each_op_what_it_would_read():
+    """dw7x7 -> 1x1 kept apart: the 1x1 reads the depthwise output (a chain), not an input of its own; a form's
+    ops are rebuilt at their real geometry, and a pair is timed once per shape signature."""
+    from repfx.passes.algebra.forms import ConvForm
+    from repfx.passes.cost import of_form
+    from repfx.targets.timing import WorkModule, WorkTimer
+
+    depthwise = of_form(ConvForm.convolution(torch.randn(16, 1, 7, 7), None, (1, 1), (3, 3), (1, 1), 16), (16, 8, 8))
+    pointwise = of_form(ConvForm.convolution(torch.randn(16, 16, 1, 1), None, (1, 1), (0, 0), (1, 1), 1), (16, 8, 8))
+    module = WorkModule(depthwise + pointwise, batch=2, dtype=torch.float32, device=torch.device("cpu"))
+    inputs = module.inputs()
+    first, second = module(*inputs)
+    weights = list(module.weights)
+    torch.testing.assert_close(second, torch.nn.functional.conv2d(first, weights[2], weights[3]))
+    assert first.shape == second.shape == (2, 16, 8, 8)
+    timer = WorkTimer("cpu", batch=2, dtype="float32")
+    seconds = timer(depthwise + pointwise, depthwise)
+    assert all(value > 0 for value in seconds) and timer(depthwise + pointwise, depthwise) is seconds
+
+
 # -- resolving a rule -------------------------------------------------------------------
 
 def test_the_default_target_is_the_inputs_device_and_batch_and_dtype():
