@@ -249,7 +249,9 @@ def main() -> None:
         args.rounds, args.repeats = 2, 3
     runtimes = args.runtimes or (["eager"] if args.quick or args.device != "cpu" else ["eager", "onnx"])
     print_environment(args.quick, "-", "; timings are noisy")
-    print(f"profile: {device_profile('cuda' if args.device.startswith('cuda') else args.device)}")
+    target = "cuda" if args.device.startswith("cuda") else args.device
+    for runtime in runtimes:  # the profile each runtime's latency rule plans with
+        print(f"profile ({runtime}): {device_profile(target, MEASURED_WITH[runtime] if runtime == 'onnx' else 'eager')}")
     rows = []
     for case in (case for case in CASES if args.only in case.name):
         for batch in args.batches:
