@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rates = ", ".join(f"{dtype} {rate / 1e9:,.1f} GFLOP/s" for dtype, rate in profile.flops.items())
     print(f"{profile.name} ({profile.source})\n  {rates}\n  bandwidth {profile.bandwidth / 1e9:,.1f} GB/s, "
-          f"overhead {profile.overhead_s * 1e6:,.1f} us per op\n  cache: {cache_dir()}")
+          f"overhead {profile.overhead_s * 1e6:,.1f} us per op, a conv at least "
+          f"{profile.conv_output_s * 1e9:,.2f} ns per output element\n  cache: {cache_dir()}")
     return 0
 
 

@@ -18,6 +18,7 @@ then the profile is estimated from one thread, marked ``busy`` and not cached:
 from __future__ import annotations
 
 import platform
+from typing import NamedTuple
 
 import torch
 from torch.nn import functional as F
@@ -29,6 +30,20 @@ from repfx.targets.clock import fastest_call_seconds
 COMPUTE_CONV = {"cpu": (1, 64, 56), "cuda": (16, 256, 56)}
 STREAM_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 SMALL_CONV = (16, 16)  # channels and size of a small 3x3 conv: mostly overhead, a little arithmetic
+# (batch, channels, size) of depthwise 3x3 convs big enough that their per-output time dominates, per device type
+DEPTHWISE_CONVS = {"cpu": ((1, 32, 56), (1, 128, 28)), "cuda": ((16, 128, 56), (16, 512, 28))}
+
+
+FIGURES_VERSION = 2  # in the cache key: a profile cached before the conv output time was measured is measured anew
+
+
+class Figures(NamedTuple):
+    """What one measurement yields, before it becomes a profile."""
+
+    flops: dict[str, float]
+    bandwidth: float
+    overhead_s: float
+    conv_output_s: float
 
 
 def measure_profile(device: torch.device | str = "cpu", dtypes: tuple[str, ...] = ()) -> DeviceProfile:
@@ -38,25 +53,34 @@ def measure_profile(device: torch.device | str = "cpu", dtypes: tuple[str, ...] 
     if kind not in COMPUTE_CONV:
         raise ValueError(f"cannot measure a profile of a {kind} device (cpu and cuda are supported)")
     dtypes = dtypes or (("float32", "float16", "bfloat16") if kind == "cuda" else ("float32",))
-    flops, bandwidth, overhead = _measure(device, dtypes)
+    measured = _measure(device, dtypes)
     threads = torch.get_num_threads()
     if kind == "cpu" and threads > 1:
         single = _one_thread(lambda: _measure(device, dtypes))
-        if single[0]["float32"] > flops["float32"]:  # more threads ran slower: their barriers stalled
-            return DeviceProfile(_name(device), kind, {d: rate * threads for d, rate in single[0].items()},
-                                 single[1], single[2], f"estimated from one thread x {threads} with torch "
-                                 f"{torch.__version__}: {threads} threads ran slower than one (a busy machine)",
-                                 busy=True)
-    return DeviceProfile(_name(device), kind, flops, bandwidth, overhead, f"measured with torch {torch.__version__}")
+        if single.flops["float32"] > measured.flops["float32"]:  # more threads ran slower: barriers stalled
+            return busy_estimate(_name(device), single, threads,
+                                 f"estimated from one thread x {threads} with torch {torch.__version__}: "
+                                 f"{threads} threads ran slower than one (a busy machine)")
+    return DeviceProfile(_name(device), kind, measured.flops, measured.bandwidth, measured.overhead_s,
+                         f"measured with torch {torch.__version__}", conv_output_s=measured.conv_output_s)
 
 
-def _measure(device: torch.device, dtypes: tuple[str, ...]) -> tuple[dict[str, float], float, float]:
+def busy_estimate(name: str, single: Figures, threads: int, source: str) -> DeviceProfile:
+    """A profile from one thread's figures, scaled to ``threads`` where the work divides among them."""
+    return DeviceProfile(name, "cpu", {dtype: rate * threads for dtype, rate in single.flops.items()},
+                         single.bandwidth, single.overhead_s, source, busy=True,
+                         conv_output_s=single.conv_output_s / threads)
+
+
+def _measure(device: torch.device, dtypes: tuple[str, ...]) -> Figures:
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.inference_mode():
         flops = {dtype: _conv_rate(device, getattr(torch, dtype), generator) for dtype in dtypes}
         bandwidth = _stream_bandwidth(device, generator)
         overhead = _overhead_seconds(device, generator, flops["float32"], bandwidth)
-    return flops, bandwidth, overhead
+        conv_output = min(_depthwise_output_seconds(device, generator, shape, overhead)
+                          for shape in DEPTHWISE_CONVS[device.type])
+    return Figures(flops, bandwidth, overhead, conv_output)
 
 
 def _one_thread(measure):
@@ -99,6 +123,15 @@ def _overhead_seconds(device: torch.device, generator: torch.Generator, rate: fl
     return max(tiny, small - max(2 * macs / rate, traffic / bandwidth))
 
 
+def _depthwise_output_seconds(device: torch.device, generator: torch.Generator, shape: tuple[int, int, int],
+                              overhead: float) -> float:
+    batch, channels, size = shape
+    x = torch.randn(batch, channels, size, size, device=device, generator=generator)
+    weight = torch.randn(channels, 1, 3, 3, device=device, generator=generator)
+    seconds = _best(lambda: F.conv2d(x, weight, padding=1, groups=channels), device, calls=20)
+    return max(seconds - overhead, seconds / 2) / x.numel()
+
+
 def _name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
@@ -117,8 +150,9 @@ def cache_key(device: torch.device | str, threads: int | None = None, runtime: s
     if runtime == "onnxruntime":
         from repfx.targets.onnxruntime_bench import runtime_version
 
-        return f"{device.type}|{name}|onnxruntime={runtime_version()}"
-    return f"{device.type}|{name}|threads={threads or torch.get_num_threads()}|torch={torch.__version__}"
+        return f"{device.type}|{name}|onnxruntime={runtime_version()}|figures={FIGURES_VERSION}"
+    return (f"{device.type}|{name}|threads={threads or torch.get_num_threads()}|torch={torch.__version__}"
+            f"|figures={FIGURES_VERSION}")
 
 
 def cpu_model() -> str:

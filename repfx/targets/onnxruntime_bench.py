@@ -11,7 +11,8 @@ itself, on graphs written directly with ``onnx.helper`` (no export needed):
 * bandwidth: one elementwise add of tensors larger than a core's caches;
 * overhead: what each further op of a chain of small convolutions adds beyond its
   modeled work (a chain, because one ``session.run`` has a fixed cost of its own that a
-  deployed model pays once, not per op).
+  deployed model pays once, not per op);
+* conv output time: a depthwise 3x3 convolution's time per output element.
 
 Each figure is the fastest of single calls, as in ``microbench``; a session with one
 thread is measured too, and when it is faster the machine is busy (the profile is
@@ -25,7 +26,8 @@ import torch
 
 from repfx.passes.cost import DeviceProfile
 from repfx.targets.clock import fastest_call_seconds
-from repfx.targets.microbench import COMPUTE_CONV, SMALL_CONV, STREAM_ELEMENTS, cpu_model
+from repfx.targets.microbench import (COMPUTE_CONV, DEPTHWISE_CONVS, SMALL_CONV, STREAM_ELEMENTS, Figures,
+                                     busy_estimate, cpu_model)
 
 CHAIN = 16  # convolutions in the chain whose per-op cost is the overhead
 OPSET = 17
@@ -40,20 +42,18 @@ def runtime_version() -> str:
 
 def measure_onnxruntime_profile() -> DeviceProfile:
     """This CPU's profile in ONNX Runtime (float32: the CPU provider has no faster float16 convolution)."""
-    flops, bandwidth, overhead = _measure(threads=0)
-    single = _measure(threads=1)
+    measured, single = _measure(threads=0), _measure(threads=1)
     name = f"cpu: {cpu_model()}, onnxruntime {runtime_version()}"
-    if single[0] > flops:  # the default thread pool ran slower than one thread: its barriers stalled
+    if single.flops["float32"] > measured.flops["float32"]:  # the default pool ran slower than one thread
         threads = max(1, torch.get_num_threads())
-        return DeviceProfile(name, "cpu", {"float32": single[0] * threads}, single[1], single[2],
-                             f"estimated from one thread x {threads}: the thread pool ran slower than one thread "
-                             "(a busy machine)", busy=True)
-    return DeviceProfile(name, "cpu", {"float32": flops}, bandwidth, overhead,
-                         f"measured in onnxruntime {runtime_version()}")
+        return busy_estimate(name, single, threads, f"estimated from one thread x {threads}: the thread pool "
+                                                    "ran slower than one thread (a busy machine)")
+    return DeviceProfile(name, "cpu", measured.flops, measured.bandwidth, measured.overhead_s,
+                         f"measured in onnxruntime {runtime_version()}", conv_output_s=measured.conv_output_s)
 
 
-def _measure(threads: int) -> tuple[float, float, float]:
-    """(FLOP/s, bytes/s, seconds per op) with ``threads`` intra-op threads (0: ONNX Runtime's default)."""
+def _measure(threads: int) -> Figures:
+    """The four figures with ``threads`` intra-op threads (0: ONNX Runtime's default)."""
     rng = np.random.default_rng(0)
     batch, channels, size = COMPUTE_CONV["cpu"]
     x = rng.standard_normal((batch, channels, size, size), dtype=np.float32)
@@ -73,20 +73,32 @@ def _measure(threads: int) -> tuple[float, float, float]:
     macs = channels * channels * 9 * size * size
     modeled = max(2 * macs / rate, (2 * x.nbytes + weight.nbytes) / bandwidth)
     per_op = (chain - one) / (CHAIN - 1)
-    return rate, bandwidth, max(per_op - modeled, per_op / 10)  # never below a tenth of an op's whole time
+    overhead = max(per_op - modeled, per_op / 10)  # never below a tenth of an op's whole time
+    return Figures({"float32": rate}, bandwidth, overhead,
+                   min(_depthwise_output_seconds(shape, rng, threads, one) for shape in DEPTHWISE_CONVS["cpu"]))
+
+
+def _depthwise_output_seconds(shape: tuple[int, int, int], rng: np.random.Generator, threads: int,
+                              fixed: float) -> float:
+    """Per output element, less ``fixed`` (a small conv's whole ``session.run``), taking off at most half."""
+    batch, channels, size = shape
+    x = rng.standard_normal((batch, channels, size, size), dtype=np.float32)
+    weight = rng.standard_normal((channels, 1, 3, 3), dtype=np.float32)
+    seconds = _best(_session(_conv_graph(x.shape, weight, 1, groups=channels), threads), {"X": x})
+    return max(seconds - fixed, seconds / 2) / x.size
 
 
 def _best(session, feeds: dict[str, np.ndarray], calls: int = 10) -> float:
     return fastest_call_seconds(lambda: session.run(None, feeds), "cpu", calls=calls)
 
 
-def _conv_graph(x_shape: tuple, weight: np.ndarray, count: int):
-    """``count`` same-padded convolutions in a chain, sharing one square weight (channels in = out)."""
+def _conv_graph(x_shape: tuple, weight: np.ndarray, count: int, groups: int = 1):
+    """``count`` same-padded convolutions in a chain, sharing one weight (channels in = out)."""
     from onnx import helper, numpy_helper
 
     pad = weight.shape[-1] // 2
     names = ["X"] + [f"h{index}" for index in range(count - 1)] + ["Y"]
-    nodes = [helper.make_node("Conv", [names[index], "W"], [names[index + 1]], pads=[pad] * 4)
+    nodes = [helper.make_node("Conv", [names[index], "W"], [names[index + 1]], pads=[pad] * 4, group=groups)
              for index in range(count)]
     return _model(nodes, {"X": x_shape}, [numpy_helper.from_array(weight, "W")])
 

@@ -2,7 +2,8 @@
 
 Numbers here are worked by hand from the formulas in ``passes/cost/profile.py``:
 ``time = max(2 * MACs * batch / rate, bytes / bandwidth) + overhead`` with bytes =
-(activations read + written) * batch * itemsize + weights * itemsize. Profiles are
+(activations read + written) * batch * itemsize + weights * itemsize, and a conv
+at least ``conv_output_s`` per output element. Profiles are
 made up, so nothing depends on the machine running the tests.
 """
 
@@ -61,6 +62,18 @@ def test_roofline_of_a_memory_bound_add_and_its_dtype():
     fp32 = 3 * 1024 * 2 * 4 / 1e9
     assert math.isclose(roofline_seconds(op, SLOW, 2, "float32"), fp32 + 1e-5, rel_tol=1e-12)
     assert math.isclose(roofline_seconds(op, SLOW, 2, "float16"), fp32 / 2 + 1e-5, rel_tol=1e-12)
+
+
+def test_a_depthwise_conv_is_held_to_the_per_output_floor_and_an_add_is_not():
+    """dw3x3 on 16x8x8 at batch 2: 18,432 MACs (37 us at 1 GFLOP/s), but 2,048 outputs at 50 ns each: 102 us."""
+    floored = DeviceProfile("floored", "cpu", {"float32": 1e9}, bandwidth=1e9, overhead_s=1e-5, conv_output_s=5e-8)
+    (op,) = of_form(conv(16, 16, 3, groups=16), (16, 8, 8)).ops
+    assert 2 * op.macs * 2 / 1e9 < 2048 * 5e-8
+    assert math.isclose(roofline_seconds(op, floored, 2, "float32"), 2048 * 5e-8 + 1e-5, rel_tol=1e-12)
+    (add,) = elementwise((16, 8, 8)).ops
+    assert roofline_seconds(add, floored, 2, "float32") == roofline_seconds(add, SLOW, 2, "float32")
+    (dense,) = of_form(conv(16, 16, 3), (16, 8, 8)).ops  # 147,456 MACs: compute-bound above the floor
+    assert roofline_seconds(dense, floored, 2, "float32") == roofline_seconds(dense, SLOW, 2, "float32")
 
 
 def test_a_dtype_the_profile_lacks_runs_at_the_float32_rate():
@@ -143,6 +156,9 @@ def test_a_latency_rule_needs_a_profile_and_a_positive_batch():
 
 def test_profile_round_trips_and_refuses_bad_numbers():
     assert DeviceProfile.from_dict(SLOW.to_dict()) == SLOW
-    for field, value in (("bandwidth", -1), ("overhead_s", "nan"), ("flops", {"float16": 1e9})):
+    older = {key: value for key, value in SLOW.to_dict().items() if key != "conv_output_s"}
+    assert DeviceProfile.from_dict(older).conv_output_s == 0.0  # a profile written without the floor has none
+    for field, value in (("bandwidth", -1), ("overhead_s", "nan"), ("flops", {"float16": 1e9}),
+                         ("conv_output_s", -1e-9)):
         with pytest.raises(ValueError):
             DeviceProfile.from_dict(SLOW.to_dict() | {field: value})

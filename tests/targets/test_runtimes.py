@@ -21,7 +21,7 @@ import repfx.targets as targets
 from repfx.targets import cost_rule
 from repfx.targets import onnxruntime_bench as bench
 from repfx.targets.cache import FILE_NAME, MARK
-from repfx.targets.microbench import cache_key
+from repfx.targets.microbench import Figures, cache_key
 
 
 @pytest.fixture
@@ -82,7 +82,8 @@ def test_onnxruntime_profile_is_measured_in_onnxruntime():
 def test_a_busy_machine_gives_an_onnxruntime_estimate_that_is_not_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("REPFX_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    measured = {0: (1e9, 1e9, 1e-2), 1: (5e10, 2e9, 3e-6)}  # the default pool, then one thread
+    measured = {0: Figures({"float32": 1e9}, 1e9, 1e-2, 1e-8),  # the default pool
+                1: Figures({"float32": 5e10}, 2e9, 3e-6, 1e-9)}  # one thread
     monkeypatch.setattr(bench, "_measure", lambda threads: measured[threads])
     targets._measured.cache_clear()
     try:

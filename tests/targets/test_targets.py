@@ -177,15 +177,17 @@ def test_a_bad_cached_entry_is_measured_again(tmp_path, monkeypatch):
 def test_a_busy_machine_gives_an_estimate_that_is_not_cached(tmp_path, monkeypatch):
     """Two threads slower than one (stalled barriers): the profile comes from one thread, flagged, not stored."""
     from repfx.targets import microbench
+    from repfx.targets.microbench import Figures
 
     monkeypatch.setenv("REPFX_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
-    results = iter([({"float32": 1e9}, 1e9, 1e-2), ({"float32": 5e10}, 2e9, 2e-5)])  # 2 threads, then 1
+    results = iter([Figures({"float32": 1e9}, 1e9, 1e-2, 1e-8), Figures({"float32": 5e10}, 2e9, 2e-5, 1e-9)])
     monkeypatch.setattr(microbench, "_measure", lambda device, dtypes: next(results))
     with pytest.warns(UserWarning, match="not cached"):
         profile = cached_profile("key", lambda: microbench.measure_profile("cpu"))
-    assert profile.busy and profile.rate("float32") == 1e11 and profile.overhead_s == 2e-5
+    assert profile.busy and profile.rate("float32") == 1e11 and profile.overhead_s == 2e-5  # 2 threads, then 1
+    assert profile.conv_output_s == 5e-10
     assert not (tmp_path / FILE_NAME).exists()
 
 
