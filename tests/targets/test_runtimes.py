@@ -76,6 +76,7 @@ def test_onnxruntime_profile_is_measured_in_onnxruntime():
     profile = bench.measure_onnxruntime_profile()
     assert profile.device == "cpu" and "onnxruntime" in profile.name
     assert profile.rate("float32") > 0 and profile.bandwidth > 0 and 0 < profile.overhead_s < 0.1
+    assert 0 < profile.conv_output_s < 1e-6
     assert profile.busy or profile.source.startswith("measured in onnxruntime")
 
 
