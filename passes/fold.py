@@ -23,6 +23,7 @@ from torch import fx
 
 from repfx.passes import partition
 from repfx.passes import cost as cost_rule
+from repfx.passes.constants import ConstantFolder
 from repfx.passes.cost import CostRule
 from repfx.passes.cost.work import NOTHING, Work
 from repfx.passes.emit import Emission, EmissionPlan, Emitter, plan, remove_dead_code
@@ -76,16 +77,17 @@ def choose_regions(gm: fx.GraphModule, cost: CostPolicy | CostRule) -> tuple[lis
     no region copies a shared weight for nothing.
     """
     boundaries: frozenset[fx.Node] = frozenset()
+    constants = ConstantFolder(gm)  # the graph does not change while regions are chosen: fold each constant once
     while True:
-        chosen, refusals = _choose(gm, cost_rule.resolve(cost), boundaries)
+        chosen, refusals = _choose(gm, cost_rule.resolve(cost), boundaries, constants)
         copies = sharing.copy_only_uses(chosen) - boundaries
         if not copies:
             return chosen, refusals
         boundaries |= copies
 
 
-def _choose(gm: fx.GraphModule, rule: CostRule,
-            boundaries: frozenset[fx.Node]) -> tuple[list[tuple[fx.Node, Expr]], list[tuple[fx.Node, str]]]:
+def _choose(gm: fx.GraphModule, rule: CostRule, boundaries: frozenset[fx.Node],
+            constants: ConstantFolder) -> tuple[list[tuple[fx.Node, Expr]], list[tuple[fx.Node, str]]]:
     """The cost rule, applied globally first, then locally, then along chains.
 
     The *eager* analysis merges everything exact; its region is kept when the merged
@@ -95,7 +97,7 @@ def _choose(gm: fx.GraphModule, rule: CostRule,
     pay for itself (depthwise kxk + dense 1x1, bottleneck 1x1->kxk). Last, each chain
     of ops is cut where that is cheapest, where that beats the choice so far.
     """
-    analyzer = Analyzer(gm, "always", boundaries)
+    analyzer = Analyzer(gm, "always", boundaries, constants)
     eager = analyzer.run()
     if rule.merges_everything:
         return [(root, eager.exprs[root]) for root in eager.roots()], list(eager.refusals)
@@ -109,7 +111,7 @@ def _choose(gm: fx.GraphModule, rule: CostRule,
         merged, original = expr.cost, eager.region_cost(expr)
         contested = _adds_macs(merged, original)
         if contested:
-            careful = careful or analyze(gm, rule, boundaries)
+            careful = careful or analyze(gm, rule, boundaries, constants)
             careful_roots = careful_roots or set(careful.roots())
             original = _cheaper_alternative(rule, original, _careful_plan(careful, careful_roots, eager, expr))
         if rule.pays(merged, original, root.name):
@@ -119,7 +121,7 @@ def _choose(gm: fx.GraphModule, rule: CostRule,
             accepted += decided_by
             continue
         refused[root] = (expr, rule.decisions.get(root.name))
-        careful = careful or analyze(gm, rule, boundaries)
+        careful = careful or analyze(gm, rule, boundaries, constants)
         careful_roots = careful_roots or set(careful.roots())
         fallback_ops |= expr.ops
         refusals.append((root, rule.region_refused(len(expr.terms), merged, original)))
@@ -143,9 +145,10 @@ def _adds_macs(merged: Work, original: Work) -> bool:
 def _careful_plan(careful: Analysis, careful_roots: set[fx.Node], eager: Analysis, expr: Expr) -> Work:
     """The work of ``expr``'s region as the careful analysis would cut it: each of its careful
     regions merged, and the ops no careful region covers as written."""
-    inside = [careful.exprs[node] for node in expr.ops if node in careful_roots]
+    ops = sorted(expr.ops)  # graph order: a set of nodes iterates in memory order (see ``Analysis.region_cost``)
+    inside = [careful.exprs[node] for node in ops if node in careful_roots]
     covered = set().union(*(part.ops for part in inside)) if inside else set()
-    rest = [eager.own_cost.get(op, NOTHING) for op in expr.ops if op not in covered]
+    rest = [eager.own_cost.get(op, NOTHING) for op in ops if op not in covered]
     return sum((part.cost for part in inside), NOTHING) + sum(rest, NOTHING)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import reduce
+from functools import cached_property, reduce
 from typing import ClassVar
 
 import torch
@@ -126,21 +126,23 @@ class ConvForm:
     def out_channels(self) -> int:
         return self.kernel.shape[0]
 
-    @property
+    # A form never changes (its tensors are never written: combinations build new ones), so what it
+    # is is worked out once: pricing asks each form these several times, and ``is_identity`` reads values.
+    @cached_property
     def kernel_size(self) -> tuple[int, ...]:
         return tuple(self.kernel.shape[2:])
 
-    @property
+    @cached_property
     def is_pointwise(self) -> bool:
         """1x..x1 kernel with stride 1: each output pixel reads only its own input pixel."""
         return all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride)
 
-    @property
+    @cached_property
     def is_diagonal(self) -> bool:
         """Per-channel scale (and shift), possibly with padding: a depthwise pointwise form."""
         return self.is_pointwise and self.groups == self.in_channels == self.out_channels
 
-    @property
+    @cached_property
     def is_identity(self) -> bool:
         return (self.is_diagonal and not any(self.padding)
                 and bool(torch.all(self.weight == 1)) and not bool(torch.any(self.bias)))

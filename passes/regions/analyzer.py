@@ -73,9 +73,13 @@ def registered_rules() -> dict[Any, Rule]:
     return RULES
 
 
-def analyze(gm: fx.GraphModule, cost: CostPolicy = "macs", boundaries: frozenset[fx.Node] = frozenset()) -> Analysis:
-    """Expression of every node that belongs to a linear region of ``gm``; ``boundaries`` are never absorbed."""
-    return Analyzer(gm, cost, boundaries).run()
+def analyze(gm: fx.GraphModule, cost: CostPolicy = "macs", boundaries: frozenset[fx.Node] = frozenset(),
+            constants: ConstantFolder | None = None) -> Analysis:
+    """Expression of every node that belongs to a linear region of ``gm``; ``boundaries`` are never absorbed.
+
+    ``constants``: a folder already filled for this graph, as it stands (another analysis of it).
+    """
+    return Analyzer(gm, cost, boundaries, constants).run()
 
 
 class Analyzer:
@@ -84,13 +88,16 @@ class Analyzer:
     per_channel = staticmethod(per_channel)
 
     def __init__(self, gm: fx.GraphModule, cost: CostPolicy | CostRule,
-                 boundaries: frozenset[fx.Node] = frozenset()) -> None:
+                 boundaries: frozenset[fx.Node] = frozenset(), constants: ConstantFolder | None = None) -> None:
         self.gm = gm
         self.cost = cost_rule.resolve(cost)
         self.boundaries = boundaries  # ops whose use would only copy a shared weight (``sharing``)
-        self.constants = ConstantFolder(gm)
+        # Constant values depend on the graph alone, not on the rule: the analyses of one unchanged
+        # graph (eager, careful, each boundary retry) share one folder and fold each constant once.
+        self.constants = constants if constants is not None else ConstantFolder(gm)
         self.result = Analysis()
         self.rules = registered_rules()
+        self._shapes: dict[tuple[fx.Node, bool], tuple[int, ...]] = {}  # ``sample_shape`` of nodes read so far
 
     def run(self) -> Analysis:
         for node in self.gm.graph.nodes:
@@ -200,6 +207,9 @@ class Analyzer:
         value: exactness never depends on spatial size because merged forms share
         stride and alignment.
         """
+        known = self._shapes.get((node, channel_last))
+        if known is not None:
+            return known  # rules, operands and the cost of each merge all ask for the same few shapes
         value = node.meta.get("val")
         if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() < 2:
             raise NotLinear
@@ -207,6 +217,7 @@ class Analyzer:
         shape = tuple(size_hint(size) for size in sizes)
         if shape[0] is None or not all(isinstance(size, int) for size in shape):
             raise NotExact(f"{node.name} has a symbolic channel count or an unknown size {tuple(value.shape[1:])}")
+        self._shapes[node, channel_last] = shape
         return shape
 
     # -- combinators -----------------------------------------------------------------

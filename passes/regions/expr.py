@@ -69,5 +69,10 @@ class Analysis:
         return [node for node in self.exprs if node not in absorbed]
 
     def region_cost(self, expr: Expr) -> Work:
-        """The work of the original ops an expression stands for."""
-        return sum((self.own_cost.get(op, NOTHING) for op in expr.ops), NOTHING)
+        """The work of the original ops an expression stands for, in graph order.
+
+        ``expr.ops`` is a set of nodes, which iterates in memory order: the work's ops (the
+        decision the report shows, and a modeled time summed in floating point) would come out
+        in a different order from run to run.
+        """
+        return sum((self.own_cost.get(op, NOTHING) for op in sorted(expr.ops)), NOTHING)
