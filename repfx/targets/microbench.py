@@ -8,7 +8,7 @@ good (``python -m repfx.targets --measure`` measures again). On a busy CPU sever
 threads can run slower than one (a descheduled thread stalls every OpenMP barrier);
 then the profile is estimated from one thread, marked ``busy`` and not cached:
 
-* rate: a dense 3x3 convolution large enough to be compute-bound, per dtype;
+* rate: dense 3x3 convolutions large enough to be compute-bound (the better of two shapes), per dtype;
 * bandwidth: an elementwise add of tensors larger than a core's caches;
 * overhead: what a small convolution takes beyond its modeled arithmetic and traffic (at
   least the time of a conv so small that its arithmetic is negligible): a tiny conv can take
@@ -27,7 +27,9 @@ from repfx.passes.cost import DeviceProfile
 from repfx.targets.clock import fastest_call_seconds
 
 # (batch, channels, size) of the compute-bound conv and elements per operand of the add, per device type
-COMPUTE_CONV = {"cpu": (1, 64, 56), "cuda": (16, 256, 56)}
+# Two shapes of the same MACs each: the rate is the better of the two, since one shape can land on a weaker
+# kernel (on a 2-core Xeon, 64 channels at 56x56 ran at 125-300 GFLOP/s from call to call, 128 at 28x28 at 300).
+COMPUTE_CONVS = {"cpu": ((1, 64, 56), (1, 128, 28)), "cuda": ((16, 256, 56), (16, 512, 28))}
 STREAM_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 SMALL_CONV = (16, 16)  # channels and size of a small 3x3 conv: mostly overhead, a little arithmetic
 # (batch, channels, size) of depthwise 3x3 convs big enough that their per-output time dominates, per device type
@@ -50,7 +52,7 @@ def measure_profile(device: torch.device | str = "cpu", dtypes: tuple[str, ...] 
     """The profile of ``device`` measured now; ``dtypes`` beyond float32 (CUDA: float16, bfloat16 by default)."""
     device = torch.device(device)
     kind = device.type
-    if kind not in COMPUTE_CONV:
+    if kind not in COMPUTE_CONVS:
         raise ValueError(f"cannot measure a profile of a {kind} device (cpu and cuda are supported)")
     dtypes = dtypes or (("float32", "float16", "bfloat16") if kind == "cuda" else ("float32",))
     measured = _measure(device, dtypes)
@@ -94,12 +96,13 @@ def _one_thread(measure):
 
 
 def _conv_rate(device: torch.device, dtype: torch.dtype, generator: torch.Generator) -> float:
-    batch, channels, size = COMPUTE_CONV[device.type]
-    x = torch.randn(batch, channels, size, size, device=device, generator=generator).to(dtype)
-    weight = torch.randn(channels, channels, 3, 3, device=device, generator=generator).to(dtype)
-    seconds = _best(lambda: F.conv2d(x, weight, padding=1), device)
-    macs = batch * channels * channels * 9 * size * size
-    return 2 * macs / seconds
+    rates = []
+    for batch, channels, size in COMPUTE_CONVS[device.type]:
+        x = torch.randn(batch, channels, size, size, device=device, generator=generator).to(dtype)
+        weight = torch.randn(channels, channels, 3, 3, device=device, generator=generator).to(dtype)
+        seconds = _best(lambda: F.conv2d(x, weight, padding=1), device)
+        rates.append(2 * batch * channels * channels * 9 * size * size / seconds)
+    return max(rates)
 
 
 def _stream_bandwidth(device: torch.device, generator: torch.Generator) -> float:

@@ -7,7 +7,7 @@ figures would be decided for the wrong runtime (the small blocks where merging w
 in eager may not win here). So the same three numbers are measured in ONNX Runtime
 itself, on graphs written directly with ``onnx.helper`` (no export needed):
 
-* rate: one dense 3x3 convolution, large enough to be compute-bound;
+* rate: dense 3x3 convolutions large enough to be compute-bound (the better of two shapes);
 * bandwidth: one elementwise add of tensors larger than a core's caches;
 * overhead: what each further op of a chain of small convolutions adds beyond its
   modeled work (a chain, because one ``session.run`` has a fixed cost of its own that a
@@ -26,7 +26,7 @@ import torch
 
 from repfx.passes.cost import DeviceProfile
 from repfx.targets.clock import fastest_call_seconds
-from repfx.targets.microbench import (COMPUTE_CONV, DEPTHWISE_CONVS, SMALL_CONV, STREAM_ELEMENTS, Figures,
+from repfx.targets.microbench import (COMPUTE_CONVS, DEPTHWISE_CONVS, SMALL_CONV, STREAM_ELEMENTS, Figures,
                                      busy_estimate, cpu_model)
 
 CHAIN = 16  # convolutions in the chain whose per-op cost is the overhead
@@ -55,11 +55,13 @@ def measure_onnxruntime_profile() -> DeviceProfile:
 def _measure(threads: int) -> Figures:
     """The four figures with ``threads`` intra-op threads (0: ONNX Runtime's default)."""
     rng = np.random.default_rng(0)
-    batch, channels, size = COMPUTE_CONV["cpu"]
-    x = rng.standard_normal((batch, channels, size, size), dtype=np.float32)
-    conv = _session(_conv_graph(x.shape, rng.standard_normal((channels, channels, 3, 3), dtype=np.float32), 1),
-                    threads)
-    rate = 2 * batch * channels * channels * 9 * size * size / _best(conv, {"X": x})
+    rates = []
+    for batch, channels, size in COMPUTE_CONVS["cpu"]:
+        x = rng.standard_normal((batch, channels, size, size), dtype=np.float32)
+        weight = rng.standard_normal((channels, channels, 3, 3), dtype=np.float32)
+        seconds = _best(_session(_conv_graph(x.shape, weight, 1), threads), {"X": x})
+        rates.append(2 * batch * channels * channels * 9 * size * size / seconds)
+    rate = max(rates)
 
     a, b = (rng.standard_normal(STREAM_ELEMENTS["cpu"], dtype=np.float32) for _ in range(2))
     add = _session(_add_graph(a.shape), threads)
