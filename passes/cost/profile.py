@@ -56,9 +56,10 @@ class DeviceProfile:
             flops = {str(dtype): _positive(rate, f"flops[{dtype}]") for dtype, rate in dict(data["flops"]).items()}
             if "float32" not in flops:
                 raise ValueError("flops has no float32 rate")
-            return cls(str(data["name"]), str(data["device"]), flops, _positive(data["bandwidth"], "bandwidth"),
-                       _positive(data["overhead_s"], "overhead_s"), str(data.get("source", "given")),
-                       bool(data.get("busy", False)), _not_negative(data.get("conv_output_s", 0.0), "conv_output_s"))
+            return cls(str(data["name"]), str(data["device"]), flops, bandwidth=_positive(data["bandwidth"], "bandwidth"),
+                       overhead_s=_positive(data["overhead_s"], "overhead_s"), source=str(data.get("source", "given")),
+                       busy=bool(data.get("busy", False)),
+                       conv_output_s=_not_negative(data.get("conv_output_s", 0.0), "conv_output_s"))
         except (KeyError, TypeError) as error:
             raise ValueError(f"not a device profile: {error}") from None
 

@@ -156,6 +156,9 @@ def test_a_latency_rule_needs_a_profile_and_a_positive_batch():
 
 def test_profile_round_trips_and_refuses_bad_numbers():
     assert DeviceProfile.from_dict(SLOW.to_dict()) == SLOW
+    measured = DeviceProfile("m", "cpu", {"float32": 1e9}, 2e9, 3e-6, "measured", conv_output_s=4e-10, busy=True)
+    again = DeviceProfile.from_dict(measured.to_dict())
+    assert again == measured and (again.conv_output_s, again.busy) == (4e-10, True)  # each field to its own
     older = {key: value for key, value in SLOW.to_dict().items() if key != "conv_output_s"}
     assert DeviceProfile.from_dict(older).conv_output_s == 0.0  # a profile written without the floor has none
     for field, value in (("bandwidth", -1), ("overhead_s", "nan"), ("flops", {"float16": 1e9}),
