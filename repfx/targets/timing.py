@@ -46,12 +46,18 @@ class WorkModule(nn.Module):
         return tuple(self._random(self.batch, *_input_shape(op)) for op in self.ops)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The outputs no later op reads: what the form hands on. Returning every intermediate would make
+        a compiled runtime write out (ONNX Runtime: copy out) values the region keeps inside."""
         weights = iter(self.weights)
         outputs: list[torch.Tensor] = []
+        read: set[int] = set()
         for op, x in zip(self.ops, inputs):
             previous = outputs[-1] if outputs else None
-            outputs.append(_run(op, previous if previous is not None and previous.shape == x.shape else x, weights))
-        return tuple(outputs)
+            if previous is not None and previous.shape == x.shape:
+                x = previous
+                read.add(len(outputs) - 1)
+            outputs.append(_run(op, x, weights))
+        return tuple(output for index, output in enumerate(outputs) if index not in read)
 
 
 def _weight_shapes(op: Op) -> list[tuple[int, ...]]:
