@@ -62,8 +62,8 @@ class WorkModule(nn.Module):
 
 def _weight_shapes(op: Op) -> list[tuple[int, ...]]:
     if op.kind == "elementwise":
-        shape, operands = op.layout
-        return [(shape[0],), (shape[0],)] if operands == 1 else []
+        shape, _operands = op.layout
+        return [(shape[0],), (shape[0],)] if op.params else []  # a per-channel scale and shift (a lone BN)
     in_shape, out_channels, kernel, _stride, _padding, _dilation, groups = op.layout[:7]
     if op.kind == "linear":
         return [(out_channels, in_shape[0]), (out_channels,)]
@@ -79,10 +79,12 @@ def _input_shape(op: Op) -> tuple[int, ...]:
 def _run(op: Op, x: torch.Tensor, weights) -> torch.Tensor:
     if op.kind == "elementwise":
         shape, operands = op.layout
-        if operands == 1:
+        if op.params:  # one kernel, as an inference BatchNorm is
             scale, shift = next(weights), next(weights)
             view = (-1,) + (1,) * (len(shape) - 1)
-            return x * scale.view(view) + shift.view(view)
+            return torch.addcmul(shift.view(view), x, scale.view(view))
+        if operands == 1:
+            return x.clone()  # a copy (a concatenation writes each part once)
         return sum((x for _ in range(operands - 1)), x)  # an n-way add reads n tensors of this size
     weight, bias = next(weights), next(weights)
     if op.kind == "linear":
