@@ -1,9 +1,10 @@
 """Rule: convolution (1-D/2-D/3-D, any groups, stride, dilation, ``padding='same'``) as a ``ConvForm``.
 
-Transposed convolutions (``conv_transpose*``, ``convolution(transposed=True)``) have
-no rule yet: a ConvTranspose + BN rule would be a module of its own. ``padding='same'``
-with an even kernel pads asymmetrically, which no zero-padded convolution reproduces,
-so it is refused with that reason.
+``aten.convolution`` is also how a TorchScript conversion (and some hand-written
+graphs) spell a transposed convolution (``transposed=True``): that call gets the
+form ``conv_transpose.py`` gives ``conv_transpose*``, so it folds the same way.
+``padding='same'`` with an even kernel pads asymmetrically, which no zero-padded
+convolution reproduces, so it is refused with that reason.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import fx
 
 from repfx.passes.algebra.forms import ConvForm, NotExact
 from repfx.passes.regions.analyzer import Analyzer, Expr, NotLinear, Operand, as_ints, rule
+from repfx.passes.regions.rules.conv_transpose import apply_transposed
 
 aten = torch.ops.aten
 
@@ -22,9 +24,10 @@ aten = torch.ops.aten
 def convolution(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     """The convolution applied to its input's expression; arguments export left out take their defaults."""
     if node.target is aten.convolution.default:
-        x, weight, bias, stride, padding, dilation, transposed, _, groups = node.args
+        x, weight, bias, stride, padding, dilation, transposed, output_padding, groups = node.args
         if transposed:
-            raise NotLinear
+            return apply_transposed(an, node, operand, x, weight, bias, stride, padding, output_padding, dilation,
+                                    groups)
     else:
         names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
         defaults = (None, None, None, 1, 0, 1, 1)
@@ -46,3 +49,4 @@ def convolution(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
             padding = [(k - 1) * d // 2 for k, d in zip(w.shape[2:], dilation)]
     form = ConvForm.convolution(w, b, as_ints(stride, rank), as_ints(padding, rank), dilation, int(groups))
     return an.apply(form, operand(x), node)
+

@@ -6,7 +6,8 @@ output_padding, padding within the kernel's reach). So a BatchNorm, a scale or a
 1x1 conv after it folds into it, a per-channel scale before it too; a shift before
 it, a spatial kernel around it and sums with other branches are refused with the
 reason ``forms``/``transposed`` give. ``aten.convolution(transposed=True)`` (what a
-TorchScript conversion writes) is left to ``conv.py``, which owns that target.
+TorchScript conversion writes) is read by ``conv.py``, which owns that target, into
+the same form.
 """
 
 from __future__ import annotations
@@ -27,11 +28,18 @@ def conv_transpose(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     if arguments is None:
         raise NotLinear  # not a call torch.fx can match to the op's schema
     op = arguments.kwargs
-    w = an.weight(node, op["weight"])
-    b = None if op["bias"] is None else an.weight(node, op["bias"], "bias")
+    return apply_transposed(an, node, operand, op["input"], op["weight"], op["bias"], op["stride"], op["padding"],
+                            op["output_padding"], op["dilation"], op["groups"])
+
+
+def apply_transposed(an: Analyzer, node: fx.Node, operand: Operand, x, weight, bias, stride, padding, output_padding,
+                     dilation, groups) -> Expr:
+    """The transposed convolution with these arguments applied to ``x``'s expression (also ``conv.py``'s, for
+    ``convolution(transposed=True)``)."""
+    w = an.weight(node, weight)
+    b = None if bias is None else an.weight(node, bias, "bias")
     rank = w.dim() - 2
-    if not isinstance(op["input"], fx.Node) or op["input"].meta["val"].dim() != rank + 2:
+    if not isinstance(x, fx.Node) or x.meta["val"].dim() != rank + 2:
         raise NotLinear  # unbatched input: dim 1 is not the channel dim
-    geometry = [as_ints(op[name], rank) for name in ("stride", "padding", "output_padding", "dilation")]
-    form = transposed_form(w, b, *geometry, int(op["groups"]))
-    return an.apply(form, operand(op["input"]), node)
+    geometry = [as_ints(value, rank) for value in (stride, padding, output_padding, dilation)]
+    return an.apply(transposed_form(w, b, *geometry, int(groups)), operand(x), node)

@@ -96,13 +96,6 @@ def test_conv_variant_folds(before, expected):
     assert_folds(before(), expected())
 
 
-def transposed_convolution_bn():
-    g = GraphBuilder()
-    x = g.input("x", 2, 4, 8, 8)
-    y = g.call(aten.convolution.default, x, g.randn(4, 8, 3, 3), None, [1, 1], [1, 1], [1, 1], True, [0, 0], 1)
-    return g.build(g.batch_norm(y))
-
-
 def even_kernel_same_bn():
     g = GraphBuilder()
     x = g.input("x", 2, 4, 8, 8)
@@ -137,7 +130,6 @@ def bottleneck():
 
 
 @pytest.mark.parametrize("before, reason", [
-    pytest.param(transposed_convolution_bn, None, id="transposed-convolution"),
     pytest.param(even_kernel_same_bn, "padding='same' with an even kernel pads asymmetrically", id="same-even-kernel"),
     pytest.param(unbatched_conv_bn, None, id="unbatched-input"),
     pytest.param(weight_from_input_bn, "weight is computed from graph inputs", id="weight-is-an-input"),

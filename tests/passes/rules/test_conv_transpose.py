@@ -1,4 +1,5 @@
-"""Rule ``rules/conv_transpose.py`` alone: transposed convolutions in aten graphs built by hand.
+"""Rule ``rules/conv_transpose.py`` alone: transposed convolutions in aten graphs built by hand
+(``conv_transpose*d``, and ``convolution(transposed=True)``, which ``rules/conv.py`` hands to it).
 
 A BN (or a scale, or a 1x1 conv) after a transposed convolution folds into it, with
 any stride, output_padding, groups and dilation, and so does a per-channel scale
@@ -58,6 +59,29 @@ def one_conv(rank: int, padding: int, dilation: int = 1, groups: int = 1):
 ])
 def test_bn_folds_into_the_transposed_conv(rank, options):
     assert_folds(transposed_then_bn(rank, **options), one_transposed(rank, **options))
+
+
+def convolution_transposed_then_bn(rank: int, *, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
+                                   bias=True):
+    """The same op spelled ``aten.convolution(..., transposed=True, ...)``, as a TorchScript conversion writes it."""
+    g = GraphBuilder()
+    x = g.input("x", 2, CIN, *[5] * rank)
+    weight = g.randn(CIN, COUT // groups, *[3] * rank)
+    y = g.call(aten.convolution.default, x, weight, g.randn(COUT, name="bias") if bias else None, [stride] * rank,
+               [padding] * rank, [dilation] * rank, True, [output_padding] * rank, groups)
+    return g.build(g.batch_norm(y))
+
+
+@pytest.mark.parametrize("rank, options", [
+    pytest.param(2, {"stride": 2, "padding": 1, "output_padding": 1}, id="2d-stride2-padding1-output_padding1"),
+    pytest.param(1, {"stride": 3, "groups": 4, "bias": False}, id="1d-stride3-groups4-no-bias"),
+])
+def test_bn_folds_into_a_transposed_convolution_call(rank, options):
+    assert_folds(convolution_transposed_then_bn(rank, **options), one_transposed(rank, **options))
+
+
+def test_a_stride_one_transposed_convolution_call_becomes_a_forward_conv():
+    assert_folds(convolution_transposed_then_bn(2, padding=1), one_conv(2, padding=1))
 
 
 @pytest.mark.parametrize("rank, options, padding", [
