@@ -92,7 +92,8 @@ def _choose(gm: fx.GraphModule, rule: CostRule, boundaries: frozenset[fx.Node],
 
     The *eager* analysis merges everything exact; its region is kept when the merged
     ops cost no more, by the rule, than the ops they replace (DBB: the 1x1->avg-pool chain alone
-    is dearer than the two ops, but it vanishes into the block's dense kxk). Otherwise
+    is dearer than the two ops, but it vanishes into the block's dense kxk), or, when merging
+    adds MACs to the convs as written (contested), than the careful cut of the region. Otherwise
     the region is rebuilt from the *careful* analysis, where every single merge must
     pay for itself (depthwise kxk + dense 1x1, bottleneck 1x1->kxk). Last, each chain
     of ops is cut where that is cheapest, where that beats the choice so far.
@@ -108,23 +109,27 @@ def _choose(gm: fx.GraphModule, rule: CostRule, boundaries: frozenset[fx.Node],
     accepted, refused = [], {}
     for root in eager.roots():
         expr = eager.exprs[root]
-        merged, original = expr.cost, eager.region_cost(expr)
-        contested = _adds_macs(merged, original)
+        merged, alternative, against = expr.cost, eager.region_cost(expr), "as written"
+        contested = _adds_macs(merged, alternative)
         if contested:
             careful = careful or analyze(gm, rule, boundaries, constants)
             careful_roots = careful_roots or set(careful.roots())
-            original = _cheaper_alternative(rule, original, _careful_plan(careful, careful_roots, eager, expr))
-        if rule.pays(merged, original, root.name):
+            # What a refusal gives the graph: the region cut where each merge pays (its BatchNorms folded
+            # too). Against the region as written, a merge would be credited with folds any cut makes.
+            alternative, against = _careful_plan(careful, careful_roots, eager, expr), "cut where each merge pays"
+        noted_before = rule.decisions.get(root.name)
+        if rule.pays(merged, alternative, root.name):
             chosen.append((root, expr))
-            # Merged as far as the careful analysis merged it: its single merges are what decided.
-            decided_by = {root} if root.name in rule.decisions or not contested else expr.ops
-            accepted += decided_by
+            whole_noted = rule.decisions.get(root.name) is not noted_before
+            # A region the careful analysis merged just as far was decided by its single merges.
+            decided_inside = contested and not whole_noted and alternative.ops == merged.ops
+            accepted += list(expr.ops) if decided_inside else [root]
             continue
         refused[root] = (expr, rule.decisions.get(root.name))
         careful = careful or analyze(gm, rule, boundaries, constants)
         careful_roots = careful_roots or set(careful.roots())
         fallback_ops |= expr.ops
-        refusals.append((root, rule.region_refused(len(expr.terms), merged, original)))
+        refusals.append((root, rule.region_refused(len(expr.terms), merged, alternative, against)))
         chosen += [(node, careful.exprs[node]) for node in expr.ops if node in careful_roots]
     refusals += [(node, reason) for node, reason in eager.refusals if node not in fallback_ops]
     if careful is not None:
@@ -150,16 +155,6 @@ def _careful_plan(careful: Analysis, careful_roots: set[fx.Node], eager: Analysi
     covered = set().union(*(part.ops for part in inside)) if inside else set()
     rest = [eager.own_cost.get(op, NOTHING) for op in ops if op not in covered]
     return sum((part.cost for part in inside), NOTHING) + sum(rest, NOTHING)
-
-
-def _cheaper_alternative(rule: CostRule, written: Work, careful: Work) -> Work:
-    """What a contested merge competes with: the region cut where each merge pays (its BatchNorms
-    folded, cheap merges done), or as written when that is cheaper still.
-
-    Against the region as written alone, a merge would be credited with the BatchNorms and adds it
-    folds, which the region kept apart folds just as well (the RepVGG lesson cuts both ways).
-    """
-    return careful if rule.key(careful) < rule.key(written) else written
 
 
 def _keep_decisions_that_decided(rule: CostRule, accepted: list[fx.Node],

@@ -24,8 +24,8 @@ from torch.utils import _pytree as pytree
 
 import repfx
 from repfx import samples
-from repfx.passes.cost import DeviceProfile
 from repfx.capture.inputs import as_input_tuple
+from repfx.passes.cost import DeviceProfile
 from repfx.verify.opcount import count_ops, summarize
 
 RTOL = 1e-4  # float32: max|d| <= RTOL * max(1, max|y|)
@@ -168,7 +168,6 @@ def assert_dynamic_batch_folds(factory: Callable[[], nn.Module], example_batch: 
         x = rand(batch, C, HW, HW, seed=batch)
         assert_matches(model, gm, x)
         assert_ops(gm, x, convolution=1, batch_norm=0, add=0)
-
 
 
 # Two pinned device profiles at the extremes of the latency rule: every merge pays, or none that adds MACs.

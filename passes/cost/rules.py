@@ -113,9 +113,10 @@ class CostRule:
         """The reason a single merge is refused."""
         return f"cost rule: merged op needs {self._vs(merged, apart, 'for the ops it would replace')}; kept separate"
 
-    def region_refused(self, ops: int, merged: Work, written: Work) -> str:
-        """The reason a whole region is not merged as far as exactness allows."""
-        return (f"cost rule: merging this region into {ops} op(s) needs {self._vs(merged, written, 'as written')}; "
+    def region_refused(self, ops: int, merged: Work, alternative: Work, against: str = "as written") -> str:
+        """The reason a whole region is not merged as far as exactness allows; ``against`` names the
+        alternative priced (the region as written, or cut where each merge pays)."""
+        return (f"cost rule: merging this region into {ops} op(s) needs {self._vs(merged, alternative, against)}; "
                 "merged only where each step pays")
 
 

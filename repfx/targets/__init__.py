@@ -27,7 +27,7 @@ from repfx.passes.cost import AlwaysMerge, CostRule, DeviceProfile, LatencyCost,
 from repfx.targets.cache import cached_profile
 from repfx.targets.gpus import known_gpus, published_profile
 from repfx.targets.microbench import cache_key, measure_profile
-from repfx.targets.timing import WorkTimer
+from repfx.targets.timing import BACKENDS, WorkTimer
 
 COSTS = ("latency", "measure", "macs", "always")
 RUNTIMES = ("eager", "onnxruntime")  # runtimes with a profile of their own (inductor plans with eager's)
@@ -56,8 +56,7 @@ def device_profile(target: Target = "cpu", runtime: str = "eager") -> DeviceProf
         return target
     if not isinstance(target, str):
         raise TypeError(f"target must be a device string or a DeviceProfile, got {type(target).__name__}")
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    _check_runtime(runtime)
     kind, _, name = check_target(target).partition(":")
     if kind == "cpu":
         return _measured("cpu", runtime)
@@ -72,8 +71,18 @@ def device_profile(target: Target = "cpu", runtime: str = "eager") -> DeviceProf
 @functools.lru_cache(maxsize=None)
 def _measured(device: str, runtime: str) -> DeviceProfile:
     """Measured once per process (and once per machine, through the cache file)."""
-    runtime = runtime if device == "cpu" else "eager"
+    runtime = _profiled_runtime(device, runtime)
     return cached_profile(cache_key(device, runtime=runtime), _measurement(device, runtime))
+
+
+def _check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+
+
+def _profiled_runtime(device: str, runtime: str) -> str:
+    """The runtime whose profile ``device`` gets: ONNX Runtime has its own on a CPU only (see the module doc)."""
+    return runtime if device == "cpu" else "eager"
 
 
 def _measurement(device: str, runtime: str):
@@ -87,12 +96,11 @@ def _measurement(device: str, runtime: str):
 def remeasure(target: str = "cpu", runtime: str = "eager") -> DeviceProfile:
     """Measure ``target`` (``"cpu"`` or a CUDA device here) in ``runtime`` again and replace its cached profile."""
     device = check_target(target)
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    _check_runtime(runtime)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"target={target!r}: there is no CUDA device here to measure")
     device = "cuda:0" if device == "cuda" else device
-    runtime = runtime if device == "cpu" else "eager"
+    runtime = _profiled_runtime(device, runtime)
     _measured.cache_clear()
     return cached_profile(cache_key(device, runtime=runtime), _measurement(device, runtime), refresh=True)
 
@@ -104,6 +112,8 @@ def cost_rule(cost: str | CostRule = "latency", *, target: Target = None, batch:
         return cost
     if cost not in COSTS:
         raise ValueError(f"cost must be one of {', '.join(repr(name) for name in COSTS)}, got {cost!r}")
+    if backend not in BACKENDS:  # the runtime the model is deployed to: it picks the profile and the timer
+        raise ValueError(f"backend must be one of {', '.join(repr(name) for name in BACKENDS)}, got {backend!r}")
     if cost == "macs":
         return MacsCost()
     if cost == "always":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from repfx.errors import BackendUnavailable
 from repfx.targets import RUNTIMES, device_profile, known_gpus, remeasure
 from repfx.targets.cache import cache_dir
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         profile = (remeasure(args.target, args.runtime) if args.measure
                    else device_profile(args.target, args.runtime))
-    except ValueError as error:
+    except (ValueError, BackendUnavailable) as error:  # BackendUnavailable: --runtime onnxruntime without it
         print(f"python -m repfx.targets: {error}", file=sys.stderr)
         return 2
     rates = ", ".join(f"{dtype} {rate / 1e9:,.1f} GFLOP/s" for dtype, rate in profile.flops.items())

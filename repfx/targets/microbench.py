@@ -1,6 +1,6 @@
-"""Measure a ``DeviceProfile``: arithmetic rate, memory bandwidth and per-op overhead, in about a second.
+"""Measure a ``DeviceProfile``: arithmetic rate, memory bandwidth, per-op overhead and conv output time.
 
-The three numbers are measured with the ops the latency model prices, at the
+The four numbers (about a second) are measured with the ops the latency model prices, at the
 current thread count (``torch.get_num_threads()``), so they are rates this device
 attains on convolutions, not datasheet peaks. Each is the fastest of several single
 calls: other work on the machine only ever adds time, and a profile is cached for
@@ -12,7 +12,9 @@ then the profile is estimated from one thread, marked ``busy`` and not cached:
 * bandwidth: an elementwise add of tensors larger than a core's caches;
 * overhead: what a small convolution takes beyond its modeled arithmetic and traffic (at
   least the time of a conv so small that its arithmetic is negligible): a tiny conv can take
-  a cheaper code path than the convolutions of a network, so it alone would understate it.
+  a cheaper code path than the convolutions of a network, so it alone would understate it;
+* conv output time: a depthwise 3x3 convolution's time per output element beyond the
+  overhead (the better of two sizes): the floor under every conv's time.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ ONNX Runtime runs a whole graph per call from C++, so an op costs it a kernel
 dispatch, not a Python call: its per-op overhead is a fraction of eager PyTorch's,
 and its convolutions (MLAS) reach their own rates. A merge decided with eager's
 figures would be decided for the wrong runtime (the small blocks where merging wins
-in eager may not win here). So the same three numbers are measured in ONNX Runtime
+in eager may not win here). So the same four numbers are measured in ONNX Runtime
 itself, on graphs written directly with ``onnx.helper`` (no export needed):
 
 * rate: dense 3x3 convolutions large enough to be compute-bound (the better of two shapes);
@@ -45,6 +45,8 @@ def measure_onnxruntime_profile() -> DeviceProfile:
     measured, single = _measure(threads=0), _measure(threads=1)
     name = f"cpu: {cpu_model()}, onnxruntime {runtime_version()}"
     if single.flops["float32"] > measured.flops["float32"]:  # the default pool ran slower than one thread
+        # ONNX Runtime sizes its own pool (physical cores by default); torch's thread count is the
+        # estimate's stand-in for it, as the backend runs sessions beside torch with that many cores.
         threads = max(1, torch.get_num_threads())
         return busy_estimate(name, single, threads, f"estimated from one thread x {threads}: the thread pool "
                                                     "ran slower than one thread (a busy machine)")

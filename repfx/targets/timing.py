@@ -29,7 +29,7 @@ _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 class WorkModule(nn.Module):
-    """Every op of a work, in order; ``inputs()`` makes the inputs of the ops that do not read their predecessor."""
+    """Every op of a work, in order, each reading its predecessor's output or its own input (``inputs()``)."""
 
     def __init__(self, work: Work, batch: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> None:
         super().__init__()
@@ -43,6 +43,8 @@ class WorkModule(nn.Module):
         return torch.randn(shape, generator=self.generator).to(self.device, self.dtype)
 
     def inputs(self) -> tuple[torch.Tensor, ...]:
+        """One random input per op, of its real size; ``forward`` uses it where the op does not read its
+        predecessor's output (an unused input costs a runtime nothing but being passed)."""
         return tuple(self._random(self.batch, *_input_shape(op)) for op in self.ops)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:

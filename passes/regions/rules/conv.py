@@ -49,4 +49,3 @@ def convolution(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
             padding = [(k - 1) * d // 2 for k, d in zip(w.shape[2:], dilation)]
     form = ConvForm.convolution(w, b, as_ints(stride, rank), as_ints(padding, rank), dilation, int(groups))
     return an.apply(form, operand(x), node)
-
