@@ -76,8 +76,9 @@ def heavy_work_started(*args, **kwargs):
 # The command as `python -m repfx.trt` runs it, except that the ONNX export announces itself and waits:
 # by then the .pt2 is staged in --out and the new Triton version directory is claimed.
 INTERRUPTIBLE = textwrap.dedent("""
-    import sys, time
+    import faulthandler, sys, time
     from pathlib import Path
+    faulthandler.dump_traceback_later(45)  # a run still alive then (it ends in seconds) shows where it hangs
     import repfx.backends.onnx
     from repfx.cli.trt import main
 
@@ -111,7 +112,11 @@ def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing(tmp_path, tmp_path_fa
         assert (tmp_path / "out").is_dir() and [p.name for p in entry.iterdir() if p.name.startswith(".repfx")], \
             "files are staged at this point, so the test does check their removal"
         process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=60)
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            pytest.fail(f"still running 60 s after SIGINT; its stderr:\n{process.communicate()[1][-6000:]}")
     finally:
         process.kill()
 
