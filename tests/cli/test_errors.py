@@ -76,16 +76,18 @@ def heavy_work_started(*args, **kwargs):
 # The command as `python -m repfx.trt` runs it, except that the ONNX export announces itself and waits:
 # by then the .pt2 is staged in --out and the new Triton version directory is claimed.
 INTERRUPTIBLE = textwrap.dedent("""
-    import faulthandler, sys, time
+    import faulthandler, signal, sys, time
     from pathlib import Path
     faulthandler.dump_traceback_later(45)  # a run still alive then (it ends in seconds) shows where it hangs
+    # Ctrl-C as in a terminal: a test run started in the background (nohup ... &) ignores SIGINT, and a
+    # child inherits that, so Python would never raise KeyboardInterrupt here.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import repfx.backends.onnx
     from repfx.cli.trt import main
 
     def waiting_export(program):
         Path(sys.argv[1]).write_text("staged")
-        for _ in range(6000):  # short sleeps: a SIGINT landing just before one sleep starts is seen after it
-            time.sleep(0.1)
+        time.sleep(600)
 
     repfx.backends.onnx.export_onnx = waiting_export
     sys.exit(main(sys.argv[2:]))
