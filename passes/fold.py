@@ -104,6 +104,15 @@ def _choose(gm: fx.GraphModule, rule: CostRule, boundaries: frozenset[fx.Node],
         return [(root, eager.exprs[root]) for root in eager.roots()], list(eager.refusals)
     careful: Analysis | None = None  # only built when some region is contested or fails the global rule
     careful_roots: set[fx.Node] = set()
+
+    def careful_analysis() -> tuple[Analysis, set[fx.Node]]:
+        """The careful analysis and its roots, built the first time a region needs them."""
+        nonlocal careful, careful_roots
+        if careful is None:
+            careful = analyze(gm, rule, boundaries, constants)
+            careful_roots = set(careful.roots())
+        return careful, careful_roots
+
     chosen, refusals = [], []
     fallback_ops: set[fx.Node] = set()
     accepted, refused = [], {}
@@ -112,11 +121,9 @@ def _choose(gm: fx.GraphModule, rule: CostRule, boundaries: frozenset[fx.Node],
         merged, alternative, against = expr.cost, eager.region_cost(expr), "as written"
         contested = _adds_macs(merged, alternative)
         if contested:
-            careful = careful or analyze(gm, rule, boundaries, constants)
-            careful_roots = careful_roots or set(careful.roots())
             # What a refusal gives the graph: the region cut where each merge pays (its BatchNorms folded
             # too). Against the region as written, a merge would be credited with folds any cut makes.
-            alternative, against = _careful_plan(careful, careful_roots, eager, expr), "cut where each merge pays"
+            alternative, against = _careful_plan(*careful_analysis(), eager, expr), "cut where each merge pays"
         noted_before = rule.decisions.get(root.name)
         if rule.pays(merged, alternative, root.name):
             chosen.append((root, expr))
@@ -126,8 +133,7 @@ def _choose(gm: fx.GraphModule, rule: CostRule, boundaries: frozenset[fx.Node],
             accepted += list(expr.ops) if decided_inside else [root]
             continue
         refused[root] = (expr, rule.decisions.get(root.name))
-        careful = careful or analyze(gm, rule, boundaries, constants)
-        careful_roots = careful_roots or set(careful.roots())
+        careful, careful_roots = careful_analysis()
         fallback_ops |= expr.ops
         refusals.append((root, rule.region_refused(len(expr.terms), merged, alternative, against)))
         chosen += [(node, careful.exprs[node]) for node in expr.ops if node in careful_roots]

@@ -25,20 +25,8 @@ def synchronizer(device: torch.device | str) -> Callable[[], None]:
 def seconds_per_call(run: Callable[[], object], device: torch.device | str = "cpu", *, repeats: int = 5,
                      min_seconds: float = 0.02, warmup: int = 2) -> float:
     """Median over ``repeats`` batches of the mean time of one call of ``run``."""
-    sync = synchronizer(device)
-    with torch.inference_mode():
-        for _ in range(warmup):
-            run()
-        sync()
-        calls = _calls_filling(run, sync, min_seconds)
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(calls):
-                run()
-            sync()
-            samples.append((time.perf_counter() - start) / calls)
-    return statistics.median(samples)
+    (seconds,) = interleaved_seconds([run], device, rounds=repeats, min_seconds=min_seconds, warmup=warmup)
+    return seconds
 
 
 def interleaved_seconds(runs: list[Callable[[], object]], device: torch.device | str = "cpu", *,
