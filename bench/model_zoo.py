@@ -28,7 +28,7 @@ import torch
 
 import repfx
 from _tables import print_environment, table  # bench/ is on sys.path when a script runs
-from repfx.capture.partial import report_of
+from repfx.pipeline import report_of
 from repfx.samples import build_sample, randomize_bn_, sample_input_shape
 
 TIMM = ("repvgg_a0", "repvgg_b0", "mobileone_s0", "fastvit_t8", "fastvit_sa12", "repghostnet_050", "repvit_m0_9",

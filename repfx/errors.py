@@ -1,4 +1,9 @@
-"""The errors users can act on, and the one-line form every error is shown in (``first_line``)."""
+"""The errors users can act on, the one-line form every error is shown in (``first_line``), and ``warn_user``."""
+
+import os
+import sys
+import warnings
+from pathlib import Path
 
 
 class CaptureError(RuntimeError):
@@ -31,3 +36,19 @@ def first_line(error: BaseException | str, limit: int | None = 500, *, empty: st
         return empty if empty is not None else type(error).__name__
     line = text.splitlines()[0]
     return line if limit is None else line[:limit]
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` pointing at the caller's own line: the first frame outside repfx and torch.
+
+    A ``stacklevel`` counted by hand breaks whenever a call moves (and pointed warnings at
+    repfx's own lines); walking out of the packages is right from every entry point.
+    """
+    import torch
+
+    own = tuple(str(Path(path).parent) + os.sep for path in (__file__, torch.__file__)) + (
+        str(Path(__file__).parent.parent / "passes") + os.sep,)  # a checkout maps passes/ into repfx
+    level, frame = 2, sys._getframe(1)  # stacklevel 2 is the frame that called warn_user
+    while frame is not None and frame.f_code.co_filename.startswith(own):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from repfx.passes.cost.rules import amount_text
@@ -26,7 +26,7 @@ class Refusal:
 
 @dataclass(frozen=True)
 class Part:
-    """A submodule folded on its own because the whole model could not be captured (``repfx.capture.partial``)."""
+    """A submodule folded on its own because the whole model could not be captured (``repfx.pipeline.parts``)."""
 
     name: str  # qualified name in the model, e.g. "backbone.body"
     module: str  # its class
@@ -46,40 +46,121 @@ class KeptPart:
     reason: str
 
 
+# How a part's report enters the report of a model folded in parts (``Report.absorb``), per field:
+# ``policy(whole, part_report, field_name, part_name)``. A field without a policy is merged by the
+# type of its default (lists joined, counts added, dicts added key by key, anything else the first
+# value set): a new field is never dropped.
+PARTS = "parts"
+
+
+def _whole() -> dict:
+    """The field describes the whole model and is set by the driver, not taken from parts."""
+    return {PARTS: lambda whole, report, name, part: None}
+
+
+def _with_nodes(attribute: str) -> dict:
+    """Entries naming graph nodes name them inside the part: ``backbone/convolution_3``."""
+    def absorb(whole: Report, report: Report, name: str, part: str) -> None:
+        getattr(whole, name).extend(replace(item, **{attribute: _in_part(getattr(item, attribute), part)})
+                                    for item in getattr(report, name))
+    return {PARTS: absorb}
+
+
+def _in_part(nodes: Any, part: str) -> Any:
+    return tuple(f"{part}/{node}" for node in nodes) if isinstance(nodes, tuple) else f"{part}/{nodes}"
+
+
+def _decisions() -> dict:
+    return {PARTS: lambda whole, report, name, part: whole.decisions.extend(
+        decision | {"where": f"{part}/{decision['where']}"} for decision in report.decisions)}
+
+
+def _buffers() -> dict:
+    return {PARTS: lambda whole, report, name, part: whole.buffers_written.extend(
+        f"{part}.{buffer}" for buffer in report.buffers_written)}
+
+
+def _notes() -> dict:
+    """A part's notes, then its accepted end-to-end difference, are notes of the whole model."""
+    def absorb(whole: Report, report: Report, name: str, part: str) -> None:
+        whole.notes.extend(f"{part}: {note}" for note in report.notes)
+        if report.verification_note:
+            whole.notes.append(f"{part}: {report.verification_note}")
+    return {PARTS: absorb}
+
+
+def _proofs() -> dict:
+    def absorb(whole: Report, report: Report, name: str, part: str) -> None:
+        mine, theirs = whole.local_proofs, report.local_proofs
+        whole.local_proofs = theirs if mine is None or theirs is None else replace(
+            mine, regions_proven=mine.regions_proven + theirs.regions_proven,
+            regions_failed=mine.regions_failed + theirs.regions_failed,
+            input_sets=max(mine.input_sets, theirs.input_sets),
+            worst_relative_error=max(mine.worst_relative_error, theirs.worst_relative_error))
+    return {PARTS: absorb}
+
+
+def _largest() -> dict:
+    return {PARTS: lambda whole, report, name, part: setattr(whole, name, max(getattr(whole, name),
+                                                                             getattr(report, name)))}
+
+
 @dataclass
 class Report:
-    model: str
-    rewrites: list[Rewrite] = field(default_factory=list)
-    refusals: list[Refusal] = field(default_factory=list)
-    ops_before: dict[str, int] = field(default_factory=dict)  # executed: convolution, batch_norm, add, total
-    ops_after: dict[str, int] = field(default_factory=dict)
-    parameters_before: int = 0
-    parameters_after: int = 0
-    max_abs_error: float | None = None  # None when verification was skipped
-    max_rel_error: float | None = None
-    tolerance: float | None = None
-    verification_note: str | None = None  # an accepted end-to-end difference and what explains it
-    local_proofs: Any = None  # repfx.verify.local.ProofSummary: regions proven in float64, worst error
-    mode_changes: list[str] = field(default_factory=list)  # submodules the eval capture switched from train mode
-    buffers_written: list[str] = field(default_factory=list)  # state the model's forward updates as it runs
-    iterations: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)
+    model: str = field(metadata=_whole())
+    rewrites: list[Rewrite] = field(default_factory=list, metadata=_with_nodes("nodes"))
+    refusals: list[Refusal] = field(default_factory=list, metadata=_with_nodes("node"))
+    # Executed ops: convolution, batch_norm, add, total; of the model as a whole (a part's are in ``parts``).
+    ops_before: dict[str, int] = field(default_factory=dict, metadata=_whole())
+    ops_after: dict[str, int] = field(default_factory=dict, metadata=_whole())
+    # Floating elements of the parameters and buffers the model reads (folded BN statistics vanish, so they count).
+    parameters_before: int = field(default=0, metadata=_whole())
+    parameters_after: int = field(default=0, metadata=_whole())
+    max_abs_error: float | None = field(default=None, metadata=_whole())  # None when verification was skipped
+    max_rel_error: float | None = field(default=None, metadata=_whole())
+    tolerance: float | None = field(default=None, metadata=_whole())
+    # An accepted end-to-end difference and what explains it.
+    verification_note: str | None = field(default=None, metadata=_whole())  # a part's: a note
+    # repfx.verify.local.ProofSummary: regions proven in float64, worst error.
+    local_proofs: Any = field(default=None, metadata=_proofs())
+    # Submodules the eval capture switched from train mode.
+    mode_changes: list[str] = field(default_factory=list, metadata=_whole())
+    buffers_written: list[str] = field(default_factory=list, metadata=_buffers())  # state the forward updates
+    iterations: int = field(default=0, metadata=_largest())
+    seconds: dict[str, float] = field(default_factory=dict, metadata=_whole())
     # Set by repfx.compile / repfx.export: where the plain graph was lowered and how it checked out.
-    backend: str | None = None
-    precision: str | None = None
-    backend_max_abs_error: float | None = None  # backend output vs the fp32 plain graph
-    backend_tolerance: float | None = None
-    notes: list[str] = field(default_factory=list)  # e.g. an artifact that was not built, and why
+    backend: str | None = field(default=None, metadata=_whole())
+    precision: str | None = field(default=None, metadata=_whole())
+    backend_max_abs_error: float | None = field(default=None, metadata=_whole())  # vs the fp32 plain graph
+    backend_tolerance: float | None = field(default=None, metadata=_whole())
+    notes: list[str] = field(default_factory=list, metadata=_notes())  # e.g. an artifact not built, and why
     # torch-tensorrt converter coverage of the plain program, from the op list kept as data.
-    tensorrt_ops_source: str | None = None  # e.g. "torch-tensorrt 2.14.0"
-    tensorrt_unconvertible: list[str] = field(default_factory=list)  # "node: op (reason)": would fall back
+    tensorrt_ops_source: str | None = field(default=None, metadata=_whole())  # e.g. "torch-tensorrt 2.14.0"
+    tensorrt_unconvertible: list[str] = field(default_factory=list, metadata=_whole())  # "node: op (reason)"
     # Set when torch.export could not capture the whole model and it was folded in parts.
-    capture_blocker: str | None = None  # the whole-model capture error's first line (names the failing line)
-    parts: list[Part] = field(default_factory=list)  # folded submodules, largest first
-    kept_parts: list[KeptPart] = field(default_factory=list)  # submodules left as written, and why
+    capture_blocker: str | None = field(default=None, metadata=_whole())  # the whole-model capture error's line
+    parts: list[Part] = field(default_factory=list, metadata=_whole())  # folded submodules, largest first
+    kept_parts: list[KeptPart] = field(default_factory=list, metadata=_whole())  # left as written, and why
     # The cost rule and each contested decision it took (a merge that adds MACs: merged vs kept apart).
     cost_rule: str | None = None  # e.g. "modeled on cpu: <model>, 2 threads, batch 1, float32"
-    decisions: list[dict] = field(default_factory=list)  # repfx.passes.cost.Decision.to_dict() each
+    decisions: list[dict] = field(default_factory=list, metadata=_decisions())  # repfx.passes.cost.Decision dicts
+
+    def absorb(self, part: str, report: Report) -> None:
+        """Merge the report of the part named ``part`` into this one, field by field (``PARTS`` policies)."""
+        for spec in fields(self):
+            value = getattr(report, spec.name)
+            policy = spec.metadata.get(PARTS)
+            if policy is not None:
+                policy(self, report, spec.name, part)
+            elif isinstance(getattr(self, spec.name), list):
+                getattr(self, spec.name).extend(value)
+            elif isinstance(getattr(self, spec.name), dict):
+                mine = getattr(self, spec.name)
+                mine.update({key: mine.get(key, 0) + count for key, count in value.items()})
+            elif isinstance(getattr(self, spec.name), (int, float)) and not isinstance(value, bool):
+                setattr(self, spec.name, getattr(self, spec.name) + value)
+            elif getattr(self, spec.name) is None:
+                setattr(self, spec.name, value)
 
     def to_dict(self) -> dict:
         return asdict(self)

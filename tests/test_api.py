@@ -77,9 +77,9 @@ def test_unexportable_model_gives_capture_error(x):
 
 def test_wrong_graph_raises_verification_error(block, x, monkeypatch):
     """Verification is wired in: a corrupted rewrite must raise, never return."""
-    import repfx.api
+    import repfx.pipeline.graph
 
-    real = repfx.api.run_pipeline
+    real = repfx.pipeline.graph.run_pipeline
 
     def corrupting(gm, cost, **kwargs):
         results = real(gm, cost, **kwargs)  # corrupted after the local proofs: the end-to-end check must see it
@@ -89,7 +89,7 @@ def test_wrong_graph_raises_verification_error(block, x, monkeypatch):
                 break
         return results
 
-    monkeypatch.setattr(repfx.api, "run_pipeline", corrupting)
+    monkeypatch.setattr(repfx.pipeline.graph, "run_pipeline", corrupting)
     with pytest.raises(repfx.VerificationError, match="max \\|difference\\|"):
         repfx.reparameterize(block, (x,))
 

@@ -32,3 +32,29 @@ def test_reason_kind_ignores_names_and_numbers_but_not_the_reason():
     assert reason_kind("cost rule: 1,234 MACs vs 999 (1.24x)") == reason_kind("cost rule: 7 MACs vs 5 (1.40x)")
     assert reason_kind("output also used by add_3; not merged into conv2d_5") != \
         reason_kind("branches read different tensors (a, b); kept as separate terms")
+
+
+def test_every_report_field_has_a_way_into_the_report_of_a_model_folded_in_parts():
+    """A field with neither a declared policy nor a default ``absorb`` knows how to merge would be dropped."""
+    import dataclasses
+
+    from repfx.report import PARTS
+
+    for spec in dataclasses.fields(Report):
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        assert PARTS in spec.metadata or isinstance(default, (list, dict, int, float, type(None))), spec.name
+
+
+def test_absorb_names_nodes_inside_the_part_and_adds_its_proofs():
+    from repfx.verify.local import ProofSummary
+
+    whole = Report("Detector", local_proofs=ProofSummary(regions_proven=2, input_sets=2, worst_relative_error=1e-15))
+    part = Report("Backbone", refusals=[Refusal("add_1", "why")], notes=["n"], buffers_written=["step"],
+                  verification_note="accepted", decisions=[{"where": "conv2d"}], iterations=3,
+                  local_proofs=ProofSummary(regions_proven=1, input_sets=2, worst_relative_error=1e-14))
+    whole.absorb("backbone", part)
+    assert whole.refusals == [Refusal("backbone/add_1", "why")]
+    assert whole.notes == ["backbone: n", "backbone: accepted"] and whole.buffers_written == ["backbone.step"]
+    assert whole.decisions == [{"where": "backbone/conv2d"}] and whole.iterations == 3
+    assert (whole.local_proofs.regions_proven, whole.local_proofs.worst_relative_error) == (3, 1e-14)
+    assert whole.model == "Detector"

@@ -25,7 +25,8 @@ from typing import Any, Literal
 
 import torch
 
-from repfx.api import reparameterize_whole
+from repfx.pipeline import report_of, run_whole
+from repfx.settings import Settings
 from repfx.capture.inputs import as_input_tuple
 from repfx.backends.base import ArtifactJob, Check
 from repfx.backends.formats import artifacts, export_formats, file_names, resolve_formats
@@ -162,9 +163,9 @@ def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequen
         target = "cuda"  # a TensorRT engine runs on the GPU it is built on
     rule = cost_rule(cost, target=target, batch=batch, precision=precision, example_inputs=inputs,
                      backend="onnxruntime" if "onnx" in plan.wanted else "eager")
-    plain = reparameterize_whole(model, inputs, verify=verify, dynamic_batch=dynamic_batch, cost=rule,
-                                 progress=progress)
-    report: Report = plain.meta["repfx"]
+    plain = run_whole(model, inputs, Settings(verify=verify, dynamic_batch=dynamic_batch, cost=rule,
+                                              progress=progress))
+    report: Report = report_of(plain)
     report.precision = precision
     deploy_graph, deploy_inputs = deploy_copy(plain, inputs, precision)
     progress("export")

@@ -57,7 +57,8 @@ def plain_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.G
     gradients that would have to reach the parameters, or inputs that are not plain
     tensors (dynamic sizes, Python scalars that vary between calls).
     """
-    from repfx.api import reparameterize
+    from repfx.pipeline import run
+    from repfx.settings import Settings
 
     state_positions = _module_state_positions(gm)
     if not state_positions:
@@ -69,7 +70,7 @@ def plain_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.G
         return None
     bound = _bind_module_state(gm, {i: example_inputs[i] for i in state_positions})
     try:
-        plain = reparameterize(bound, tuple(example_inputs[i] for i in runtime_positions))
+        plain = run(bound, tuple(example_inputs[i] for i in runtime_positions), Settings())
     except Exception as error:  # CaptureError, VerificationError, or torch failing on this graph
         _fallback_warning(first_line(error, limit=None))
         return None

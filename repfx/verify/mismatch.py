@@ -15,7 +15,6 @@ with no proven region to stand on, or one float64 confirms, is an error.
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -26,7 +25,7 @@ from torch.utils import _pytree as pytree
 from repfx.passes.constants import float64_values
 from repfx.passes.emit import REWRITE_META
 
-from repfx.errors import VerificationError, first_line
+from repfx.errors import VerificationError, first_line, warn_user
 from repfx.verify.local import ProofSummary
 from repfx.verify.numeric import DEFAULT_RTOL, ErrorStats, verify
 
@@ -46,68 +45,57 @@ DISCONTINUOUS: dict[str, tuple[int, ...] | None] = {
 }
 
 
-def judge(stats: ErrorStats, reference: fx.GraphModule, rewritten: fx.GraphModule, example_inputs: tuple,
-          proofs: ProofSummary | None, *, rtol: float | None, atol: float | None, extra_batch: int | None,
-          strict: bool) -> str:
+def judge(stats: ErrorStats, reference: Callable, rewritten: Callable, example_inputs: tuple,
+          proofs: ProofSummary | None, settings: Any, selection: str | None, *, extra_batch: int | None = None,
+          in_parts: bool = False) -> str:
     """The note for an accepted mismatch; raises ``VerificationError`` when it cannot be accepted.
 
-    Accepted: every rewritten region was proven, and either discontinuous ops follow
-    the regions, or in float64 (where the order of sums no longer matters) the
-    rewritten graph with its stored weights is within the same tolerance of the
-    original, so the fp32 difference is rounding the model amplifies.
+    Accepted: every rewritten region was proven, and either discontinuous ops turn
+    rounding into different selections (``selection`` says which, from the caller: those
+    downstream of the rewrites in a graph, ``discontinuous_after_rewrites``, or those the
+    forward of a model folded in parts executed), or in float64 (where
+    the order of sums no longer matters) the rewritten model with its stored weights is
+    within the same tolerance of the original, so the fp32 difference is rounding the
+    model amplifies. ``settings`` (``repfx.settings.Settings``) gives tolerances and ``strict``.
     """
-    first = stats.mismatches[0]
+    result = "the model folded in parts" if in_parts else "the rewritten graph"
+    not_returned = f"{result[0].upper()}{result[1:]} was not returned."
     more = f" ({len(stats.mismatches) - 1} more mismatch(es))" if len(stats.mismatches) > 1 else ""
+    mismatch = stats.mismatches[0] + more
     if proofs is None or proofs.regions_proven == 0:
-        raise VerificationError(f"{first}{more}. The rewritten graph was not returned.")
-    ops = discontinuous_ops_after_rewrites(rewritten)
-    if ops:
-        cause = (f"discontinuous ops after the rewritten regions turn fp32 rounding into different selections: "
-                 f"{', '.join(ops[:8])}{' ...' if len(ops) > 8 else ''}")
+        raise VerificationError(f"{mismatch}. {not_returned}")
+    if selection is not None:
+        cause = selection
     else:
-        cause = _float64_agreement(reference, rewritten, example_inputs, rtol, atol, extra_batch, first + more)
-    note = (f"end-to-end check: {first}{more}, while each of the {proofs.regions_proven} rewritten "
+        float64 = _agreement_in_float64(reference, rewritten, example_inputs, settings, extra_batch,
+                                        mismatch, not_returned)
+        cause = (f"no discontinuous op follows them, and in float64 {result} is within tolerance of the "
+                 f"original (max |difference| {float64.max_abs_error:.1e}), so the model amplifies fp32 rounding "
+                 "(ill-conditioned)")
+    note = (f"end-to-end check: {mismatch}, while each of the {proofs.regions_proven} rewritten "
             f"region(s) matched the original in float64 (worst {proofs.worst_relative_error:.1e} relative); "
             f"{cause}")
-    return accept_or_refuse(note, "outputs differ", strict=strict, stacklevel=4)
-
-
-def accept_or_refuse(note: str, subject: str, *, strict: bool, stacklevel: int) -> str:
-    """The policy's last step for a difference rounding explains: refused under ``strict``, else said loudly.
-
-    ``subject`` completes "repfx: ... from the original beyond tolerance"; ``stacklevel``
-    is the caller's, as ``warnings.warn`` counts it from the caller.
-    """
-    if strict:
+    if settings.strict:
         raise VerificationError(f"{note}. Refused because strict=True.")
-    warnings.warn(f"repfx: {subject} from the original beyond tolerance although every rewrite is exact: "
-                  f"{note}. Accepted (strict=True refuses).", UserWarning, stacklevel=stacklevel + 1)
+    subject = "the model folded in parts differs" if in_parts else "outputs differ"
+    warn_user(f"repfx: {subject} from the original beyond tolerance although every rewrite is exact: "
+              f"{note}. Accepted (strict=True refuses).")
     return f"{note}. Accepted (strict=True refuses)."
 
 
-def _float64_agreement(reference: fx.GraphModule, rewritten: fx.GraphModule, example_inputs: tuple,
-                       rtol: float | None, atol: float | None, extra_batch: int | None, mismatch: str) -> str:
-    """Why a mismatch without discontinuous ops is rounding, or ``VerificationError`` if it is not."""
-    stats = agreement_in_float64(
-        lambda tolerance: verify(_as_float64(reference), _as_float64(rewritten), _as_float64(example_inputs),
-                                 rtol=tolerance, atol=atol, extra_batch=extra_batch, raise_on_mismatch=False),
-        example_inputs, rtol, mismatch, "The rewritten graph was not returned.")
-    return (f"no discontinuous op follows them, and in float64 the rewritten graph is within tolerance of the "
-            f"original (max |difference| {stats.max_abs_error:.1e}), so the model amplifies fp32 rounding "
-            "(ill-conditioned)")
-
-
-def agreement_in_float64(compare: Callable[[float], ErrorStats], example_inputs: tuple, rtol: float | None,
-                         mismatch: str, not_returned: str) -> ErrorStats:
-    """``compare(rtol)``'s statistics when the two sides, re-run in float64, agree; else ``VerificationError``.
+def _agreement_in_float64(reference: Callable, rewritten: Callable, example_inputs: tuple, settings: Any,
+                          extra_batch: int | None, mismatch: str, not_returned: str) -> ErrorStats:
+    """Both sides re-run in float64 agree (their statistics), else ``VerificationError``.
 
     In float64 the order of sums no longer matters, so agreement there shows that an fp32
     difference is rounding the model amplifies; ``rtol`` defaults to the inputs' dtype's.
     """
     dtype = next((leaf.dtype for leaf in pytree.tree_leaves(example_inputs)
                   if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()), torch.float32)
+    rtol = DEFAULT_RTOL.get(dtype, 1e-4) if settings.rtol is None else settings.rtol
     try:
-        stats = compare(DEFAULT_RTOL.get(dtype, 1e-4) if rtol is None else rtol)
+        stats = verify(_as_float64(reference), _as_float64(rewritten), _as_float64(example_inputs), rtol=rtol,
+                       atol=settings.atol, extra_batch=extra_batch, raise_on_mismatch=False)
     except Exception as error:
         raise VerificationError(f"{mismatch}, and the float64 re-check that could tell rounding from a wrong "
                                 f"result failed ({first_line(error, 200)}). {not_returned}") from error
@@ -118,20 +106,20 @@ def agreement_in_float64(compare: Callable[[float], ErrorStats], example_inputs:
 
 
 def _as_float64(value: Any) -> Any:
-    if isinstance(value, fx.GraphModule):
+    if isinstance(value, torch.nn.Module):
         return copy.deepcopy(value).double()
     return float64_values(value)
 
 
-def discontinuous_ops_after_rewrites(gm: fx.GraphModule) -> list[str]:
-    """``"name (op)"`` for each discontinuous op that reads, where it selects, a value a rewrite computed."""
+def discontinuous_after_rewrites(gm: fx.GraphModule) -> str | None:
+    """Which discontinuous ops read, where they select, a value a rewrite computed (None: none do)."""
     downstream = _reachable(node for node in gm.graph.nodes if REWRITE_META in node.meta)
-    found = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node not in downstream or not _selects(node, downstream):
-            continue
-        found.append(f"{node.name} ({_op_name(node)})")
-    return found
+    found = [f"{node.name} ({_op_name(node)})" for node in gm.graph.nodes
+             if node.op == "call_function" and node in downstream and _selects(node, downstream)]
+    if not found:
+        return None
+    return (f"discontinuous ops after the rewritten regions turn fp32 rounding into different selections: "
+            f"{', '.join(found[:8])}{' ...' if len(found) > 8 else ''}")
 
 
 def _reachable(starts: Iterable[fx.Node]) -> set[fx.Node]:

@@ -23,8 +23,9 @@ from torch import nn
 import repfx
 import repfx.cli.trt as cli
 from repfx.capture.folded_part import FoldedPart
-from repfx.capture.partial_check import check_whole
+from repfx.pipeline.parts import check_whole
 from repfx.report import Report
+from repfx.settings import Settings
 from repfx.samples import RepVGGBlock
 from repfx.verify.local import ProofSummary
 
@@ -253,7 +254,7 @@ def _perturbed(module: nn.Module, relative: float) -> nn.Module:
 
 def _check(given, folded, *, proven=1, strict=False) -> Report:
     report = Report(model="Ranked", local_proofs=ProofSummary(regions_proven=proven, input_sets=2))
-    check_whole(report, given, folded, (rand(1, 4, 32, 32),), verify=True, rtol=None, atol=None, strict=strict)
+    check_whole(report, given, folded, (rand(1, 4, 32, 32),), Settings(strict=strict))
     return report
 
 
@@ -334,3 +335,59 @@ def test_a_torchvision_detector_folded_in_parts_computes_what_it_did(detector):
     report = result.repfx_report
     note = report.verification_note
     assert report.max_abs_error <= report.tolerance or ("nms" in note and "Accepted" in note), note
+
+
+# --- one driver, one report: a model folded in parts reports what a whole graph reports ---------------------------
+
+def test_the_parts_report_keeps_the_cost_rule_and_the_decisions_and_the_warning_points_at_the_caller(model, x):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = repfx.explain(model, (x,), cost="always")
+    assert report.cost_rule == "MACs"  # a part's rule is the model's rule: lost before the one driver
+    assert isinstance(report.decisions, list)
+    assert [w.filename for w in caught if "folded it in parts" in str(w.message)] == [__file__]
+
+
+def test_parameters_mean_the_tensors_the_model_reads_on_both_paths(model, x, folded):
+    _, result, _ = folded
+    report = result.repfx_report
+    unused = nn.Linear(100, 100)  # a submodule the forward never calls holds no parameter the model reads
+    wider = copy.deepcopy(model)
+    wider.unused = unused
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = repfx.explain(wider, (x,)).parameters_before
+    assert again == report.parameters_before > 0
+
+
+def test_a_new_report_field_survives_the_whole_path_and_the_parts_path(model, x, monkeypatch):
+    """``Report.absorb`` merges field by field: a field added tomorrow cannot be forgotten by the parts path."""
+    import dataclasses
+
+    import repfx.pipeline.graph as graph
+    import repfx.pipeline.parts as parts
+
+    @dataclasses.dataclass
+    class Extended(Report):
+        extra: list = dataclasses.field(default_factory=list)
+
+    real = graph.fold_captured
+
+    def fold_captured(captured, inputs, settings, report, laps):
+        extended = Extended(**{f.name: getattr(report, f.name) for f in dataclasses.fields(report)})
+        real(captured, inputs, settings, extended, laps)
+        extended.extra.append("seen")
+        for f in dataclasses.fields(report):
+            setattr(report, f.name, getattr(extended, f.name))
+        report.__class__ = Extended
+        report.extra = extended.extra
+        return report
+
+    monkeypatch.setattr(graph, "fold_captured", fold_captured)
+    monkeypatch.setattr(parts, "Report", Extended)
+    whole = repfx.explain(build(lambda: conv_bn(4, 4)), (rand(1, 4, 8, 8),))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        in_parts = repfx.explain(model, (x,))
+    assert whole.extra == ["seen"]
+    assert len(in_parts.extra) == sum(part.signatures for part in in_parts.parts) > 1

@@ -224,7 +224,7 @@ def test_a_repfx_output_the_user_changed_is_no_longer_replaced(tmp_path, model, 
 
 def test_python_api_refuses_a_user_file_before_any_work(tmp_path, monkeypatch):
     (tmp_path / "m.onnx").write_bytes(b"mine")
-    monkeypatch.setattr(repfx.deploy.export, "reparameterize_whole", heavy_work_started)
+    monkeypatch.setattr(repfx.deploy.export, "run_whole", heavy_work_started)
     with pytest.raises(Refused, match="m.onnx exists and repfx did not write it"):
         repfx.export(build(tiny_net), (rand(*SHAPE),), tmp_path, name="m")
     assert tree(tmp_path) == {"m.onnx": b"mine"}

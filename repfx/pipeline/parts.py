@@ -1,30 +1,33 @@
-"""Partial capture: a model torch.export cannot capture whole, folded in the largest parts it can capture.
+"""A model torch.export cannot capture whole, folded in the largest parts it can capture.
 
 Detection models end in data-dependent post-processing (NMS, top-k, loops over
 ``nonzero()``, ``.item()``) that torch.export cannot trace, while their backbones and
-heads, where the conv+BN pairs are, capture fine. When whole-model capture of a plain
-``nn.Module`` fails, ``fold_in_parts``:
+heads, where the conv+BN pairs are, capture fine. ``fold_in_parts``:
 
 1. runs a deep copy of the model, in eval mode, once on the example inputs and records
    what each submodule is called with (``repfx.capture.calls``: args and kwargs, every
    call signature);
 2. walks the module tree from the top, largest first. A submodule worth capturing (it
-   holds a conv, BatchNorm or linear) is folded by the normal pipeline (``fold``:
-   capture, passes with local proofs, the part's own end-to-end check) once per call
-   signature; if one signature cannot be captured the submodule stays as written and its
-   children are tried instead. Children of a folded part are not tried again. A part
-   whose capture succeeds but where nothing folds stays as written too;
-3. returns a copy of the model whose folded parts are ``FoldedPart`` stand-ins
-   (``repfx.capture.folded_part``), checked end to end against the eval copy of the model
-   as given (``repfx.capture.partial_check``). Its Report is the ``repfx_report`` attribute.
+   holds a conv, BatchNorm or linear) is folded by the same driver as a whole model
+   (``repfx.pipeline.graph.fold_graph``: capture, passes with local proofs, the part's
+   own end-to-end check) once per call signature; if one signature cannot be captured
+   the submodule stays as written and its children are tried instead. A part whose
+   capture succeeds but where nothing folds stays as written too;
+3. returns a copy of the model whose folded parts are ``FoldedPart`` stand-ins, checked
+   end to end against the eval copy of the model as given, by the same verdict as a
+   whole graph (``repfx.verify.mismatch.judge``). The parts' reports merge into the
+   model's field by field (``Report.absorb``).
+
+The code between the parts is the model's own Python, not a graph, so the
+discontinuous ops that may turn rounding into different selections are those its
+forward executed (counted while verifying), not those found downstream in a graph.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-import time
-import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,14 +40,19 @@ from repfx.capture.calls import Calls, Signature, describe, record_calls
 from repfx.capture.export import _eval_copy
 from repfx.capture.folded_part import FoldedPart, keyword_call, takes_keywords
 from repfx.capture.model_state import train_mode_changes
-from repfx.capture.partial_check import add_parts, check_whole
-from repfx.errors import CaptureError, first_line
-from repfx.report import KeptPart, Report
+from repfx.errors import CaptureError, first_line, warn_user
+from repfx.pipeline.graph import REPORT_ATTRIBUTE, Laps, attach, report_of
+from repfx.report import KeptPart, Part, Report
+from repfx.settings import Settings
+from repfx.verify.mismatch import DISCONTINUOUS, judge
+from repfx.verify.numeric import copy_inputs, verify
+from repfx.verify.opcount import count_ops, summarize
 
-Fold = Callable[[nn.Module, tuple], tuple[fx.GraphModule, Report]]  # the normal pipeline on one module
-REPORT_ATTRIBUTE = "repfx_report"  # where a model folded in parts keeps its Report (an nn.Module has no .meta)
+Fold = Callable[[nn.Module, tuple, Settings], fx.GraphModule]  # the driver on one module: a graph with its report
 ALREADY_FOLDED = "already folded by repfx"
 FOLDABLE = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear)
+# Executed op names that select (their count loses the overload, so max/min, continuous unless .dim, are left out).
+SELECTING = (frozenset(DISCONTINUOUS) - {"max", "min"}) | {"nms", "batched_nms"}
 _CAUSED_BY = re.compile(r"Caused by: \((?P<where>(?P<file>[^()\n]+):\d+ in [\w.<>]+)\)")
 _TORCH = Path(torch.__file__).parent
 _LOCATED = re.compile(r" at \S+:\d+ ")
@@ -52,13 +60,12 @@ _LOCATED = re.compile(r" at \S+:\d+ ")
 
 @dataclass
 class FoldedSubmodule:
-    """One part: the submodule, what it was called with, and its plain graph and report per call signature."""
+    """One part: the submodule, what it was called with, and its plain graph per call signature."""
 
     name: str
     module: nn.Module
     calls: Calls
     graphs: dict[Signature, fx.GraphModule]
-    reports: dict[Signature, Report]
 
 
 class NothingToFold(Exception):
@@ -71,55 +78,47 @@ def can_fold_in_parts(model: Any) -> bool:
     return isinstance(model, nn.Module) and not isinstance(model, (fx.GraphModule, torch.jit.ScriptModule))
 
 
-def report_of(result: nn.Module) -> Report:
-    """The Report of what ``repfx.reparameterize`` returned: ``gm.meta["repfx"]``, or ``repfx_report`` of a
-    model folded in parts."""
-    if isinstance(result, fx.GraphModule):
-        return result.meta["repfx"]
-    return getattr(result, REPORT_ATTRIBUTE)
-
-
 def is_folded_in_parts(result: nn.Module) -> bool:
     return not isinstance(result, fx.GraphModule) and isinstance(getattr(result, REPORT_ATTRIBUTE, None), Report)
 
 
-def fold_in_parts(model: nn.Module, example_inputs: tuple, blocker: CaptureError, fold: Fold, *, verify: bool,
-                  rtol: float | None, atol: float | None, strict: bool, dynamic_batch: bool = False,
-                  progress: Callable[[str], None] = lambda phase: None) -> nn.Module:
-    """A copy of ``model`` with its capturable parts folded and verified; ``blocker`` is the whole-model error.
+def fold_in_parts(model: nn.Module, example_inputs: tuple, blocker: CaptureError, settings: Settings,
+                  fold: Fold) -> nn.Module:
+    """A copy of ``model`` with its capturable parts folded by ``fold`` and verified; ``blocker`` is the
+    whole-model error.
 
     Raises ``blocker``'s message with a line saying why (``not_in_parts``) when folding in
     parts cannot help: no submodule captures and folds, the model does not run eagerly on
     the example inputs either, or a dynamic batch was asked for (each part is captured
     with the static shapes it was called with).
     """
-    if dynamic_batch:
+    if settings.dynamic_batch:
         raise not_in_parts(blocker, "it captures each part with the static shapes it was called with: drop "
                                     "dynamic_batch to fold it in parts") from blocker
-    clock = time.perf_counter()
     model = getattr(model, "_orig_mod", model)
+    report = Report(model=type(model).__name__, capture_blocker=blocking_line(blocker))
+    laps = Laps(report)
     given = _eval_copy(model)  # the model as given, in eval mode: the reference
     calls = _record(given, example_inputs, blocker)
     result = copy.deepcopy(given)  # never run, so it starts from the model's own state
-    report = Report(model=type(model).__name__, capture_blocker=blocking_line(blocker))
     report.mode_changes = [str(change) for change in train_mode_changes(model)]
-    clock = _lap(report, "capture", clock)
+    laps.lap("capture")
 
-    progress("rewrite")
-    folded, kept = choose_parts(result, calls, _folding(fold))
+    settings.progress("rewrite")
+    part_settings = settings.replace(dynamic_batch=False, progress=None)  # phases are the whole model's
+    folded, kept = choose_parts(result, calls, _folding(fold, part_settings))
     if not folded and not any(part.reason == ALREADY_FOLDED for part in kept):
         raise not_in_parts(blocker, "no submodule of it captures and folds on its own ("
                            + "; ".join(f"{part.name}: {part.reason}" for part in kept[:3]) + ")") from blocker
     for part in folded:
         _install(result, part)
-    add_parts(report, given, folded, kept)
-    clock = _lap(report, "rewrite", clock)
+    _add_parts(report, given, calls, folded, kept)
+    laps.lap("rewrite")
 
-    progress("verify" if verify else "count")
-    check_whole(report, given, result, example_inputs, verify=verify, rtol=rtol, atol=atol, strict=strict)
-    _lap(report, "verify" if verify else "count", clock)
-    setattr(result, REPORT_ATTRIBUTE, report)
-    return result
+    settings.progress("verify" if settings.verify else "count")
+    check_whole(report, given, result, example_inputs, settings)
+    laps.lap("verify" if settings.verify else "count")
+    return attach(result, report)
 
 
 def blocking_line(error: CaptureError) -> str:
@@ -143,21 +142,12 @@ def whole_model_message(report: Report) -> str:
             f"with {' and '.join(largest.inputs)})")
 
 
-def warn_folded_in_parts(report: Report, stacklevel: int) -> None:
+def warn_folded_in_parts(report: Report) -> None:
     """Say loudly that the result is not one graph, which line blocked that, and where the details are."""
     names = ", ".join(part.name for part in report.parts[:4]) + (", ..." if len(report.parts) > 4 else "")
-    warnings.warn(f"repfx: torch.export cannot capture {report.model} whole ({report.capture_blocker}); folded it in "
-                  f"parts: {len(report.parts)} folded ({names or 'none'}), {len(report.kept_parts)} left as written, "
-                  f"see result.{REPORT_ATTRIBUTE} (partial=False makes this an error)", UserWarning,
-                  stacklevel=stacklevel + 1)
-
-
-def _record(given: nn.Module, example_inputs: tuple, blocker: CaptureError) -> dict[str, Calls]:
-    try:
-        return record_calls(copy.deepcopy(given), example_inputs)
-    except Exception as error:
-        raise not_in_parts(blocker, f"it needs one eager run on the example inputs, which failed: "
-                                    f"{first_line(error, 200)}") from blocker
+    warn_user(f"repfx: torch.export cannot capture {report.model} whole ({report.capture_blocker}); folded it in "
+              f"parts: {len(report.parts)} folded ({names or 'none'}), {len(report.kept_parts)} left as written, "
+              f"see result.{REPORT_ATTRIBUTE} (partial=False makes this an error)")
 
 
 def not_in_parts(blocker: CaptureError, why: str) -> CaptureError:
@@ -166,10 +156,12 @@ def not_in_parts(blocker: CaptureError, why: str) -> CaptureError:
     return CaptureError(f"{blocker}\nNot folded in parts either: {why}")
 
 
-def _lap(report: Report, phase: str, start: float) -> float:
-    now = time.perf_counter()
-    report.seconds[phase] = report.seconds.get(phase, 0.0) + now - start
-    return now
+def _record(given: nn.Module, example_inputs: tuple, blocker: CaptureError) -> dict[str, Calls]:
+    try:
+        return record_calls(copy.deepcopy(given), example_inputs)
+    except Exception as error:  # the model's own forward, whatever it raises
+        raise not_in_parts(blocker, f"it needs one eager run on the example inputs, which failed: "
+                                    f"{first_line(error, 200)}") from blocker
 
 
 # --- which submodules become parts ----------------------------------------------------------------------------------
@@ -203,7 +195,9 @@ def choose_parts(model: nn.Module, calls: dict[str, Calls],
             return
         if record is not None:
             try:
-                folded.append(_attempt(attempt, name, module, record))
+                if record.unsupported is not None:
+                    raise CaptureError(f"not captured: {record.unsupported}")
+                folded.append(attempt(name, module, record))
                 return
             except NothingToFold as reason:
                 kept.append(KeptPart(name, str(reason)))
@@ -216,12 +210,6 @@ def choose_parts(model: nn.Module, calls: dict[str, Calls],
     for child_name, child in _largest_first(model):
         visit(child_name, child)
     return folded, kept
-
-
-def _attempt(attempt: Attempt, name: str, module: nn.Module, record: Calls) -> FoldedSubmodule:
-    if record.unsupported is not None:
-        raise CaptureError(f"not captured: {record.unsupported}")
-    return attempt(name, module, record)
 
 
 def worth_capturing(module: nn.Module) -> bool:
@@ -241,21 +229,21 @@ def _largest_first(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return sorted(module.named_children(), key=lambda item: -sum(p.numel() for p in item[1].parameters()))
 
 
-def _folding(fold: Fold) -> Attempt:
+def _folding(fold: Fold, settings: Settings) -> Attempt:
     """The attempt that folds a submodule once per call signature with ``fold``."""
     def attempt(name: str, module: nn.Module, record: Calls) -> FoldedSubmodule:
-        graphs, reports = {}, {}
+        graphs = {}
         for index, (key, (args, kwargs)) in enumerate(record.examples.items()):
             target, inputs = (keyword_call(module), (args, kwargs)) if takes_keywords(key) else (module, args)
             try:
-                graphs[key], reports[key] = fold(target, inputs)
+                graphs[key] = fold(target, inputs, settings)
             except CaptureError as error:
                 which = (f" (call signature {index + 1} of {len(record.examples)}: inputs {describe(key)})"
                          if len(record.examples) > 1 else "")
                 raise CaptureError(f"not captured{which}: {blocking_line(error)}") from error
-        if not any(report.rewrites for report in reports.values()):
+        if not any(report_of(graph).rewrites for graph in graphs.values()):
             raise NothingToFold("captured, but nothing folds (no region executes fewer ops when merged)")
-        return FoldedSubmodule(name, module, record, graphs, reports)
+        return FoldedSubmodule(name, module, record, graphs)
 
     return attempt
 
@@ -267,3 +255,62 @@ def _install(model: nn.Module, part: FoldedSubmodule) -> None:
     for path in paths:
         parent, _, attribute = path.rpartition(".")
         setattr(model.get_submodule(parent), attribute, stand_in)
+
+
+# --- the check and the report -----------------------------------------------------------------------------------------
+
+def check_whole(report: Report, given: nn.Module, folded: nn.Module, example_inputs: tuple,
+                settings: Settings) -> None:
+    """Compare ``folded`` with ``given`` (copies of both run: a forward may write state) and count executed ops."""
+    if not settings.verify:
+        report.ops_before = summarize(count_ops(copy.deepcopy(given), copy_inputs(example_inputs)))
+        report.ops_after = summarize(count_ops(copy.deepcopy(folded), copy_inputs(example_inputs)))
+        return
+    stats = verify(copy.deepcopy(given), copy.deepcopy(folded), example_inputs, rtol=settings.rtol,
+                   atol=settings.atol, raise_on_mismatch=False)
+    report.max_abs_error, report.max_rel_error, report.tolerance = (
+        stats.max_abs_error, stats.max_rel_error, stats.tolerance)
+    report.ops_before, report.ops_after = summarize(stats.reference_ops), summarize(stats.candidate_ops)
+    if stats.mismatches:
+        selecting = sorted(name for name in stats.candidate_ops if name in SELECTING)
+        selection = (f"the model's forward runs discontinuous ops ({', '.join(selecting[:8])}) on what the parts "
+                     "compute, which turn fp32 rounding into different selections") if selecting else None
+        report.verification_note = judge(stats, given, folded, example_inputs, report.local_proofs, settings,
+                                         selection, in_parts=True)
+
+
+def _add_parts(report: Report, given: nn.Module, calls: dict[str, Calls], folded: list[FoldedSubmodule],
+               kept: list[KeptPart]) -> None:
+    """Each part's report absorbed into the model's (node names get the part's name: ``backbone/convolution_3``),
+    a ``Part`` entry per part with its executed ops over all its calls, and the parameters the model reads."""
+    changed = 0
+    for part in sorted(folded, key=lambda part: -_elements(part.module)):
+        before, after = Counter(), Counter()
+        for key, graph in part.graphs.items():
+            part_report = report_of(graph)
+            calls_made = part.calls.counts[key]
+            before.update({name: count * calls_made for name, count in part_report.ops_before.items()})
+            after.update({name: count * calls_made for name, count in part_report.ops_after.items()})
+            report.absorb(part.name, part_report)
+        reports = [report_of(graph) for graph in part.graphs.values()]
+        report.parts.append(Part(part.name, type(part.module).__name__, sum(part.calls.counts.values()),
+                                 len(reports), tuple(describe(key) for key in part.graphs), dict(before),
+                                 dict(after), sum(len(r.rewrites) for r in reports)))
+        changed += sum(r.parameters_after for r in reports) - reports[0].parameters_before
+    report.kept_parts = list(kept)
+    report.parameters_before = _elements_read(given, calls)
+    report.parameters_after = report.parameters_before + changed
+
+
+def _elements_read(model: nn.Module, calls: dict[str, Calls]) -> int:
+    """Floating elements of the parameters and buffers of the modules the forward ran (the model and every
+    submodule it called): what ``parameters_before`` counts for a graph, the tensors the computation reads."""
+    ran = [model] + [model.get_submodule(name) for name in calls if name]
+    tensors = {id(t): t for module in ran for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]}
+    return sum(t.numel() for t in tensors.values() if t.is_floating_point())
+
+
+def _elements(module: Any) -> int:
+    """Floating elements of a module's parameters and buffers (BN statistics count: folding removes them)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() for t in tensors if t.is_floating_point())

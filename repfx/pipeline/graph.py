@@ -1,0 +1,142 @@
+"""One graph through the pipeline: capture -> passes (proving each rewrite) -> verify -> report.
+
+Everything that folds a graph comes through ``fold_captured``: a whole model
+(``fold_graph``), each part of a model folded in parts (``repfx.pipeline.parts``) and
+the graph torch-tensorrt hands its lowering passes (``repfx.integrations.torch_tensorrt``),
+so the report of each is built the same way, field by field, in one place.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from repfx.capture.export import Captured, capture
+from repfx.capture.inputs import as_input_tuple
+from repfx.passes import run_pipeline
+from repfx.report import Refusal, Report, Rewrite
+from repfx.settings import LOCAL_PROOF_TRIALS, Settings
+from repfx.verify.local import LocalProver
+from repfx.verify.mismatch import discontinuous_after_rewrites, judge
+from repfx.verify.numeric import copy_inputs, input_sets, verify
+from repfx.verify.opcount import count_ops, summarize
+
+REPORT_ATTRIBUTE = "repfx_report"  # the one home of a result's Report, whole or folded in parts
+
+
+class Laps:
+    """Seconds per phase, into ``report.seconds``: the one stopwatch of the pipeline."""
+
+    def __init__(self, report: Report) -> None:
+        self.report, self.start = report, time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.report.seconds[phase] = self.report.seconds.get(phase, 0.0) + now - self.start
+        self.start = now
+
+
+def attach(result: torch.nn.Module, report: Report) -> torch.nn.Module:
+    """Give ``result`` its report (``result.repfx_report``; a GraphModule's ``meta["repfx"]`` is the same object)."""
+    setattr(result, REPORT_ATTRIBUTE, report)
+    if isinstance(result, fx.GraphModule):
+        result.meta["repfx"] = report
+    return result
+
+
+def report_of(result: torch.nn.Module) -> Report:
+    """The Report of anything ``repfx.reparameterize`` returned."""
+    return getattr(result, REPORT_ATTRIBUTE)
+
+
+def fold_graph(model: Any, example_inputs: tuple, settings: Settings) -> fx.GraphModule:
+    """Capture ``model`` whole and fold it; raises ``CaptureError`` when torch.export cannot capture it."""
+    settings.progress("capture")
+    example_inputs = as_input_tuple(example_inputs)
+    report = Report(model=type(model).__name__)
+    laps = Laps(report)
+    captured = capture(model, example_inputs, dynamic_batch=settings.dynamic_batch)
+    report.mode_changes = [str(change) for change in captured.mode_changes]
+    report.buffers_written = list(captured.buffers_written)
+    report.notes += _non_finite_input_notes(example_inputs)
+    laps.lap("capture")
+    fold_captured(captured, example_inputs, settings, report, laps)
+    return attach(captured.graph, report)
+
+
+def fold_captured(captured: Captured, example_inputs: tuple | None, settings: Settings, report: Report,
+                  laps: Laps) -> Report:
+    """Fold ``captured.graph`` in place, prove and verify it on ``example_inputs``, and fill ``report``.
+
+    ``example_inputs`` None (a graph whose inputs have no recorded shapes) folds without
+    proofs and checks; the caller decides what an unproven result may be used for.
+    """
+    gm = captured.graph
+    reference = copy.deepcopy(gm)
+    settings.progress("rewrite")
+    checked = settings.verify and example_inputs is not None
+    prover = LocalProver(input_sets(example_inputs, LOCAL_PROOF_TRIALS)) if checked else None
+    rule = dataclasses.replace(settings.cost, decisions={})  # this graph's decisions only (parts share the rule)
+    results = run_pipeline(gm, rule, prover=prover, eager_runtime=settings.eager_runtime)
+    report.iterations = len(results)
+    report.rewrites = [Rewrite(r.kind, r.replaced_ops, r.kernel_shapes, r.ops_before, r.ops_after)
+                       for step in results for r in step.rewrites]
+    # The first round sees the graph as captured (the user's node names) and is complete:
+    # later rounds only confirm the fixed point and would repeat its refusals.
+    # Failed local proofs of later rounds are new; a region that failed stays as written and
+    # fails again in each round, so each (node, reason) is reported once.
+    refusals = list(results[0].refusals) + [(node, reason) for step in results[1:] for node, reason in step.refusals
+                                            if reason.startswith("local proof")]
+    report.refusals = [Refusal(node, reason) for node, reason in dict.fromkeys(refusals)]
+    report.cost_rule = rule.describe()
+    report.decisions = [decision.to_dict() for decision in results[0].decisions]  # first round, as refusals
+    laps.lap("rewrite")
+    if example_inputs is None:
+        return report
+
+    # Running a graph that writes its buffers advances them: every check runs on copies,
+    # so the returned graph starts from the model's own state.
+    on_copy = copy.deepcopy if captured.buffers_written else (lambda graph: graph)
+    settings.progress("verify" if settings.verify else "count")
+    if settings.verify:
+        report.local_proofs = prover.summary
+        extra_batch = 3 if settings.dynamic_batch else None
+        stats = verify(on_copy(reference), on_copy(gm), example_inputs, rtol=settings.rtol, atol=settings.atol,
+                       extra_batch=extra_batch, raise_on_mismatch=False)
+        report.max_abs_error, report.max_rel_error, report.tolerance = (
+            stats.max_abs_error, stats.max_rel_error, stats.tolerance)
+        if stats.mismatches:
+            report.verification_note = judge(stats, reference, gm, example_inputs, prover.summary, settings,
+                                             discontinuous_after_rewrites(gm), extra_batch=extra_batch)
+        ops_before, ops_after = stats.reference_ops, stats.candidate_ops  # counted while verifying
+    else:
+        ops_before = count_ops(on_copy(reference), copy_inputs(example_inputs))
+        ops_after = count_ops(on_copy(gm), copy_inputs(example_inputs))
+    laps.lap("verify" if settings.verify else "count")
+    report.ops_before, report.ops_after = summarize(ops_before), summarize(ops_after)
+    report.parameters_before = parameter_count(reference)
+    report.parameters_after = parameter_count(gm)
+    return report
+
+
+def _non_finite_input_notes(example_inputs: tuple) -> list[str]:
+    """Example inputs with NaN/inf still work (equal non-finite outputs agree), but prove less: say so."""
+    notes = []
+    for index, leaf in enumerate(pytree.tree_leaves(example_inputs)):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not bool(torch.isfinite(leaf).all()):
+            notes.append(f"example input {index} holds NaN or inf values; the proofs at those positions rest "
+                         "on the seeded random inputs")
+    return notes
+
+
+def parameter_count(gm: fx.GraphModule) -> int:
+    """Floating elements of every tensor the graph reads (folded BN statistics vanish, so they count too)."""
+    used = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+    tensors = dict(gm.named_parameters()) | dict(gm.named_buffers())
+    return sum(t.numel() for name, t in tensors.items() if name in used and t.is_floating_point())
