@@ -32,7 +32,7 @@ def forms(name: str, batch: int, device: str) -> tuple[torch.nn.Module, torch.nn
     training = randomize_bn_(build_sample(name), 0).eval().to(device)
     x = torch.randn((batch, 3, 224, 224), generator=torch.Generator().manual_seed(1)).to(device)
     plain = repfx.reparameterize(training, (x,))
-    report = plain.meta["repfx"]
+    report = plain.repfx_report
     return training, plain, x, f"{report.ops_before['convolution']}->{report.ops_after['convolution']} convs"
 
 

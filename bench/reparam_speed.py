@@ -95,7 +95,7 @@ def _reparam_phases(model: nn.Module, x: torch.Tensor, lean: bool = True) -> tup
         start = time.perf_counter()
         gm = repfx.reparameterize(model, (x,))
         total = time.perf_counter() - start
-    report = gm.meta["repfx"]
+    report = gm.repfx_report
     return [report.seconds.get(p, 0.0) for p in PHASES] + [total], report
 
 
@@ -180,8 +180,8 @@ def bench_rewrite_scaling(sizes: tuple[int, int], runs: int) -> tuple[list[str],
             # around costs ~0.3 s and lands in a random phase; start each run collected.
             gc.collect()
             gm = repfx.reparameterize(chain, (x,), verify=False)
-            seconds.append(gm.meta["repfx"].seconds["rewrite"])
-            ops = gm.meta["repfx"].ops_after
+            seconds.append(gm.repfx_report.seconds["rewrite"])
+            ops = gm.repfx_report.ops_after
         medians.append(statistics.median(seconds))
         rows.append([f"N={n}", f"{medians[-1]:.3f}", f"{min(seconds):.3f}", f"{1e3 * medians[-1] / n:.2f}",
                      f"{ops['convolution']} conv, {ops['batch_norm']} bn, {ops['add']} add"])

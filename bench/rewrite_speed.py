@@ -95,7 +95,7 @@ def repfx_seconds(model: nn.Module, x: torch.Tensor, verify: bool, cost: str) ->
         gm = repfx.reparameterize(model, (x,), verify=verify, cost=cost, progress=pauses.progress)
     finally:
         gc.callbacks.remove(pauses)
-    report = gm.meta["repfx"]
+    report = gm.repfx_report
     return report.seconds["rewrite"], pauses.seconds.get("rewrite", 0.0), report
 
 

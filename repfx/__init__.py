@@ -5,7 +5,7 @@ The pipeline, one package a stage: ``capture`` (model or file -> aten graph) ->
 proofs) -> ``backends`` / ``deploy`` (lower and write). ``integrations`` hook the
 same pipeline into torch.compile and torch-tensorrt; ``cli`` holds the commands.
 
-    gm = repfx.reparameterize(model, (x,))    # plain graph, verified, gm.meta["repfx"] is the report
+    gm = repfx.reparameterize(model, (x,))    # plain graph, verified, gm.repfx_report is the report
     print(repfx.explain(model, (x,)))         # what would be merged and refused, and why
     fast = repfx.compile(model, (x,))         # plain graph lowered to TensorRT / inductor / ONNX Runtime
     repfx.export(model, (x,), "deploy/")      # .pt2 + .onnx (+ TensorRT .engine where TensorRT exists)

@@ -23,7 +23,7 @@ def main(name: str = "repvgg_a0") -> None:
     example = (torch.randn(*sample_input_shape(name)),)
 
     gm = repfx.reparameterize(model, example)
-    print(gm.meta["repfx"])  # what was fused, and how
+    print(gm.repfx_report)  # what was fused, and how
 
     with torch.no_grad():
         max_err = (model(*example) - gm(*example)).abs().max().item()

@@ -103,7 +103,7 @@ def assert_ops(module: Callable, inputs: Any, **expected: int) -> dict[str, int]
 
 def reparam(model: Any, inputs: Any, **kwargs: Any) -> tuple[torch.fx.GraphModule, repfx.Report]:
     gm = repfx.reparameterize(model, as_input_tuple(inputs), **kwargs)
-    report = gm.meta["repfx"]
+    report = gm.repfx_report
     assert isinstance(report, repfx.Report)
     return gm, report
 

@@ -103,7 +103,7 @@ def test_explain_reports_without_verifying(block, x):
 
 
 def test_report_is_readable_and_serializable(block, x):
-    report = repfx.reparameterize(block, (x,)).meta["repfx"]
+    report = repfx.reparameterize(block, (x,)).repfx_report
     text = str(report)
     for needle in ("executed ops", "convolution", "batch_norm", "verification", "merged (1)", "refused"):
         assert needle in text
@@ -143,7 +143,7 @@ def test_rounding_noise_of_an_ill_conditioned_model_is_not_a_mismatch():
     model, t = Cancelling().eval(), torch.randn(1, 8, 8, 8)
     with pytest.warns(UserWarning, match="outputs differ from the original beyond tolerance"):
         gm = repfx.reparameterize(model, (t,))
-    report = gm.meta["repfx"]
+    report = gm.repfx_report
     assert report.ops_after["convolution"] == 1
     assert report.max_abs_error > report.tolerance  # the plain fp32 check alone would have refused it
     assert "amplifies fp32 rounding" in report.verification_note
@@ -182,7 +182,7 @@ class TwoResidualAdds(nn.Module):
 
 def test_each_refusal_is_reported_once_under_the_captured_names():
     model = randomize_bn_(TwoResidualAdds(), 0).eval()
-    report = repfx.reparameterize(model, (torch.randn(1, 8, 8, 8),)).meta["repfx"]
+    report = repfx.reparameterize(model, (torch.randn(1, 8, 8, 8),)).repfx_report
     assert report.iterations == 2  # the second round confirms the fixed point
     assert [r.node for r in report.refusals] == ["add", "add_1"]
     assert all("different tensors" in r.reason for r in report.refusals)
@@ -209,10 +209,15 @@ def test_torchscript_data_dependent_if_becomes_cond_and_still_folds(sign):
         scripted = torch.jit.script(model)
     x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     gm = repfx.reparameterize(scripted, (x,))
-    report = gm.meta["repfx"]
+    report = gm.repfx_report
     assert (report.ops_before["batch_norm"], report.ops_after["batch_norm"]) == (1, 0)
     counts = count_ops(gm, (x,))
     assert counts["cond"] == 1
     probe = sign * 50 * torch.ones(1, 3, 8, 8)  # large inputs of either sign: the branch taken follows the data
     with torch.no_grad():
         assert torch.allclose(gm(probe), model(probe), rtol=1e-4, atol=1e-4)
+
+
+def test_the_report_has_one_home_and_the_graph_meta_is_the_same_object(block, x):
+    gm = repfx.reparameterize(block, (x,))
+    assert gm.repfx_report is gm.meta["repfx"] and isinstance(gm.repfx_report, repfx.Report)

@@ -159,7 +159,7 @@ def test_timm_model_matches_and_is_no_worse_than_timm_deploy(name: str) -> None:
         expected = model(x)
 
     gm = repfx.reparameterize(model, (x,), rtol=rtol)
-    report = gm.meta["repfx"]
+    report = gm.repfx_report
     with torch.no_grad():
         actual = gm(x)
 

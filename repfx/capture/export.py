@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 from repfx.passes.constants import written_attributes
 
 from repfx.capture.inputs import as_input_tuple, example_batch_size, is_batched, user_input_nodes, with_batch
-from repfx.errors import CaptureError, first_line
+from repfx.errors import CaptureError, first_line, warn_user
 from repfx.capture.failure import export_failure_message, quiet_torch_logs
 from repfx.capture.lean import lean_tracing
 from repfx.capture.model_state import ModeChange, describe_mode_changes, train_mode_changes
@@ -74,17 +74,15 @@ def _warn_about_train_mode(model: nn.Module) -> list[ModeChange]:
     changes = train_mode_changes(model)
     name = type(model).__name__
     if model.training:
-        warnings.warn(
+        warn_user(
             f"{name} is in training mode: BatchNorm would use batch statistics and dropout would be random. "
             "repfx re-parameterizes an eval() copy; the model passed in is unchanged."
-            + (f" Modules affected: {describe_mode_changes(changes)}." if changes else ""),
-            UserWarning, stacklevel=5)
+            + (f" Modules affected: {describe_mode_changes(changes)}." if changes else ""))
     elif changes:
-        warnings.warn(
+        warn_user(
             f"{name} is in eval mode but {len(changes)} submodule(s) are in train mode; the plain graph computes "
             f"them in eval mode, so its outputs differ from the model as given: {describe_mode_changes(changes)}. "
-            "Call .eval() on them (or model.eval()) if eval behaviour is what you deploy.",
-            UserWarning, stacklevel=5)
+            "Call .eval() on them (or model.eval()) if eval behaviour is what you deploy.")
     return changes
 
 

@@ -14,11 +14,11 @@ taking ``(args, kwargs)`` as two positional arguments, which the stand-in passes
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from torch import fx, nn
 
+from repfx.errors import warn_user
 from repfx.capture.calls import Signature, Unsupported, describe, signature
 
 
@@ -75,9 +75,9 @@ class FoldedPart(nn.Module):
             return
         self.warned_unseen = True
         seen = "; ".join(describe(known) for known in self.call_signatures)
-        warnings.warn(f"repfx: {self.part_name} was folded for calls with inputs {seen}; this call "
+        warn_user(f"repfx: {self.part_name} was folded for calls with inputs {seen}; this call "
                       f"({'unsupported arguments' if key is None else describe(key)}) was not seen, so calls like it "
-                      "run the submodule as written (unfolded, same results)", UserWarning, stacklevel=5)
+                      "run the submodule as written (unfolded, same results)")
 
     def __getattr__(self, name: str) -> Any:
         """Attributes the stand-in lacks are the original submodule's (the parent may read them)."""

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CaptureError, VerificationError) as error:
         print(f"repfx: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
-    report = gm.meta["repfx"]
+    report = gm.repfx_report
     print(json.dumps(report.to_dict(), indent=2) if args.report == "json" else report)
     return 0
 

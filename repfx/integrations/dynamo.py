@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import operator
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import fx
 
-from repfx.errors import first_line
+from repfx.errors import first_line, warn_user
 
 BACKEND_NAME = "repfx"
 
@@ -131,8 +130,7 @@ def _is_training_dropout(node: fx.Node) -> bool:
 
 
 def _fallback_warning(reason: str) -> None:
-    warnings.warn(f"repfx backend: graph compiled by inductor without re-parameterization: {reason}",
-                  UserWarning, stacklevel=4)
+    warn_user(f"repfx backend: graph compiled by inductor without re-parameterization: {reason}")
 
 
 def _drop_export_guards(gm: fx.GraphModule) -> None:
