@@ -20,8 +20,8 @@ from torch import fx, nn
 from repfx.capture.inputs import as_input_tuple
 from repfx.errors import CaptureError
 from repfx.pipeline.graph import REPORT_ATTRIBUTE, fold_graph, report_of
-from repfx.pipeline.parts import can_fold_in_parts, fold_in_parts, is_folded_in_parts, warn_folded_in_parts, \
-    whole_model_message
+from repfx.pipeline.parts import (can_fold_in_parts, fold_in_parts, is_folded_in_parts, warn_folded_in_parts,
+                                  whole_model_message)
 from repfx.settings import Settings
 
 
