@@ -221,3 +221,13 @@ def test_torchscript_data_dependent_if_becomes_cond_and_still_folds(sign):
 def test_the_report_has_one_home_and_the_graph_meta_is_the_same_object(block, x):
     gm = repfx.reparameterize(block, (x,))
     assert gm.repfx_report is gm.meta["repfx"] and isinstance(gm.repfx_report, repfx.Report)
+
+
+@pytest.mark.parametrize("kind", ["program", "graph module", "torchscript"])
+def test_the_report_is_titled_with_the_class_the_user_wrote_whatever_the_input_kind(block, x, kind):
+    given = {"program": lambda: torch.export.export(block, (x,)),
+             "graph module": lambda: torch.export.export(block, (x,)).module(),
+             "torchscript": lambda: torch.jit.trace(block, (x,))}[kind]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated
+        assert repfx.explain(given, (x,)).model == type(block).__name__

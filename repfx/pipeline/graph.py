@@ -62,6 +62,7 @@ def fold_graph(model: Any, example_inputs: tuple, settings: Settings) -> fx.Grap
     report = Report(model=type(model).__name__)
     laps = Laps(report)
     captured = capture(model, example_inputs, dynamic_batch=settings.dynamic_batch)
+    report.model = model_name(model, captured.graph)
     report.mode_changes = [str(change) for change in captured.mode_changes]
     report.buffers_written = list(captured.buffers_written)
     report.notes += _non_finite_input_notes(example_inputs)
@@ -123,6 +124,20 @@ def fold_captured(captured: Captured, example_inputs: tuple | None, settings: Se
     report.parameters_before = parameter_count(reference)
     report.parameters_after = parameter_count(gm)
     return report
+
+
+def model_name(model: Any, gm: fx.GraphModule) -> str:
+    """The class of the model a person wrote: for a program, a GraphModule or TorchScript, the root class torch
+    recorded (``nn_module_stack``; TorchScript's ``original_name``), not ``ExportedProgram``."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return model.original_name
+    if isinstance(model, torch.nn.Module) and not isinstance(model, fx.GraphModule):
+        return type(model).__name__
+    for node in gm.graph.nodes:
+        for path, kind in (node.meta.get("nn_module_stack") or {}).values():
+            if path == "":
+                return str(getattr(kind, "__name__", kind)).rpartition(".")[2]
+    return type(model).__name__
 
 
 def _non_finite_input_notes(example_inputs: tuple) -> list[str]:
