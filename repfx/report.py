@@ -6,6 +6,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from repfx.capture.model_state import ModeChange, grouped_mode_changes
 from repfx.passes.cost.rules import amount_text
 
 
@@ -124,7 +125,7 @@ class Report:
     # repfx.verify.local.ProofSummary: regions proven in float64, worst error.
     local_proofs: Any = field(default=None, metadata=_proofs())
     # Submodules the eval capture switched from train mode.
-    mode_changes: list[str] = field(default_factory=list, metadata=_whole())
+    mode_changes: list[ModeChange] = field(default_factory=list, metadata=_whole())
     buffers_written: list[str] = field(default_factory=list, metadata=_buffers())  # state the forward updates
     iterations: int = field(default=0, metadata=_largest())
     seconds: dict[str, float] = field(default_factory=dict, metadata=_whole())
@@ -186,7 +187,7 @@ class Report:
                 lines.append(f"  note: {self.verification_note}")
         if self.mode_changes:
             lines.append(f"train-mode modules captured in eval mode ({len(self.mode_changes)}):")
-            lines += [f"  {change}" for change in self.mode_changes]
+            lines += [f"  {group}" for group in grouped_mode_changes(self.mode_changes)]
         if self.buffers_written:
             lines.append(f"buffers the forward writes (the plain graph keeps writing them): "
                          f"{', '.join(self.buffers_written)}")

@@ -45,11 +45,26 @@ def train_mode_changes(model: nn.Module) -> list[ModeChange]:
     return changes
 
 
-def describe_mode_changes(changes: list[ModeChange], limit: int = 3) -> str:
-    """A short enumeration for a warning: the first few modules, then how many more."""
-    shown = "; ".join(str(change) for change in changes[:limit])
-    more = len(changes) - limit
-    return shown + (f"; and {more} more (see the report's mode_changes)" if more > 0 else "")
+def grouped_mode_changes(changes: list[ModeChange], names_shown: int = 3) -> list[str]:
+    """One line per kind of module and effect, with a few of its names: a timm model in train mode has dozens of
+    BatchNorms that all change the same way, and one line per module buries the one that matters."""
+    groups: dict[tuple[str, str], list[ModeChange]] = {}
+    for change in changes:
+        groups.setdefault((change.kind, change.effect), []).append(change)
+    lines = []
+    for (kind, effect), members in groups.items():
+        if len(members) == 1:
+            lines.append(str(members[0]))
+            continue
+        names = ", ".join(change.module or "(the model)" for change in members[:names_shown])
+        more = f" and {len(members) - names_shown} more" if len(members) > names_shown else ""
+        lines.append(f"{len(members)}x {kind} ({names}{more}): {effect}")
+    return lines
+
+
+def describe_mode_changes(changes: list[ModeChange]) -> str:
+    """The grouped changes on one line, for a warning."""
+    return "; ".join(grouped_mode_changes(changes))
 
 
 def _train_mode_effect(module: nn.Module) -> str | None:

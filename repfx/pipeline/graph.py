@@ -63,7 +63,7 @@ def fold_graph(model: Any, example_inputs: tuple, settings: Settings) -> fx.Grap
     laps = Laps(report)
     captured = capture(model, example_inputs, dynamic_batch=settings.dynamic_batch)
     report.model = model_name(model, captured.graph)
-    report.mode_changes = [str(change) for change in captured.mode_changes]
+    report.mode_changes = list(captured.mode_changes)
     report.buffers_written = list(captured.buffers_written)
     report.notes += _non_finite_input_notes(example_inputs)
     laps.lap("capture")

@@ -101,7 +101,7 @@ def fold_in_parts(model: nn.Module, example_inputs: tuple, blocker: CaptureError
     given = _eval_copy(model)  # the model as given, in eval mode: the reference
     calls = _record(given, example_inputs, blocker)
     result = copy.deepcopy(given)  # never run, so it starts from the model's own state
-    report.mode_changes = [str(change) for change in train_mode_changes(model)]
+    report.mode_changes = train_mode_changes(model)
     laps.lap("capture")
 
     settings.progress("rewrite")

@@ -11,6 +11,8 @@ import warnings
 
 import pytest
 import torch
+
+import repfx
 from torch import nn
 
 from helpers import assert_matches, assert_ops, build, rand, reparam
@@ -83,7 +85,7 @@ def test_train_mode_submodule_of_an_eval_model_is_named(submodule, effect):
     with pytest.warns(UserWarning, match=rf"eval mode but 1 submodule.*{submodule} \("):
         _, report = reparam(model, rand(2, 3, 8, 8))
     assert len(report.mode_changes) == 1
-    assert report.mode_changes[0].startswith(f"{submodule} (") and effect in report.mode_changes[0]
+    assert str(report.mode_changes[0]).startswith(f"{submodule} (") and effect in str(report.mode_changes[0])
     assert "train-mode modules captured in eval mode (1)" in str(report)
     assert model.get_submodule(submodule).training and not model.training  # the user's model keeps its modes
 
@@ -109,6 +111,20 @@ def test_model_in_train_mode_names_the_modules_that_change():
     model = build(Net, train=True)
     with pytest.warns(UserWarning, match=r"training mode.*Modules affected: bn \(BatchNorm2d\)"):
         gm, report = reparam(model, rand(2, 3, 8, 8))
-    assert [change.split(" ")[0] for change in report.mode_changes] == ["bn", "drop", "path"]
+    assert [str(change).split(" ")[0] for change in report.mode_changes] == ["bn", "drop", "path"]
     assert model.training and model.bn.training  # the user's model is untouched
     assert_matches(copy.deepcopy(model).eval(), gm, rand(2, 3, 8, 8))
+
+
+def test_a_timm_style_model_in_train_mode_gets_one_line_per_kind_of_change():
+    """Dozens of BatchNorms that all change alike are one grouped line in the warning and in the report."""
+    net = nn.Sequential(*[nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)) for _ in range(12)],
+                        nn.Dropout(0.1)).train()
+    with pytest.warns(UserWarning) as caught:
+        report = repfx.explain(net, (torch.randn(1, 4, 8, 8),))
+    warning = next(str(w.message) for w in caught if "training mode" in str(w.message))
+    assert "12x BatchNorm2d (0.1, 1.1, 2.1 and 9 more)" in warning and len(warning) < 600
+    section = str(report).split("train-mode modules captured in eval mode (13):\n")[1].splitlines()
+    assert section[0].startswith("  12x BatchNorm2d (0.1, 1.1, 2.1 and 9 more): in train mode")
+    assert section[1].startswith("  12 (Dropout): in train mode it zeroes")
+    assert [change.module for change in report.mode_changes][:2] == ["0.1", "1.1"]
