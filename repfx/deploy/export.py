@@ -218,6 +218,14 @@ def _stage_report(plan: ExportPlan, report: Report) -> None:
     plan.write("report", json.dumps(record, indent=2, default=str).encode("utf-8"))
 
 
+def _manifest(report: Path) -> dict[str, str]:
+    """File name -> SHA-256 of the files repfx's report at ``report`` says repfx wrote ({} if it is not one)."""
+    files = (_repfx_record(report) or {}).get("files")
+    if not isinstance(files, dict):
+        return {}
+    return {filename: digest for filename, digest in files.items() if isinstance(digest, str)}
+
+
 def _repfx_record(report: Path) -> dict | None:
     """The JSON object in ``report`` if it is a report repfx wrote, else None."""
     try:
@@ -225,14 +233,6 @@ def _repfx_record(report: Path) -> dict | None:
     except (OSError, ValueError):
         return None  # missing, unreadable or not JSON: not repfx's record
     return record if isinstance(record, dict) and record.get("written_by") == WRITTEN_BY else None
-
-
-def _manifest(report: Path) -> dict[str, str]:
-    """File name -> SHA-256 of the files repfx's report at ``report`` says repfx wrote ({} if it is not one)."""
-    files = (_repfx_record(report) or {}).get("files")
-    if not isinstance(files, dict):
-        return {}
-    return {name: digest for name, digest in files.items() if isinstance(digest, str)}
 
 
 def _unchanged(path: Path, digest: str) -> bool:
