@@ -143,7 +143,6 @@ def _run(args: argparse.Namespace,
     with Transaction(protected=[args.model] if args.model else []) as transaction:
         plan = plan_export(transaction, args.out, args.formats, name=name, precision=args.precision)
         entry = plan_triton(transaction, args.triton_repo, plan) if args.triton_repo else None
-        transaction.check()  # the two destinations against each other
         model, inputs = _resolve_model(args, progress)
         result = build_export(plan, model, inputs, precision=args.precision,
                               dynamic_batch=args.dynamic_batch is not None, batch_range=args.dynamic_batch,

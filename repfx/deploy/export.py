@@ -221,8 +221,7 @@ def _stage_report(plan: ExportPlan, report: Report) -> None:
 
 def _manifest(report: Path) -> dict[str, str]:
     """File name -> SHA-256 of the files repfx's report at ``report`` says repfx wrote ({} if it is not one)."""
-    record = _repfx_record(report)
-    files = record.get("files") if record else None
+    files = (_repfx_record(report) or {}).get("files")
     if not isinstance(files, dict):
         return {}
     return {filename: digest for filename, digest in files.items() if isinstance(digest, str)}

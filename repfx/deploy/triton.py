@@ -52,14 +52,8 @@ def write_model_repository(
     is refused with ``repfx.deploy.staging.Refused``. The entry is staged and renamed into
     place, so a polling Triton never sees a partial model; a failure changes nothing.
     """
-    text = render_config(
-        model_name,
-        platform=platform,
-        inputs=inputs,
-        outputs=outputs,
-        max_batch_size=max_batch_size,
-        dynamic_batching=dynamic_batching,
-    )
+    text = render_config(model_name, platform=platform, inputs=inputs, outputs=outputs,
+                         max_batch_size=max_batch_size, dynamic_batching=dynamic_batching)
     artifact = Path(artifact_path)
     if not artifact.is_file():
         raise FileNotFoundError(f"artifact {str(artifact)!r} does not exist or is not a file")
@@ -100,18 +94,15 @@ class ModelEntry:
                 (self.content.staged / "config.pbtxt").write_text(mark(config_text), encoding="utf-8")
                 version_dir.mkdir()
             shutil.copyfile(artifact, version_dir / ARTIFACT_NAMES[self.platform])
-        if self.config is not None:
-            self._stage_config()
-
-    def _stage_config(self) -> None:
+        if self.config is None:
+            return  # a new model: its config is staged inside the new directory
         reason = self.config_refusal(self.config.target)
         if reason:
             raise Refused(reason)
         existing = _read(self.config.target)
-        if existing == mark(self.config_text) or not written_by_repfx(existing):
-            return  # already says this: left as it is (the claim stays a condition checked at commit)
-        with reported_as(self.config.target):
-            self.config.staged.write_text(mark(self.config_text), encoding="utf-8")
+        if written_by_repfx(existing) and existing != mark(config_text):  # else it says this already: kept
+            with reported_as(self.config.target):  # (the claim stays a condition checked at commit)
+                self.config.staged.write_text(mark(config_text), encoding="utf-8")
 
     def config_refusal(self, config: Path) -> str | None:
         """Why an existing config.pbtxt may not stay or be replaced (None: it may).

@@ -307,6 +307,10 @@ def _triton_entry_not_a_model(root: Path) -> tuple[str, ...]:
     return "--out", "out", "--triton-repo", "triton"
 
 
+def _out_is_the_new_triton_entry(root: Path) -> tuple[str, ...]:
+    return "--out", "triton/net", "--triton-repo", "triton"
+
+
 def _input_is_a_target(root: Path) -> tuple[str, ...]:
     return "--out", "."
 
@@ -317,6 +321,8 @@ CONFLICTS = [
     pytest.param(_user_report, "out/net.report.json exists and is not a report repfx wrote", id="user-report"),
     pytest.param(_triton_entry_not_a_model, "triton/net exists and is not a Triton model directory",
                  id="triton-entry-not-a-model"),
+    pytest.param(_out_is_the_new_triton_entry, "triton/net is also this run's output directory",
+                 id="out-is-the-new-triton-entry"),
     pytest.param(_input_is_a_target, "it is the input model", id="input-is-a-target"),
 ]  # a read-only --out: tests/test_cli_errors.py (a real one, in a subprocess)
 
