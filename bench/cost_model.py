@@ -34,6 +34,7 @@ from torch import nn
 
 import repfx
 from _tables import print_environment, table  # bench/ is on sys.path when a script runs
+from repfx.backends import get_backend
 from repfx.samples import randomize_bn_
 from repfx.targets import cost_rule, device_profile
 
@@ -166,9 +167,6 @@ def convolutions(gm: torch.fx.GraphModule) -> int:
     return sum(1 for node in gm.graph.nodes if node.op == "call_function" and "conv" in str(node.target))
 
 
-MEASURED_WITH = {"eager": "eager", "onnx": "onnxruntime"}
-
-
 def choices(model: nn.Module, inputs: tuple, merged_convs: int, apart_convs: int, policies: list[str],
             device: str, batch: int, precision: str, runtime: str) -> dict[str, str]:
     """Which form each policy picks ("merged", "apart", "other") for this device, batch, precision and runtime."""
@@ -176,7 +174,7 @@ def choices(model: nn.Module, inputs: tuple, merged_convs: int, apart_convs: int
     for policy in policies:
         try:
             rule = cost_rule(policy, target=device, batch=batch, precision=precision, example_inputs=inputs,
-                             backend=MEASURED_WITH[runtime])
+                             runtime=get_backend(runtime).runtime)
             gm = repfx.reparameterize(model, inputs, cost=rule, verify=False)
         except ValueError as error:  # a policy this repfx cannot apply here
             picked[policy] = f"n/a ({str(error).splitlines()[0][:60]})"
@@ -251,7 +249,7 @@ def main() -> None:
     print_environment(args.quick, "-", "; timings are noisy")
     target = "cuda" if args.device.startswith("cuda") else args.device
     for runtime in runtimes:  # the profile each runtime's latency rule plans with
-        print(f"profile ({runtime}): {device_profile(target, MEASURED_WITH[runtime] if runtime == 'onnx' else 'eager')}")
+        print(f"profile ({runtime}): {device_profile(target, get_backend(runtime).runtime)}")
     rows = []
     for case in (case for case in CASES if args.only in case.name):
         for batch in args.batches:

@@ -20,7 +20,7 @@ compares models, not exporters. With a CUDA device: batch 128 eager in fp32 and 
 with torch-tensorrt as well: TensorRT on each form. Where they cannot run the section
 says why.
 
-Latency is ``repfx.deploy.benchmarking.median_latency_ms`` (inference_mode, warm-up, median)
+Latency is ``repfx.targets.clock.median_latency_ms`` (inference_mode, warm-up, median)
 taken in rounds that cycle through the three forms, and the median over rounds is
 reported, so load drift on a shared machine hits every form alike. Every form's
 first output is compared with the training form's eager fp32 output (max |diff| /
@@ -55,7 +55,7 @@ from _tables import print_environment, table, verdict  # bench/ is on sys.path w
 from repfx.backends import probe_onnxruntime, probe_torch_tensorrt
 from repfx.backends.onnx import compile_onnx
 from repfx.backends.program import export_program
-from repfx.deploy.benchmarking import median_latency_ms
+from repfx.targets.clock import median_latency_ms
 from repfx.samples import randomize_bn_
 
 # The last three hold contested merges (exact merges that add MACs: each family's stride-2 dwkxk -> 1x1):

@@ -5,7 +5,7 @@ boundary (``reparameterize``, ``explain``, ``compile``, ``export``, the CLIs, th
 dynamo backend, the torch-tensorrt hook) and handed down unchanged: no function in
 between re-threads seven keyword arguments, and bad values (a NaN tolerance) are
 refused before any work. ``planned`` resolves the cost plan (rule, target, batch,
-precision, backend) into a ``CostRule`` once, from the whole model's inputs: parts
+precision, runtime) into a ``CostRule`` once, from the whole model's inputs: parts
 folded alone see only their own inputs and must plan for the model's device and batch.
 """
 
@@ -41,7 +41,7 @@ class Settings:
     target: Any = None  # repfx.targets.Target: "cpu", "cuda", "cuda:h200", a DeviceProfile; None: the inputs'
     batch: int | None = None  # None: the example inputs' batch
     precision: str | None = None  # the deploy precision the cost rule plans for (None: the inputs' dtype)
-    backend: str | None = None  # the backend deployed to: its runtime times and profiles (None: eager)
+    runtime: Any = None  # repfx.targets.runtime.Runtime deployed to: it times forms and picks the profile (None: eager)
     eager_runtime: bool = True  # the result runs in eager PyTorch (False: a compiler takes the graph)
     progress: Callable[[str], None] = _silent  # called with each phase's name as it starts
 
@@ -60,6 +60,6 @@ class Settings:
         from repfx.targets import cost_rule  # measures a device profile: only when a rule is needed
 
         planning = {name: value for name, value in (("target", self.target), ("batch", self.batch),
-                                                    ("precision", self.precision), ("backend", self.backend))
+                                                    ("precision", self.precision), ("runtime", self.runtime))
                     if value is not None}
         return self.replace(cost=cost_rule(self.cost, example_inputs=example_inputs, **planning))

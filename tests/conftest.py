@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 
+from repfx.backends import runtime_named
 from repfx.passes.cost import DeviceProfile
 from repfx.targets.cache import FILE_NAME, MARK
 from repfx.targets.microbench import cache_key
@@ -30,6 +31,6 @@ def pytest_configure(config) -> None:
     directory = tempfile.mkdtemp(prefix="repfx-test-cache-")
     with open(os.path.join(directory, FILE_NAME), "w", encoding="utf-8") as file:
         pinned = {cache_key("cpu", threads): PINNED.to_dict() for threads in range(1, 2 * (os.cpu_count() or 1) + 1)}
-        pinned[cache_key("cpu", runtime="onnxruntime")] = PINNED.to_dict()
+        pinned[cache_key("cpu", runtime=runtime_named("onnxruntime"))] = PINNED.to_dict()
         json.dump({"written_by": MARK, "profiles": pinned}, file)
     os.environ["REPFX_CACHE_DIR"] = os.environ["REPFX_TEST_CACHE_DIR"] = directory

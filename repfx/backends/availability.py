@@ -29,15 +29,23 @@ class Probe:
 
 
 @functools.cache
-def probe_torch_tensorrt() -> Probe:
-    """Is torch_tensorrt importable and is there a CUDA device to build engines on?"""
+def imported_torch_tensorrt() -> ModuleType | Probe:
+    """torch_tensorrt, imported; or the unusable ``Probe`` saying why it does not import."""
     if importlib.util.find_spec("torch_tensorrt") is None:
         return Probe(False, f"torch_tensorrt is not installed; {TENSORRT_INSTALL_HINT}")
     try:
-        module = importlib.import_module("torch_tensorrt")
+        return importlib.import_module("torch_tensorrt")
     except Exception as error:  # ImportError, OSError from a missing libnvinfer, ...
         return Probe(False, f"torch_tensorrt is installed but does not import ({first_line(error)}); "
                             "TensorRT's native libraries are missing or do not match")
+
+
+@functools.cache
+def probe_torch_tensorrt() -> Probe:
+    """Is torch_tensorrt importable and is there a CUDA device to build engines on?"""
+    module = imported_torch_tensorrt()
+    if isinstance(module, Probe):
+        return module
     if not torch.cuda.is_available():
         return Probe(False, "torch_tensorrt imports but no CUDA device is visible; TensorRT engines are built "
                             "on an NVIDIA GPU")

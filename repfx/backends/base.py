@@ -1,11 +1,15 @@
 """What a backend is: the interface ``repfx.compile`` and ``repfx.export`` use, and never more.
 
 A backend says whether it can run here (``probe``) and at which precisions
-(``supports``), builds a runner from the plain graph (``build``), and may declare
-files ``repfx.export`` writes for it (``artifacts``). compile and export name no
-backend: they look one up in ``repfx.backends.registry`` and call only what is
-declared here, so a new backend is one module of this package that sets
-``BACKEND = MyBackend()`` (found on first use), or a ``register(MyBackend())`` call.
+(``supports``), builds a runner from the plain graph (``build``), and declares what
+the rest of repfx would otherwise have to know about it: the ``device`` it runs on, the
+``runtime`` its merges are planned and timed with (``repfx.targets.runtime``), whether
+it ``runs_modules`` (a model folded in parts) or needs one graph, its ``auto_rank`` in
+``backend="auto"``, and the files ``repfx.export`` writes for it (``artifacts``).
+compile, export and the CLI name no backend and no runtime: they look backends up in
+``repfx.backends.registry`` and read only what is declared here, so a new backend is one
+module of this package that sets ``BACKEND = MyBackend()`` (found on first use), or a
+``register(MyBackend())`` call.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ from torch import fx
 from repfx.backends.availability import Probe, ensure
 from repfx.backends.program import export_program
 from repfx.report import Report
+from repfx.targets.runtime import Runtime
+
+# Eager PyTorch: planned with this machine's profile as PyTorch attains it, forms timed as modules. The runtime
+# of a backend that declares none (TensorRT too: an engine per timed form would take minutes).
+EAGER = Runtime("eager")
 
 
 @dataclass(frozen=True)
@@ -100,7 +109,10 @@ class Backend(ABC):
     """One way to run the plain graph. Subclasses set ``name`` and implement ``build``; the rest is optional."""
 
     name: ClassVar[str]  # the value of ``repfx.compile(backend=...)``
-    device: ClassVar[torch.device | None] = None  # where it runs; None: where the inputs are
+    device: ClassVar[torch.device | None] = None  # where it runs (and merges are planned for); None: the inputs'
+    runtime: ClassVar[Runtime] = EAGER  # what its merges are planned with, and cost="measure" times forms with
+    runs_modules: ClassVar[bool] = False  # runs any module, so also a model folded in parts; else one graph
+    auto_rank: ClassVar[int | None] = None  # backend="auto" takes the highest usable; None: never chosen by auto
     artifacts: tuple[Artifact, ...] = ()  # what repfx.export can write for it
 
     @property

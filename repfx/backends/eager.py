@@ -13,6 +13,7 @@ from repfx.backends.base import Backend, BuildRequest
 
 class EagerBackend(Backend):
     name = "eager"
+    runs_modules = True
 
     def build(self, request: BuildRequest) -> fx.GraphModule:
         return request.graph

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from repfx.backends.base import Artifact, Backend, Unsupported
+import torch
+
+from repfx.backends.base import EAGER, Artifact, Backend, Unsupported
 from repfx.backends.registry import backends
+from repfx.targets.runtime import Runtime
 
 PROGRAM = "pt2"
 
@@ -34,6 +37,15 @@ def file_names(name: str, wanted: Sequence[str]) -> dict[str, str]:
     for _, artifact in artifacts(wanted):
         files |= {kind: pattern.format(name=name) for kind, pattern in artifact.files.items()}
     return files
+
+
+def planned_for(wanted: Sequence[str]) -> tuple[torch.device | None, Runtime]:
+    """The device and runtime an export writing ``wanted`` plans its merges for: the first device and the first
+    runtime other than eager PyTorch among the artifacts' backends (a TensorRT engine runs on CUDA, an ONNX
+    model in ONNX Runtime); else where the inputs are, in eager PyTorch."""
+    planned = [backend for backend, _ in artifacts(wanted)]
+    device = next((backend.device for backend in planned if backend.device is not None), None)
+    return device, next((backend.runtime for backend in planned if backend.runtime is not EAGER), EAGER)
 
 
 def resolve_formats(formats: Sequence[str] | None, precision: str) -> tuple[list[str], dict[str, str]]:

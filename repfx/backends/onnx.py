@@ -5,6 +5,8 @@ Runtime consume; after re-parameterization each merged block is a single Conv
 node. Sessions use ``ORT_ENABLE_ALL`` and the CUDA provider when onnxruntime has it.
 ``repfx.export`` writes ``<name>.onnx`` and checks it in onnxruntime; onnxruntime has
 no bfloat16 Conv kernel, so this backend refuses bf16 (``OnnxBackend.supports``).
+Merges are planned with a CPU profile measured in onnxruntime (``onnx_profile``) and
+``cost="measure"`` times forms exported and run here (``ONNXRUNTIME``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from torch.utils import _pytree as pytree
 
 from repfx.backends.availability import Probe, probe_onnxruntime, require_onnxruntime
 from repfx.backends.base import Artifact, ArtifactJob, Backend, BuildRequest, Check, Unsupported
+from repfx.backends.onnx_profile import measure_onnxruntime_profile, runtime_version
 from repfx.backends.program import output_names
 from repfx.errors import LoweringError, first_line
+from repfx.targets.runtime import Runtime
 
 
 def export_onnx(program: torch.export.ExportedProgram) -> bytes:
@@ -40,6 +44,15 @@ def session_options():
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: ORT warns about unused initializers etc.
     return options
+
+
+def cpu_session(model: bytes, threads: int = 0):
+    """A session of ``model`` on the CPU provider, configured as this backend's own (``threads``: 0 is
+    onnxruntime's default): what its CPU profile is measured in."""
+    options = session_options()
+    if threads:
+        options.intra_op_num_threads = threads
+    return require_onnxruntime().InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def providers() -> list[str]:
@@ -128,8 +141,13 @@ def write_onnx(job: ArtifactJob) -> Check:
     return Check("the ONNX model", "onnxruntime", lambda: OnnxRuntimeModule(model, job.program))
 
 
+ONNXRUNTIME = Runtime("onnxruntime", timed=lambda module, inputs: compile_onnx(torch.export.export(module, inputs)),
+                      cpu_profile=lambda: measure_onnxruntime_profile(cpu_session), version=runtime_version)
+
+
 class OnnxBackend(Backend):
     name, title = "onnx", "ONNX"
+    runtime = ONNXRUNTIME
     artifacts = (Artifact("onnx", "ONNX", {"onnx": "{name}.onnx"}, write_onnx),)
 
     def probe(self) -> Probe:

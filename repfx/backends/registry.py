@@ -1,9 +1,11 @@
-"""The backends by name, and the rule ``backend="auto"`` follows.
+"""The backends by name, their runtimes by name, and the rule ``backend="auto"`` follows.
 
 The built-in backends are the modules of ``repfx.backends`` that define ``BACKEND``;
 they are found on first use, in file-name order. Importing one never imports its
 runtime (torch_tensorrt, onnxruntime load lazily), so finding them is cheap and
 works on any machine. ``register`` adds a backend from elsewhere (a plugin, a test).
+A runtime is known by the backends that declare it (``Backend.runtime``): the one
+vocabulary of runtime names is theirs.
 """
 
 from __future__ import annotations
@@ -11,10 +13,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from repfx.backends.base import Backend
-
-# "auto": the first of these whose probe says it is usable; the last is taken without asking.
-AUTO = ("tensorrt", "inductor")
+from repfx.backends.base import EAGER, Backend
+from repfx.targets.runtime import Runtime
 
 _registered: dict[str, Backend] = {}
 _found_builtins = False
@@ -79,12 +79,36 @@ def resolve_backend(name: str, precision: str = "fp32") -> tuple[str, str]:
     return backend.name, "requested"
 
 
+def auto_order() -> list[Backend]:
+    """The backends "auto" may choose, best first (highest ``auto_rank``): the first whose probe says it is
+    usable is chosen; the last is taken without asking."""
+    return sorted((backend for backend in backends() if backend.auto_rank is not None),
+                  key=lambda backend: -backend.auto_rank)
+
+
+def module_fallback() -> Backend:
+    """What "auto" runs a model folded in parts with: the first in its order that runs modules."""
+    return next(backend for backend in auto_order() if backend.runs_modules)
+
+
+def runtimes() -> dict[str, Runtime]:
+    """Every runtime a registered backend declares, by name (eager PyTorch first)."""
+    return {runtime.name: runtime for runtime in (EAGER, *(backend.runtime for backend in backends()))}
+
+
+def runtime_named(name: str) -> Runtime:
+    known = runtimes()
+    if name not in known:
+        raise ValueError(f"runtime must be one of {', '.join(known)}, got {name!r}")
+    return known[name]
+
+
 def _auto() -> tuple[str, str]:
+    *candidates, fallback = auto_order()
     unusable = []
-    for name in AUTO[:-1]:
-        backend = get_backend(name)
+    for backend in candidates:
         probe = backend.probe()
         if probe.usable:
-            return name, probe.reason
+            return backend.name, probe.reason
         unusable.append(f"{backend.title} unavailable: {probe.reason}")
-    return AUTO[-1], "; ".join(unusable)
+    return fallback.name, "; ".join(unusable)

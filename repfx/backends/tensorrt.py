@@ -11,6 +11,10 @@ torch_tensorrt is imported only here, lazily; without it (or without a CUDA
 device) ``BackendUnavailable`` says which piece is missing. ``repfx.export`` writes
 ``<name>.engine`` (the serialized engine: ``trtexec --loadEngine``, Triton's
 ``model.plan``) and ``<name>_trt.pt2`` (``torch_tensorrt.save``) where it is usable.
+
+Which nodes would block a single engine is asked of torch-tensorrt's own converter
+registry, where torch_tensorrt imports; where it does not, nothing is said (a prediction
+from a copy of its tables went stale with every release).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 
 import torch
 
-from repfx.backends.availability import Probe, probe_torch_tensorrt, require_torch_tensorrt
+from repfx.backends.availability import Probe, imported_torch_tensorrt, probe_torch_tensorrt, require_torch_tensorrt
 from repfx.backends.base import Artifact, ArtifactJob, Backend, BuildRequest
 from repfx.backends.precision import cast_floating, precision_dtype
 from repfx.backends.program import export_program
@@ -83,12 +87,28 @@ def save_compiled(module: torch.nn.Module, path: str, example_inputs: Sequence[A
 
 
 def record_tensorrt_coverage(program: torch.export.ExportedProgram, report: Report) -> None:
-    """Put torch-tensorrt's converter coverage of ``program`` into ``report`` (no torch_tensorrt needed)."""
-    from repfx.deploy.trt_coverage import analyze
+    """Where torch_tensorrt imports, put into ``report`` the nodes of ``program`` its converter registry has no
+    converter for, after its own decompositions (as ``dynamo.compile`` lowers); elsewhere leave it unsaid."""
+    torch_tensorrt = imported_torch_tensorrt()
+    if isinstance(torch_tensorrt, Probe):
+        return
+    from torch_tensorrt.dynamo._settings import CompilationSettings
+    from torch_tensorrt.dynamo.conversion._ConverterRegistry import DYNAMO_CONVERTERS
+    from torch_tensorrt.dynamo.lowering import get_decompositions
 
-    coverage = analyze(program)
-    report.tensorrt_ops_source = coverage.source
-    report.tensorrt_unconvertible = [f"{op.node}: {op.op} ({op.reason})" for op in coverage.unconvertible]
+    settings = CompilationSettings(**FULL_GRAPH_OPTIONS)
+    lowered = program.run_decompositions(get_decompositions(settings.enable_experimental_decompositions))
+    DYNAMO_CONVERTERS.set_compilation_settings(settings)  # what its validators read, as dynamo.compile sets it
+    report.tensorrt_ops_source = f"torch-tensorrt {torch_tensorrt.__version__}"
+    report.tensorrt_unconvertible = [
+        f"{node.name}: {_op_name(node.target)} "
+        f"({'its converters refuse this node' if node.target in DYNAMO_CONVERTERS else 'no converter'})"
+        for node in lowered.graph.nodes if node.op == "call_function" and node not in DYNAMO_CONVERTERS]
+
+
+def _op_name(target: Any) -> str:
+    """``aten.histc.default``, ``_operator.getitem``: how an op is named in the report."""
+    return str(target) if isinstance(target, torch._ops.OpOverload) else f"{target.__module__}.{target.__name__}"
 
 
 def write_engine(job: ArtifactJob) -> None:
@@ -107,6 +127,7 @@ def write_engine(job: ArtifactJob) -> None:
 class TensorRTBackend(Backend):
     name, title = "tensorrt", "TensorRT"
     device = torch.device("cuda")
+    auto_rank = 1  # backend="auto" takes it wherever it is usable
     artifacts = (Artifact("engine", "the TensorRT engine", {"engine": "{name}.engine", "trt_pt2": "{name}_trt.pt2"},
                           write_engine, needs="TensorRT on an NVIDIA GPU"),)
 

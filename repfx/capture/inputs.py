@@ -5,7 +5,8 @@
 * what a symbolic size stands for: ``size_hint`` (the example value export traced with);
 * which inputs carry the batch: ``example_batch_size``, ``is_batched``, ``with_batch``;
 * how inputs are synthesised: ``random_inputs`` from shapes and dtypes, ``random_like``
-  from example inputs, ``recorded_inputs`` from what a saved program says about its inputs.
+  from example inputs, ``recorded_inputs`` from what a saved program says about its inputs,
+  ``drawer`` one tensor at a time.
 
 The batch rule: a tensor input is batched when its dim 0 equals dim 0 of the first tensor
 input. A side input such as a ``[1, C, 1, 1]`` gain that broadcasts over the batch then
@@ -131,6 +132,12 @@ def recorded_inputs(program: torch.export.ExportedProgram) -> tuple | None:
     if not specs:
         return None
     return tuple(torch.zeros(spec.shape, dtype=spec.dtype) for spec in specs)
+
+
+def drawer(seed: int) -> Callable[..., torch.Tensor]:
+    """``draw(shape, dtype, device)`` by the draw rule, for a caller that draws tensor by tensor (weights too,
+    as the forms ``cost="measure"`` times): every call consumes one generator seeded here."""
+    return _seeded_draw(seed)
 
 
 def _seeded_draw(seed: int) -> Callable[..., torch.Tensor]:

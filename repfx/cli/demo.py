@@ -14,6 +14,7 @@ import sys
 import torch
 
 from repfx import reparameterize
+from repfx.capture.inputs import InputSpec, random_inputs
 from repfx.cli.planning import add_planning_arguments
 from repfx.errors import CaptureError, VerificationError
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     model = randomize_bn_(build_sample(args.sample), args.seed).eval()
-    example = torch.randn(args.input_shape or sample_input_shape(args.sample))
+    (example,) = random_inputs([InputSpec(args.input_shape or sample_input_shape(args.sample))], args.seed)
     try:
         gm = reparameterize(model, (example,), cost=args.cost, target=args.target, batch=args.batch)
     except (CaptureError, VerificationError) as error:

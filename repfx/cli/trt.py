@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
+from repfx.backends.formats import export_formats
 from repfx.backends.precision import PRECISIONS, precision_dtype
 from repfx.capture.inputs import InputSpec, random_inputs
 from repfx.capture.loading import BadInput, LoadedModel, load_model
@@ -33,10 +34,11 @@ from repfx.cli.planning import add_planning_arguments
 from repfx.cli.progress import PhaseProgress
 from repfx.cli.results import print_result
 from repfx.cli.triton_entry import plan_triton, stage_triton
-from repfx.deploy.export import FORMATS, ExportPlan, ExportResult, build_export, plan_export
+from repfx.deploy.export import ExportResult, build_export, plan_export
 from repfx.deploy.staging import Transaction
 from repfx.deploy.triton_config import check_model_name
 from repfx.errors import BackendUnavailable, CaptureError, LoweringError, VerificationError, first_line
+from repfx.targets.clock import median_latency_ms
 
 if TYPE_CHECKING:
     from repfx.deploy.triton import ModelEntry
@@ -150,7 +152,7 @@ def _run(args: argparse.Namespace,
                               progress=progress)
         if entry is not None:
             stage_triton(entry, plan, result, args.dynamic_batch)
-        benchmark = _benchmark(model, result, plan, inputs, progress) if args.benchmark else None
+        benchmark = _benchmark(model, result, inputs, progress) if args.benchmark else None
         transaction.commit()
     return result, entry, benchmark
 
@@ -197,25 +199,21 @@ def _example_inputs(shapes: list[tuple[int, ...]], seed: int, dtypes: list[torch
     return random_inputs([InputSpec(tuple(shape), dtype) for shape, dtype in zip(shapes, dtypes)], seed)
 
 
-def _benchmark(model: Any, result: ExportResult, plan: ExportPlan, inputs: tuple,
-               progress: PhaseProgress) -> list[dict]:
-    """Latency of the model as given vs the plain graph (eager) and the ONNX model (onnxruntime), here.
+def _benchmark(model: Any, result: ExportResult, inputs: tuple, progress: PhaseProgress) -> list[dict]:
+    """Latency of the model as given vs the plain graph (eager) and each written artifact that its runtime
+    runs here (the ONNX model: onnxruntime), on this machine.
 
-    Runs before the commit, on the staged ONNX file: a failed or interrupted benchmark writes nothing.
+    Runs before the commit, on the staged files: a failed or interrupted benchmark writes nothing.
     """
-    from repfx.backends.onnx import OnnxRuntimeModule
-    from repfx.deploy.benchmarking import median_latency_ms
-
     progress("benchmark")
     original = model.module() if isinstance(model, torch.export.ExportedProgram) else model
     rows = [{"what": "as given (eager, fp32)", "ms": median_latency_ms(original, inputs)},
             {"what": "repfx plain (eager, fp32)", "ms": median_latency_ms(result.plain, inputs)}]
-    if "onnx" in result.files:
-        session = OnnxRuntimeModule(plan.staged("onnx"), result.program)
-        deploy_inputs = tuple(t.to(precision_dtype(result.report.precision)) if t.is_floating_point() else t
-                              for t in inputs)
-        rows.append({"what": f"repfx plain (onnxruntime, {result.report.precision})",
-                     "ms": median_latency_ms(session, deploy_inputs)})
+    deploy_inputs = tuple(t.to(precision_dtype(result.report.precision)) if t.is_floating_point() else t
+                          for t in inputs)
+    for check in result.checks.values():
+        rows.append({"what": f"repfx plain ({check.runtime}, {result.report.precision})",
+                     "ms": median_latency_ms(check.load(), deploy_inputs)})
     for row in rows:
         row["speedup"] = rows[0]["ms"] / row["ms"]
     return rows
@@ -255,8 +253,8 @@ def _batch_range(text: str) -> tuple[int, int, int]:
 
 
 def _formats(text: str) -> list[str]:
-    formats = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [fmt for fmt in formats if fmt not in FORMATS]
+    formats, known = [part.strip() for part in text.split(",") if part.strip()], export_formats()
+    unknown = [fmt for fmt in formats if fmt not in known]
     if unknown or not formats:
-        raise argparse.ArgumentTypeError(f"formats are a comma-separated subset of {','.join(FORMATS)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"formats are a comma-separated subset of {','.join(known)}, got {text!r}")
     return formats

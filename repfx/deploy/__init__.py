@@ -2,5 +2,5 @@
 
 ``staging`` makes writes all-or-nothing and never touches files repfx did not write;
 ``triton`` lays out model repository entries; ``weight_range`` checks folded weights
-against fp16/bf16; ``trt_coverage`` reads torch-tensorrt's converter list (``data/``).
+against fp16/bf16.
 """

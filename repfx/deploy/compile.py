@@ -19,22 +19,18 @@ from torch.utils import _pytree as pytree
 from repfx.capture.inputs import as_input_tuple
 from repfx.backends.base import BuildRequest
 from repfx.backends.precision import PRECISIONS, PrecisionName, cast_floating, deploy_copy, precision_dtype
-from repfx.backends.registry import get_backend, resolve_backend
+from repfx.backends.registry import get_backend, module_fallback, resolve_backend
 from repfx.capture.export import SupportedModel, keeps_dynamic_batch
 from repfx.pipeline import is_folded_in_parts, report_of, run, run_whole
 from repfx.report import Report
 from repfx.settings import Settings
-from repfx.targets import Target, cost_rule, device_target
+from repfx.targets import Target, device_target
 from repfx.verify.numeric import ErrorStats, verify as verify_outputs
 
 logger = logging.getLogger("repfx")
-# Backends that run the plain model as a module, and so also a model folded in parts (repfx.pipeline.parts);
-# the others lower one re-exported graph. The last is what "auto" falls back to for a model folded in parts.
-MODULE_BACKENDS = ("eager", "inductor")
-MEASURED_WITH = {"eager": "eager", "inductor": "inductor", "onnx": "onnxruntime"}  # cost="measure" times forms so
 
 
-def _planned_target(target: Target, backend_device: torch.device | None) -> Target:
+def planned_target(target: Target, backend_device: torch.device | None) -> Target:
     """The target asked for; else the backend's device; else (None) where the example inputs are."""
     if target is not None or backend_device is None:
         return target
@@ -108,17 +104,17 @@ def compile(
 
     dynamic_batch = keeps_dynamic_batch(model, dynamic_batch)
     # A model folded in parts is a module, not one graph: only backends that run modules take it.
-    in_parts = backend == "auto" or name in MODULE_BACKENDS
-    settings = Settings(verify=verify, dynamic_batch=dynamic_batch, progress=progress,
-                        cost=cost_rule(cost, target=_planned_target(target, chosen.device), batch=batch,
-                                       precision=precision, example_inputs=inputs,
-                                       backend=MEASURED_WITH.get(name, "eager")))
+    in_parts = backend == "auto" or chosen.runs_modules
+    settings = Settings(verify=verify, dynamic_batch=dynamic_batch, progress=progress, cost=cost,
+                        target=planned_target(target, chosen.device), batch=batch, precision=precision,
+                        runtime=chosen.runtime)
     plain = (run if in_parts else run_whole)(model, inputs, settings)
     report: Report = report_of(plain)
-    if is_folded_in_parts(plain) and name not in MODULE_BACKENDS:  # "auto" had chosen a one-graph backend
+    if is_folded_in_parts(plain) and not chosen.runs_modules:  # "auto" had chosen a one-graph backend
+        chosen = module_fallback()
         logger.info("repfx.compile: backend %r (the model was folded in parts and %r lowers one graph)",
-                    MODULE_BACKENDS[-1], name)
-        name, chosen = MODULE_BACKENDS[-1], get_backend(MODULE_BACKENDS[-1])
+                    chosen.name, name)
+        name = chosen.name
     deploy_graph, deploy_inputs = deploy_copy(plain, inputs, precision, chosen.device)
     if progress is not None:
         progress("build")

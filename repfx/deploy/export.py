@@ -29,16 +29,16 @@ from repfx.pipeline import report_of, run_whole
 from repfx.settings import Settings
 from repfx.capture.inputs import as_input_tuple
 from repfx.backends.base import ArtifactJob, Check
-from repfx.backends.formats import artifacts, export_formats, file_names, resolve_formats
+from repfx.backends.formats import artifacts, export_formats, file_names, planned_for, resolve_formats
 from repfx.backends.precision import PrecisionName, deploy_copy, precision_dtype
 from repfx.backends.program import export_program
 from repfx.backends.registry import backends
 from repfx.capture.export import SupportedModel, keeps_dynamic_batch
-from repfx.deploy.compile import DeployedModel, check_against_plain
+from repfx.deploy.compile import DeployedModel, check_against_plain, planned_target
 from repfx.deploy.staging import Claim, Transaction, repfx_version, reported_as, sha256_of
 from repfx.errors import VerificationError
 from repfx.report import Report
-from repfx.targets import Target, cost_rule
+from repfx.targets import Target
 
 FORMATS = export_formats()  # the built-in ones ("pt2", "onnx", "engine"): what the CLI's --formats accepts
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -53,6 +53,7 @@ class ExportResult:
     skipped: dict[str, str] = field(default_factory=dict)  # format -> why it was not written
     program: torch.export.ExportedProgram | None = None  # the plain program, in the deploy precision
     plain: torch.fx.GraphModule | None = None  # the plain graph in fp32 (weights before any cast)
+    checks: dict[str, Check] = field(default_factory=dict)  # format -> how its artifact is run (--benchmark)
 
 
 def export(
@@ -159,12 +160,10 @@ def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequen
     dynamic_batch = keeps_dynamic_batch(model, dynamic_batch)
     # One graph is written: a model torch.export cannot capture whole is refused in one line naming what blocks
     # it and the folded part to export instead.
-    if target is None and "engine" in plan.wanted:
-        target = "cuda"  # a TensorRT engine runs on the GPU it is built on
-    rule = cost_rule(cost, target=target, batch=batch, precision=precision, example_inputs=inputs,
-                     backend="onnxruntime" if "onnx" in plan.wanted else "eager")
-    plain = run_whole(model, inputs, Settings(verify=verify, dynamic_batch=dynamic_batch, cost=rule,
-                                              progress=progress))
+    device, runtime = planned_for(plan.wanted)  # e.g. a TensorRT engine runs on the GPU it is built on
+    settings = Settings(verify=verify, dynamic_batch=dynamic_batch, progress=progress, cost=cost,
+                        target=planned_target(target, device), batch=batch, precision=precision, runtime=runtime)
+    plain = run_whole(model, inputs, settings)
     report: Report = report_of(plain)
     report.precision = precision
     deploy_graph, deploy_inputs = deploy_copy(plain, inputs, precision)
@@ -178,14 +177,18 @@ def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequen
     job = ArtifactJob(deploy_graph, deploy_inputs, precision, report, dynamic_batch=dynamic_batch,
                       batch_range=batch_range, options=tensorrt_options, exported=program,
                       out=plan, progress=progress)
+    checks = {}
     for backend, artifact in artifacts(plan.wanted):
         check = artifact.write(job)
-        if verify and check is not None:
+        if check is None:
+            continue
+        checks[artifact.format] = check
+        if verify:
             _check_artifact(check, backend.name, plain, inputs, precision, dynamic_batch, report)
     report.notes += [f"{fmt} not written: {why}" for fmt, why in plan.skipped.items()]
     _stage_report(plan, report)
     files = {kind: claim.target for kind, claim in plan.claims.items()}
-    return ExportResult(files, report, plan.skipped, program, plain)
+    return ExportResult(files, report, plan.skipped, program, plain, checks)
 
 
 def _filenames(name: str, wanted: Sequence[str]) -> dict[str, str]:

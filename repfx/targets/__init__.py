@@ -8,10 +8,10 @@ present here is measured once (``microbench``, about a second) and cached
 (``gpus``). ``cost="measure"`` times contested forms on the device (``timing``).
 
 The runtime matters as much as the device: ONNX Runtime pays a few microseconds per
-op where eager PyTorch pays tens, so a model deployed to it (``backend="onnx"``) is
-planned with a CPU profile measured in ONNX Runtime (``onnxruntime_bench``). Inductor
-calls the same convolution kernels as eager and is planned with eager's profile (the
-elementwise ops it fuses are not modeled); so is ONNX Runtime on a CUDA device.
+op where eager PyTorch pays tens, so a runtime may bring a CPU profile of its own
+(``runtime.Runtime``, declared by its backend in ``repfx.backends``: nothing here names
+one). A runtime without one (inductor calls the same convolution kernels as eager) is
+planned with eager PyTorch's profile; so is every runtime on a CUDA device.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from repfx.passes.cost import AlwaysMerge, CostRule, DeviceProfile, LatencyCost,
 from repfx.targets.cache import cached_profile
 from repfx.targets.gpus import known_gpus, published_profile
 from repfx.targets.microbench import cache_key, measure_profile
-from repfx.targets.timing import BACKENDS, WorkTimer
+from repfx.targets.runtime import Runtime
+from repfx.targets.timing import WorkTimer
 
 COSTS = ("latency", "measure", "macs", "always")
-RUNTIMES = ("eager", "onnxruntime")  # runtimes with a profile of their own (inductor plans with eager's)
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 Target = Union[str, DeviceProfile, None]
 
@@ -49,14 +49,13 @@ def check_target(target: str) -> str:
                      f"(known GPUs: {', '.join(known_gpus())}), got {target!r}")
 
 
-def device_profile(target: Target = "cpu", runtime: str = "eager") -> DeviceProfile:
+def device_profile(target: Target = "cpu", runtime: Runtime | None = None) -> DeviceProfile:
     """The profile of ``target``: ``"cpu"``, ``"cuda"``/``"cuda:1"`` (measured here), ``"cuda:h200"`` (published);
-    ``runtime="onnxruntime"`` measures a CPU in ONNX Runtime instead of eager PyTorch."""
+    a CPU as ``runtime`` attains it where that runtime has a profile of its own (None: eager PyTorch)."""
     if isinstance(target, DeviceProfile):
         return target
     if not isinstance(target, str):
         raise TypeError(f"target must be a device string or a DeviceProfile, got {type(target).__name__}")
-    _check_runtime(runtime)
     kind, _, name = check_target(target).partition(":")
     if kind == "cpu":
         return _measured("cpu", runtime)
@@ -65,38 +64,28 @@ def device_profile(target: Target = "cpu", runtime: str = "eager") -> DeviceProf
     if not torch.cuda.is_available():
         raise ValueError(f"target={target!r}: there is no CUDA device here to measure; name the GPU to plan "
                          f"for, e.g. target='cuda:h200' (known: {', '.join(known_gpus())})")
-    return _measured(target if name else "cuda:0", "eager")
+    return _measured(target if name else "cuda:0", None)
 
 
 @functools.lru_cache(maxsize=None)
-def _measured(device: str, runtime: str) -> DeviceProfile:
+def _measured(device: str, runtime: Runtime | None) -> DeviceProfile:
     """Measured once per process (and once per machine, through the cache file)."""
     runtime = _profiled_runtime(device, runtime)
     return cached_profile(cache_key(device, runtime=runtime), _measurement(device, runtime))
 
 
-def _check_runtime(runtime: str) -> None:
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+def _profiled_runtime(device: str, runtime: Runtime | None) -> Runtime | None:
+    """The runtime whose profile ``device`` gets: a runtime has its own on a CPU only (see the module doc)."""
+    return runtime if device == "cpu" and runtime is not None and runtime.cpu_profile is not None else None
 
 
-def _profiled_runtime(device: str, runtime: str) -> str:
-    """The runtime whose profile ``device`` gets: ONNX Runtime has its own on a CPU only (see the module doc)."""
-    return runtime if device == "cpu" else "eager"
+def _measurement(device: str, runtime: Runtime | None):
+    return runtime.cpu_profile if runtime is not None else lambda: measure_profile(device)
 
 
-def _measurement(device: str, runtime: str):
-    if runtime == "onnxruntime":
-        from repfx.targets.onnxruntime_bench import measure_onnxruntime_profile  # needs onnxruntime
-
-        return measure_onnxruntime_profile
-    return lambda: measure_profile(device)
-
-
-def remeasure(target: str = "cpu", runtime: str = "eager") -> DeviceProfile:
+def remeasure(target: str = "cpu", runtime: Runtime | None = None) -> DeviceProfile:
     """Measure ``target`` (``"cpu"`` or a CUDA device here) in ``runtime`` again and replace its cached profile."""
     device = check_target(target)
-    _check_runtime(runtime)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"target={target!r}: there is no CUDA device here to measure")
     device = "cuda:0" if device == "cuda" else device
@@ -106,14 +95,16 @@ def remeasure(target: str = "cpu", runtime: str = "eager") -> DeviceProfile:
 
 
 def cost_rule(cost: str | CostRule = "latency", *, target: Target = None, batch: int | None = None,
-              precision: str | None = None, example_inputs: Sequence[Any] = (), backend: str = "eager") -> CostRule:
-    """The rule for ``cost``; ``target``, ``batch`` and ``precision`` default to what the example inputs show."""
+              precision: str | None = None, example_inputs: Sequence[Any] = (),
+              runtime: Runtime | None = None) -> CostRule:
+    """The rule for ``cost``; ``target``, ``batch`` and ``precision`` default to what the example inputs show.
+
+    ``runtime`` is the one the model is deployed to (a backend's ``runtime``; None: eager PyTorch):
+    it picks the profile and what ``cost="measure"`` times forms with."""
     if isinstance(cost, CostRule):
         return cost
     if cost not in COSTS:
         raise ValueError(f"cost must be one of {', '.join(repr(name) for name in COSTS)}, got {cost!r}")
-    if backend not in BACKENDS:  # the runtime the model is deployed to: it picks the profile and the timer
-        raise ValueError(f"backend must be one of {', '.join(repr(name) for name in BACKENDS)}, got {backend!r}")
     if cost == "macs":
         return MacsCost()
     if cost == "always":
@@ -122,7 +113,7 @@ def cost_rule(cost: str | CostRule = "latency", *, target: Target = None, batch:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     first = _first_tensor(example_inputs)
     target = target if target is not None else (device_target(first.device) if first is not None else "cpu")
-    profile = device_profile(target, runtime="onnxruntime" if backend == "onnxruntime" else "eager")
+    profile = device_profile(target, runtime)
     batch = batch or (int(first.shape[0]) if first is not None and first.dim() > 0 else 1)
     dtype = _dtype_name(precision, first)
     if cost == "latency":
@@ -130,7 +121,7 @@ def cost_rule(cost: str | CostRule = "latency", *, target: Target = None, batch:
     if profile.source.startswith("published"):
         raise ValueError(f"cost='measure' times forms on the device itself, and {profile.name} is not here; "
                          "use cost='latency' to plan for it")
-    timer = WorkTimer(device_target(torch.device(profile.device)), batch, dtype, backend)
+    timer = WorkTimer(device_target(torch.device(profile.device)), batch, dtype, runtime)
     return MeasuredCost(profile=profile, batch=batch, dtype=dtype, timer=timer)
 
 
@@ -155,5 +146,5 @@ def _dtype_name(precision: str | None, first: torch.Tensor | None) -> str:
     return "float32"
 
 
-__all__ = ["COSTS", "RUNTIMES", "DeviceProfile", "Target", "check_target", "cost_rule", "device_profile", "device_target",
+__all__ = ["COSTS", "DeviceProfile", "Runtime", "Target", "check_target", "cost_rule", "device_profile", "device_target",
            "known_gpus", "measure_profile", "published_profile", "remeasure"]

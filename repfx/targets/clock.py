@@ -1,15 +1,17 @@
-"""Timing one callable on a device: warm up, then the median of repeated timed batches of calls.
+"""Timing callables on a device: the one timer of repfx (profiles, ``cost="measure"``, ``--benchmark``, ``bench/``).
 
-Shared by the profile micro-benchmark and by ``cost="measure"``. A CUDA device is
-synchronized around each timed batch (kernels launch asynchronously); each batch
-runs long enough (``min_seconds``) that the timer's resolution does not matter.
+Every figure comes from the same loop (``_rounds``): warm up, then timed batches of
+calls, the runs taking turns, in inference mode. A CUDA device is synchronized around
+each timed batch (kernels launch asynchronously). What differs is what is read from
+the samples: a median (what a run takes now), or a minimum (what the device attains).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -34,23 +36,10 @@ def interleaved_seconds(runs: list[Callable[[], object]], device: torch.device |
     """Per run, the median over ``rounds`` of the mean time of one call, the runs taking turns each round.
 
     What is compared is timed alike: a load that comes and goes lands on every run in turn,
-    not on whichever was being timed at the moment.
+    not on whichever was being timed at the moment. Each batch runs long enough
+    (``min_seconds``) that the timer's resolution does not matter.
     """
-    sync = synchronizer(device)
-    with torch.inference_mode():
-        for run in runs:
-            for _ in range(warmup):
-                run()
-        sync()
-        calls = [_calls_filling(run, sync, min_seconds) for run in runs]
-        samples: list[list[float]] = [[] for _ in runs]
-        for _ in range(rounds):
-            for run, count, times in zip(runs, calls, samples):
-                start = time.perf_counter()
-                for _ in range(count):
-                    run()
-                sync()
-                times.append((time.perf_counter() - start) / count)
+    samples = _rounds(runs, synchronizer(device), rounds, warmup, min_seconds=min_seconds)
     return [statistics.median(times) for times in samples]
 
 
@@ -61,18 +50,36 @@ def fastest_call_seconds(run: Callable[[], object], device: torch.device | str =
     Other work on a shared machine only ever adds time (a descheduled thread stalls an
     OpenMP barrier for milliseconds), so the minimum estimates the device, the median the moment.
     """
-    sync = synchronizer(device)
-    best = float("inf")
+    (samples,) = _rounds([run], synchronizer(device), calls, warmup)
+    return min(samples)
+
+
+def median_latency_ms(run: Callable[..., Any], inputs: tuple, *, warmup: int = 3, repeat: int = 10) -> float:
+    """The median of ``repeat`` single calls ``run(*inputs)``, in milliseconds, on the inputs' device."""
+    device = next((t.device for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda), "cpu")
+    (samples,) = _rounds([lambda: run(*inputs)], synchronizer(device), repeat, warmup)
+    return statistics.median(samples) * 1e3
+
+
+def _rounds(runs: Sequence[Callable[[], object]], sync: Callable[[], None], rounds: int, warmup: int, *,
+            min_seconds: float | None = None) -> list[list[float]]:
+    """Per run, ``rounds`` samples of the seconds one call takes; each sample times one call, or with
+    ``min_seconds`` a batch of calls lasting about that long (mean per call)."""
     with torch.inference_mode():
-        for _ in range(warmup):
-            run()
+        for run in runs:
+            for _ in range(warmup):
+                run()
         sync()
-        for _ in range(calls):
-            start = time.perf_counter()
-            run()
-            sync()
-            best = min(best, time.perf_counter() - start)
-    return best
+        calls = [1 if min_seconds is None else _calls_filling(run, sync, min_seconds) for run in runs]
+        samples: list[list[float]] = [[] for _ in runs]
+        for _ in range(rounds):
+            for run, count, times in zip(runs, calls, samples):
+                start = time.perf_counter()
+                for _ in range(count):
+                    run()
+                sync()
+                times.append((time.perf_counter() - start) / count)
+    return samples
 
 
 def _calls_filling(run: Callable[[], object], sync: Callable[[], None], min_seconds: float) -> int:

@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from repfx.passes.cost import DeviceProfile
 from repfx.targets.clock import fastest_call_seconds
+from repfx.targets.runtime import Runtime
 
 # (batch, channels, size) of the compute-bound conv and elements per operand of the add, per device type
 # Two shapes of the same MACs each: the rate is the better of the two, since one shape can land on a weaker
@@ -147,15 +148,13 @@ def _best(run, device: torch.device, calls: int = 10) -> float:
     return fastest_call_seconds(run, device, calls=calls)
 
 
-def cache_key(device: torch.device | str, threads: int | None = None, runtime: str = "eager") -> str:
-    """What a measured profile depends on: the device, the runtime, and for eager PyTorch the thread count
-    (default: the current) and the torch build; for ONNX Runtime its version (it sizes its own thread pool)."""
+def cache_key(device: torch.device | str, threads: int | None = None, runtime: Runtime | None = None) -> str:
+    """What a measured profile depends on: the device, and for eager PyTorch the thread count (default: the
+    current) and the torch build; for a runtime with a profile of its own its version (it sizes its own threads)."""
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    if runtime == "onnxruntime":
-        from repfx.targets.onnxruntime_bench import runtime_version
-
-        return f"{device.type}|{name}|onnxruntime={runtime_version()}|figures={FIGURES_VERSION}"
+    if runtime is not None:
+        return f"{device.type}|{name}|{runtime.name}={runtime.version()}|figures={FIGURES_VERSION}"
     return (f"{device.type}|{name}|threads={threads or torch.get_num_threads()}|torch={torch.__version__}"
             f"|figures={FIGURES_VERSION}")
 

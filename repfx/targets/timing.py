@@ -1,10 +1,10 @@
-"""``cost="measure"``: time two forms of a region on the device, side by side, with the backend being built.
+"""``cost="measure"``: time two forms of a region on the device, side by side, in the runtime being built for.
 
 A ``Work`` lists ops with their geometry; ``WorkModule`` builds them again with
 seeded random weights. An op reads the previous op's output when the shapes match
 (a chain, or a branch reading what was just written, as the region does: the data
 is in cache), else a random input of its own of the real size. The timer runs that
-module as the backend would (eager PyTorch, torch.compile, or ONNX Runtime).
+module as the runtime would (``Runtime.timed``: the module itself for eager PyTorch).
 
 Only contested comparisons are timed (``MeasuredCost``). The two forms are timed in
 alternating rounds, so that a load that comes and goes on the machine weighs on both
@@ -20,27 +20,29 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from repfx.capture.inputs import drawer
 from repfx.passes.cost import Op, Work
 from repfx.targets.clock import interleaved_seconds
+from repfx.targets.runtime import Runtime, as_module
 
-BACKENDS = ("eager", "inductor", "onnxruntime")
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 class WorkModule(nn.Module):
-    """Every op of a work, in order, each reading its predecessor's output or its own input (``inputs()``)."""
+    """Every op of a work, in order, each reading its predecessor's output or its own input (``inputs()``);
+    weights and inputs are drawn by the one draw rule (``repfx.capture.inputs``), from one seeded generator."""
 
     def __init__(self, work: Work, batch: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> None:
         super().__init__()
         self.ops = work.ops
         self.batch, self.dtype, self.device = batch, dtype, device
-        self.generator = torch.Generator().manual_seed(seed)
+        self.draw = drawer(seed)
         self.weights = nn.ParameterList([nn.Parameter(self._random(*shape), requires_grad=False)
                                          for op in self.ops for shape in _weight_shapes(op)])
 
     def _random(self, *shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator).to(self.device, self.dtype)
+        return self.draw(shape, self.dtype, self.device)
 
     def inputs(self) -> tuple[torch.Tensor, ...]:
         """One random input per op, of its real size; ``forward`` uses it where the op does not read its
@@ -98,13 +100,11 @@ def _run(op: Op, x: torch.Tensor, weights) -> torch.Tensor:
 
 
 class WorkTimer:
-    """Seconds to run each of two works once on ``device`` at ``batch`` and ``dtype``, with ``backend``,
-    timed in alternating rounds; cached per pair of works."""
+    """Seconds to run each of two works once on ``device`` at ``batch`` and ``dtype``, in ``runtime``
+    (None: eager PyTorch), timed in alternating rounds; cached per pair of works."""
 
-    def __init__(self, device: torch.device | str, batch: int, dtype: str, backend: str = "eager") -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"cost='measure' times with one of {', '.join(BACKENDS)}, not {backend!r}")
-        self.device, self.batch, self.dtype, self.backend = torch.device(device), batch, dtype, backend
+    def __init__(self, device: torch.device | str, batch: int, dtype: str, runtime: Runtime | None = None) -> None:
+        self.device, self.batch, self.dtype, self.runtime = torch.device(device), batch, dtype, runtime
         self.seconds: dict[tuple, tuple[float, float]] = {}
 
     def __call__(self, first: Work, second: Work) -> tuple[float, float]:
@@ -118,16 +118,8 @@ class WorkTimer:
     def _call(self, work: Work) -> Callable[[], object]:
         module = WorkModule(work, self.batch, getattr(torch, self.dtype), self.device).eval()
         inputs = module.inputs()
-        run = self._runner(module, inputs)
+        run = (self.runtime.timed if self.runtime is not None else as_module)(module, inputs)
         return lambda: run(*inputs)
-
-    def _runner(self, module: WorkModule, inputs: tuple) -> Callable:
-        if self.backend == "eager":
-            return module
-        if self.backend == "inductor":
-            return torch.compile(module, dynamic=False)
-        from repfx.backends.onnx import compile_onnx  # ONNX Runtime is imported only when timing with it
-        return compile_onnx(torch.export.export(module, inputs))
 
 
 def _signature(work: Work) -> tuple:

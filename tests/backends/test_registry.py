@@ -1,9 +1,12 @@
 """The backend interface and registry, proven with a backend that exists only in this file.
 
 ``Float64Backend`` ("toy") is all that adding a backend takes: a ``Backend`` with a
-name and ``build``, here also a refused precision, a report note and an artifact
-for ``repfx.export``. It is registered for one test and unregistered after. Also:
-how an unknown name is refused, today's texts of ``supports()`` refusals, the
+name and ``build``, here also a refused precision, a report note, an artifact for
+``repfx.export``, a runtime of its own (what ``cost="measure"`` times forms with),
+a place in "auto" and whether it runs modules. It is registered for one test and
+unregistered after, and goes through ``repfx.compile``, ``repfx.export``,
+``cost="measure"`` and ``python -m repfx.trt`` without any other file knowing it.
+Also: how an unknown name is refused, today's texts of ``supports()`` refusals, the
 "auto" rule, and the precision table driving every tolerance.
 """
 
@@ -18,15 +21,16 @@ import pytest
 import torch
 
 import repfx
-from repfx.backends import (BACKENDS, Artifact, ArtifactJob, Backend, BuildRequest, Check, Unsupported, names,
-                            register, resolve_backend, unregister)
+from repfx.backends import (BACKENDS, Artifact, ArtifactJob, Backend, BuildRequest, Check, Runtime, Unsupported,
+                            names, register, resolve_backend, unregister)
 from repfx.backends.formats import export_formats, resolve_formats
 from repfx.backends.precision import PRECISIONS, PrecisionName, cast_floating
+from repfx.cli import trt as cli
 from repfx.deploy.export import FORMATS
 from repfx.samples import build_sample, randomize_bn_
 
 from deploy_fixtures import TENSORRT
-from helpers import assert_matches, rand
+from helpers import DepthwiseBesideDense, assert_matches, build, rand
 
 
 class Float64Runner:
@@ -44,8 +48,15 @@ class Float64Backend(Backend):
     name = "toy"
 
     def __init__(self, error: float = 0.0) -> None:
-        self.error, self.built = error, 0
+        self.error, self.built, self.timed_forms = error, 0, 0
         self.artifacts = (Artifact("toy", "the toy program", {"toy": "{name}.f64.pt2"}, self.write),)
+        self.runtime = Runtime("toy runtime", timed=self.timed)
+
+    def timed(self, module: torch.nn.Module, inputs: tuple):
+        """How cost="measure" runs a form with this backend: in float64, as it runs everything."""
+        self.timed_forms += 1
+        module = copy.deepcopy(module).double()
+        return lambda *args: module(*(arg.double() for arg in args))
 
     def supports(self, precision: str) -> Unsupported | None:
         return Unsupported("the toy runtime has no bfloat16 kernels", instead="fp32") if precision == "bf16" else None
@@ -123,6 +134,65 @@ def test_an_unknown_backend_name_lists_the_registered_ones(toy, net, x):
     with pytest.raises(ValueError) as refused:
         repfx.compile(net, (x,), backend="tvm")
     assert str(refused.value) == "backend must be one of auto, eager, inductor, onnx, tensorrt, toy, got 'tvm'"
+
+
+class DecidesOnAValue(torch.nn.Module):
+    """Cannot be captured whole (``.item()`` decides); the ACNet inside it can, so it is folded in parts."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        y = self.net(x)
+        return y / 2 if y.abs().mean().item() > 1e6 else y
+
+
+def test_a_backend_that_runs_modules_takes_a_model_folded_in_parts(toy, net, x):
+    model = DecidesOnAValue(net).eval()
+    with pytest.raises(repfx.CaptureError, match="cannot be exported as one graph"):
+        repfx.compile(model, (x,), backend="toy")  # by default a backend lowers one graph
+    toy.runs_modules = True
+    with pytest.warns(UserWarning, match="folded it in parts"):
+        deployed = repfx.compile(model, (x,), backend="toy")
+    assert deployed.backend == "toy" and deployed.report.parts and toy.built == 1
+    assert_matches(model, deployed, x)
+
+
+def test_cost_measure_times_forms_with_the_backends_runtime(toy):
+    """A contested merge (a depthwise 3x3 beside a dense 1x1) is timed the way the backend runs: compile plans
+    with its backend's runtime, export with that of the artifacts it writes."""
+    model, x = build(lambda: DepthwiseBesideDense(8)), rand(1, 8, 8, 8)
+    deployed = repfx.compile(model, (x,), backend="toy", cost="measure")
+    assert toy.timed_forms == 2 and [d["how"] for d in deployed.report.decisions] == ["measured"]
+    assert_matches(model, deployed, x)
+    repfx.explain(model, (x,), cost="measure")
+    assert toy.timed_forms == 2, "eager PyTorch times its own forms"
+
+
+def test_cost_measure_in_an_export_times_with_the_written_artifacts_runtime(toy, tmp_path):
+    model, x = build(lambda: DepthwiseBesideDense(8)), rand(1, 8, 8, 8)
+    result = repfx.export(model, (x,), tmp_path, formats=("toy",), cost="measure")
+    assert toy.timed_forms == 2 and [d["how"] for d in result.report.decisions] == ["measured"]
+
+
+def test_auto_takes_the_usable_backend_of_highest_rank(toy, net, x):
+    toy.auto_rank = 100
+    assert resolve_backend("auto")[0] == "toy"
+    assert repfx.compile(net, (x,)).backend == "toy" and toy.built == 1
+
+
+def test_the_cli_writes_measures_and_benchmarks_a_registered_backend(toy, tmp_path, capsys):
+    """``python -m repfx.trt`` takes the backend's format, plans for its runtime and times its artifact."""
+    model, x = build(lambda: DepthwiseBesideDense(8)), rand(1, 8, 8, 8)
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "block.pt2")
+    code = cli.main([str(tmp_path / "block.pt2"), "--formats", "pt2,toy", "--out", str(tmp_path / "out"),
+                     "--cost", "measure", "--benchmark", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == cli.EXIT_OK
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["block.f64.pt2", "block.pt2", "block.report.json"]
+    assert toy.timed_forms == 2 and "measured on" in out
+    assert "repfx plain (toy runtime, fp32)" in out
 
 
 # --- supports(): today's refusal texts, from the one rule ------------------------------------------------------

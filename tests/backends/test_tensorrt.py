@@ -12,8 +12,41 @@ import torch
 
 import repfx
 
+from repfx.backends.availability import Probe, imported_torch_tensorrt
+from repfx.backends.tensorrt import record_tensorrt_coverage
+
 from deploy_fixtures import TENSORRT, needs_tensorrt
 from helpers import assert_matches
+
+TORCH_TENSORRT = imported_torch_tensorrt()
+needs_torch_tensorrt = pytest.mark.skipif(isinstance(TORCH_TENSORRT, Probe),
+                                          reason=getattr(TORCH_TENSORRT, "reason", ""))
+
+
+class Histogram(torch.nn.Module):
+    def forward(self, x):
+        return torch.histc(torch.relu(x), bins=4)
+
+
+@needs_torch_tensorrt
+def test_the_converter_registry_of_the_installed_torch_tensorrt_is_asked(net, x):
+    """A plain graph converts whole; an op torch-tensorrt has no converter for is named with its node."""
+    plain = repfx.reparameterize(net, (x,), verify=False)
+    report = plain.meta["repfx"]
+    record_tensorrt_coverage(torch.export.export(plain, (x,)), report)
+    assert report.tensorrt_ops_source == f"torch-tensorrt {TORCH_TENSORRT.__version__}"
+    assert report.tensorrt_unconvertible == []
+    record_tensorrt_coverage(torch.export.export(Histogram(), (torch.randn(2, 8),)), report)
+    assert report.tensorrt_unconvertible == ["histc: aten.histc.default (no converter)"]
+
+
+@pytest.mark.skipif(not isinstance(TORCH_TENSORRT, Probe), reason="torch_tensorrt imports here")
+def test_without_torch_tensorrt_nothing_is_said_about_conversion(net, x):
+    plain = repfx.reparameterize(net, (x,), verify=False)
+    report = plain.meta["repfx"]
+    record_tensorrt_coverage(torch.export.export(plain, (x,)), report)
+    assert report.tensorrt_ops_source is None and report.tensorrt_unconvertible == []
+    assert "TensorRT conversion" not in str(report)
 
 
 @pytest.mark.skipif(TENSORRT.usable, reason="TensorRT is usable here")

@@ -18,16 +18,19 @@ from helpers import COMPUTE_BOUND, LAUNCH_BOUND, DepthwiseBesideDense, assert_ma
 
 import repfx
 import repfx.targets as targets
+from repfx.backends import onnx_profile as bench, runtime_named
+from repfx.backends.onnx import cpu_session
 from repfx.targets import cost_rule
-from repfx.targets import onnxruntime_bench as bench
 from repfx.targets.cache import FILE_NAME, MARK
 from repfx.targets.microbench import Figures, cache_key
+
+ONNXRUNTIME, INDUCTOR = runtime_named("onnxruntime"), runtime_named("inductor")
 
 
 @pytest.fixture
 def eager_launch_bound_onnxruntime_compute_bound(tmp_path, monkeypatch):
     """A cache where eager PyTorch is launch-bound (merge) and ONNX Runtime compute-bound (keep apart)."""
-    profiles = {cache_key("cpu"): LAUNCH_BOUND.to_dict(), cache_key("cpu", runtime="onnxruntime"): COMPUTE_BOUND.to_dict()}
+    profiles = {cache_key("cpu"): LAUNCH_BOUND.to_dict(), cache_key("cpu", runtime=ONNXRUNTIME): COMPUTE_BOUND.to_dict()}
     (tmp_path / FILE_NAME).write_text(json.dumps({"written_by": MARK, "profiles": profiles}))
     monkeypatch.setenv("REPFX_CACHE_DIR", str(tmp_path))
     targets._measured.cache_clear()
@@ -38,7 +41,7 @@ def eager_launch_bound_onnxruntime_compute_bound(tmp_path, monkeypatch):
 def test_the_onnx_backend_plans_with_onnxruntimes_profile(eager_launch_bound_onnxruntime_compute_bound):
     model, x = build(lambda: DepthwiseBesideDense(16)), rand(2, 16, 8, 8)
     eager = cost_rule("latency", example_inputs=(x,))
-    onnxruntime = cost_rule("latency", example_inputs=(x,), backend="onnxruntime")
+    onnxruntime = cost_rule("latency", example_inputs=(x,), runtime=ONNXRUNTIME)
     assert eager.profile == LAUNCH_BOUND and onnxruntime.profile == COMPUTE_BOUND
     for rule, convolutions in ((eager, 1), (onnxruntime, 2)):
         gm = repfx.reparameterize(model, (x,), cost=rule)
@@ -52,7 +55,7 @@ def test_the_onnx_backend_plans_with_onnxruntimes_profile(eager_launch_bound_onn
 
 def test_inductor_plans_with_eagers_profile(eager_launch_bound_onnxruntime_compute_bound):
     x = rand(2, 16, 8, 8)
-    assert cost_rule("latency", example_inputs=(x,), backend="inductor").profile == LAUNCH_BOUND
+    assert cost_rule("latency", example_inputs=(x,), runtime=INDUCTOR).profile == LAUNCH_BOUND
 
 
 def test_the_profile_graphs_compute_what_they_say():
@@ -62,18 +65,18 @@ def test_the_profile_graphs_compute_what_they_say():
     weight = rng.standard_normal((4, 4, 3, 3), dtype=np.float32) / 6
     model = bench._conv_graph(x.shape, weight, 3)
     onnx.checker.check_model(onnx.load_from_string(model))
-    (got,) = bench._session(model, threads=1).run(None, {"X": x})
+    (got,) = cpu_session(model, threads=1).run(None, {"X": x})
     expected = torch.from_numpy(x)
     for _ in range(3):
         expected = F.conv2d(expected, torch.from_numpy(weight), padding=1)
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)
     a, b = (rng.standard_normal(8, dtype=np.float32) for _ in range(2))
-    (total,) = bench._session(bench._add_graph(a.shape), threads=1).run(None, {"X": a, "Z": b})
+    (total,) = cpu_session(bench._add_graph(a.shape), threads=1).run(None, {"X": a, "Z": b})
     np.testing.assert_allclose(total, a + b)
 
 
 def test_onnxruntime_profile_is_measured_in_onnxruntime():
-    profile = bench.measure_onnxruntime_profile()
+    profile = bench.measure_onnxruntime_profile(cpu_session)
     assert profile.device == "cpu" and "onnxruntime" in profile.name
     assert profile.rate("float32") > 0 and profile.bandwidth > 0 and 0 < profile.overhead_s < 0.1
     assert 0 < profile.conv_output_s < 1e-6
@@ -85,11 +88,11 @@ def test_a_busy_machine_gives_an_onnxruntime_estimate_that_is_not_cached(tmp_pat
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     measured = {0: Figures({"float32": 1e9}, 1e9, 1e-2, 1e-8),  # the default pool
                 1: Figures({"float32": 5e10}, 2e9, 3e-6, 1e-9)}  # one thread
-    monkeypatch.setattr(bench, "_measure", lambda threads: measured[threads])
+    monkeypatch.setattr(bench, "_measure", lambda session, threads: measured[threads])
     targets._measured.cache_clear()
     try:
         with pytest.warns(UserWarning, match="not cached"):
-            profile = targets.device_profile("cpu", runtime="onnxruntime")
+            profile = targets.device_profile("cpu", runtime=ONNXRUNTIME)
     finally:
         targets._measured.cache_clear()
     assert profile.busy and profile.rate("float32") == 1e11 and profile.overhead_s == 3e-6
@@ -97,8 +100,8 @@ def test_a_busy_machine_gives_an_onnxruntime_estimate_that_is_not_cached(tmp_pat
 
 
 def test_an_unknown_runtime_is_one_line():
-    with pytest.raises(ValueError, match="runtime must be one of eager, onnxruntime"):
-        targets.device_profile("cpu", runtime="tvm")
+    with pytest.raises(ValueError, match="runtime must be one of eager, inductor, onnxruntime, got 'tvm'"):
+        runtime_named("tvm")
 
 
 def test_cli_shows_the_onnxruntime_profile(capsys):

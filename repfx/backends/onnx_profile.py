@@ -16,18 +16,25 @@ itself, on graphs written directly with ``onnx.helper`` (no export needed):
 
 Each figure is the fastest of single calls, as in ``microbench``; a session with one
 thread is measured too, and when it is faster the machine is busy (the profile is
-then estimated from it, flagged and not cached).
+then estimated from it, flagged and not cached). The sessions come from the ``onnx``
+backend (``session``), configured as it configures its own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 
+from repfx.backends.availability import require_onnxruntime
 from repfx.passes.cost import DeviceProfile
 from repfx.targets.clock import fastest_call_seconds
 from repfx.targets.microbench import (COMPUTE_CONVS, DEPTHWISE_CONVS, SMALL_CONV, STREAM_ELEMENTS, Figures,
                                      busy_estimate, cpu_model)
+
+Session = Callable[[bytes, int], Any]  # (model, intra-op threads; 0: ONNX Runtime's default) -> a CPU session
 
 CHAIN = 16  # convolutions in the chain whose per-op cost is the overhead
 OPSET = 17
@@ -35,14 +42,12 @@ IR_VERSION = 8  # an IR version every supported onnxruntime loads
 
 
 def runtime_version() -> str:
-    from repfx.backends.availability import require_onnxruntime  # imported only when ONNX Runtime is planned for
-
-    return require_onnxruntime().__version__
+    return require_onnxruntime().__version__  # onnxruntime is imported only when it is planned for
 
 
-def measure_onnxruntime_profile() -> DeviceProfile:
+def measure_onnxruntime_profile(session: Session) -> DeviceProfile:
     """This CPU's profile in ONNX Runtime (float32: the CPU provider has no faster float16 convolution)."""
-    measured, single = _measure(threads=0), _measure(threads=1)
+    measured, single = _measure(session, threads=0), _measure(session, threads=1)
     name = f"cpu: {cpu_model()}, onnxruntime {runtime_version()}"
     if single.flops["float32"] > measured.flops["float32"]:  # the default pool ran slower than one thread
         # ONNX Runtime sizes its own pool (physical cores by default); torch's thread count is the
@@ -54,45 +59,45 @@ def measure_onnxruntime_profile() -> DeviceProfile:
                          f"measured in onnxruntime {runtime_version()}", conv_output_s=measured.conv_output_s)
 
 
-def _measure(threads: int) -> Figures:
+def _measure(session: Session, threads: int) -> Figures:
     """The four figures with ``threads`` intra-op threads (0: ONNX Runtime's default)."""
     rng = np.random.default_rng(0)
     rates = []
     for batch, channels, size in COMPUTE_CONVS["cpu"]:
         x = rng.standard_normal((batch, channels, size, size), dtype=np.float32)
         weight = rng.standard_normal((channels, channels, 3, 3), dtype=np.float32)
-        seconds = _best(_session(_conv_graph(x.shape, weight, 1), threads), {"X": x})
+        seconds = _best(session(_conv_graph(x.shape, weight, 1), threads), {"X": x})
         rates.append(2 * batch * channels * channels * 9 * size * size / seconds)
     rate = max(rates)
 
     a, b = (rng.standard_normal(STREAM_ELEMENTS["cpu"], dtype=np.float32) for _ in range(2))
-    add = _session(_add_graph(a.shape), threads)
+    add = session(_add_graph(a.shape), threads)
     bandwidth = 3 * a.nbytes / _best(add, {"X": a, "Z": b})
 
     channels, size = SMALL_CONV
     x = rng.standard_normal((1, channels, size, size), dtype=np.float32)
     weight = rng.standard_normal((channels, channels, 3, 3), dtype=np.float32) / (3 * channels)
-    one, chain = (_best(_session(_conv_graph(x.shape, weight, count), threads), {"X": x}, calls=50)
+    one, chain = (_best(session(_conv_graph(x.shape, weight, count), threads), {"X": x}, calls=50)
                   for count in (1, CHAIN))
     macs = channels * channels * 9 * size * size
     modeled = max(2 * macs / rate, (2 * x.nbytes + weight.nbytes) / bandwidth)
     per_op = (chain - one) / (CHAIN - 1)
     overhead = max(per_op - modeled, per_op / 10)  # never below a tenth of an op's whole time
-    return Figures({"float32": rate}, bandwidth, overhead,
-                   min(_depthwise_output_seconds(shape, rng, threads, one) for shape in DEPTHWISE_CONVS["cpu"]))
+    conv_output = min(_depthwise_output_seconds(session, shape, rng, threads, one) for shape in DEPTHWISE_CONVS["cpu"])
+    return Figures({"float32": rate}, bandwidth, overhead, conv_output)
 
 
-def _depthwise_output_seconds(shape: tuple[int, int, int], rng: np.random.Generator, threads: int,
-                              fixed: float) -> float:
+def _depthwise_output_seconds(session: Session, shape: tuple[int, int, int], rng: np.random.Generator,
+                              threads: int, fixed: float) -> float:
     """Per output element, less ``fixed`` (a small conv's whole ``session.run``), taking off at most half."""
     batch, channels, size = shape
     x = rng.standard_normal((batch, channels, size, size), dtype=np.float32)
     weight = rng.standard_normal((channels, 1, 3, 3), dtype=np.float32)
-    seconds = _best(_session(_conv_graph(x.shape, weight, 1, groups=channels), threads), {"X": x})
+    seconds = _best(session(_conv_graph(x.shape, weight, 1, groups=channels), threads), {"X": x})
     return max(seconds - fixed, seconds / 2) / x.size
 
 
-def _best(session, feeds: dict[str, np.ndarray], calls: int = 10) -> float:
+def _best(session: Any, feeds: dict[str, np.ndarray], calls: int = 10) -> float:
     return fastest_call_seconds(lambda: session.run(None, feeds), "cpu", calls=calls)
 
 
@@ -123,14 +128,3 @@ def _model(nodes: list, inputs: dict[str, tuple], initializers: list) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = IR_VERSION
     return model.SerializeToString()
-
-
-def _session(model: bytes, threads: int):
-    """A session of ``model`` on the CPU provider, configured as the ``onnx`` backend configures its own."""
-    from repfx.backends.availability import require_onnxruntime
-    from repfx.backends.onnx import session_options
-
-    options = session_options()
-    if threads:
-        options.intra_op_num_threads = threads
-    return require_onnxruntime().InferenceSession(model, options, providers=["CPUExecutionProvider"])
