@@ -186,9 +186,9 @@ def _run(model, example_inputs, *, verify, rtol, atol, dynamic_batch, cost: Cost
     # later rounds only confirm the fixed point and would repeat its refusals.
     # Failed local proofs of later rounds are new; a region that failed stays as written and
     # fails again in each round, so each (node, reason) is reported once.
-    refusals = list(results[0].refusals) + [(node, reason) for step in results[1:] for node, reason in step.refusals
-                                            if reason.startswith("local proof")]
-    report.refusals = [Refusal(node, reason) for node, reason in dict.fromkeys(refusals)]
+    refusals = list(results[0].refusals) + [refusal for step in results[1:] for refusal in step.refusals
+                                            if refusal.code == "local-proof"]
+    report.refusals = [Refusal(refusal.node, refusal.reason) for refusal in dict.fromkeys(refusals)]
     report.cost_rule = rule.describe()
     report.decisions = [decision.to_dict() for decision in results[0].decisions]  # first round, as refusals
     clock = _lap(report, "rewrite", clock)

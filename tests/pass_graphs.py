@@ -203,5 +203,5 @@ def assert_unchanged(before: fx.GraphModule, *, cost: CostPolicy = "macs", refus
 
 
 def _assert_refused(result: PassResult, reason: str | None) -> None:
-    text = "\n".join(f"{node}: {why}" for node, why in result.refusals)
+    text = "\n".join(f"{r.node}: {r.reason}" for r in result.refusals)
     assert reason is None or reason in text, f"no refusal says {reason!r}; refusals:\n{text or '  none'}"
