@@ -45,7 +45,7 @@ __all__ = ["RULES", "Analysis", "Analyzer", "CostPolicy", "Expr", "NotLinear", "
            "as_ints", "per_channel", "registered_rules", "rule"]  # rules and passes import these from here
 
 Operand = Callable[..., Expr]  # (arg, channel_last=False) -> Expr
-Rule = Callable[["Analyzer", fx.Node, Operand], Expr]  # raises NotExact (reported) or NotLinear (silent)
+Rule = Callable[["Analyzer", fx.Node, Operand], Expr]  # raises NotExact(code, reason) (reported) or NotLinear
 RULES: dict[Any, Rule] = {}  # aten target -> the rule that analyzes it
 
 
