@@ -28,6 +28,7 @@ from repfx.passes.algebra.forms import ConvForm, NotExact
 from repfx.passes.canonicalize import reshape_as_to_static_shape, see_through_value_aliases
 from repfx.passes.fold import AppliedRewrite, Candidate, PassResult, Prover, fold_linear_regions
 from repfx.passes.inplace_activations import inplace_activations
+from repfx.passes.refusals import CODES, Refused
 from repfx.passes.regions.analyzer import CostPolicy
 
 
@@ -124,5 +125,6 @@ def run_to_fixed_point(gm: fx.GraphModule, cost: CostPolicy = "macs", max_iterat
     return run_pipeline(gm, cost, prover=prover, max_iterations=max_iterations)
 
 
-__all__ = ["PIPELINE", "AppliedRewrite", "Candidate", "ConvForm", "NotExact", "Pass", "PassResult", "PassSettings",
-           "Prover", "describe_pipeline", "fold_linear_regions", "run_pipeline", "run_to_fixed_point"]
+__all__ = ["CODES", "PIPELINE", "AppliedRewrite", "Candidate", "ConvForm", "NotExact", "Pass", "PassResult",
+           "PassSettings", "Prover", "Refused", "describe_pipeline", "fold_linear_regions", "run_pipeline",
+           "run_to_fixed_point"]

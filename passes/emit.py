@@ -1,7 +1,8 @@
 """Graph surgery: write an ``Expr`` back into the graph as convolutions, scales and adds.
 
-The plan (which ops an expression becomes) is computed before any edit so the
-pass can first ask whether the rewrite executes fewer ops than it replaces.
+The ``Plan`` (which ops an expression becomes) is computed before any edit so the
+pass can first ask whether the rewrite executes fewer ops than it replaces; the
+``Emission`` is the nodes then inserted for it, not yet wired in.
 Weights are cast back to the model's dtype here, once.
 """
 
@@ -24,7 +25,9 @@ _CONV_TRANSPOSE = {1: aten.conv_transpose1d.default, 2: aten.conv_transpose2d.in
 
 
 @dataclass(frozen=True)
-class EmissionPlan:
+class Plan:
+    """Which ops an expression becomes, before any node is written."""
+
     convs: tuple[Term, ...]  # terms emitted as a convolution / linear
     scales: tuple[Term, ...]  # per-channel scale (one mul)
     identities: tuple[Term, ...]  # the source itself
@@ -48,7 +51,7 @@ class EmissionPlan:
         return len(self.convs) + len(self.scales) + max(parts - 1, 0) + int(self.bias_needs_add)
 
 
-def plan(expr: Expr) -> EmissionPlan:
+def plan(expr: Expr) -> Plan:
     convs, scales, identities = [], [], []
     for term in expr.terms:
         form = term.form
@@ -57,7 +60,7 @@ def plan(expr: Expr) -> EmissionPlan:
         else:
             convs.append(term)
     bias = torch.stack([term.form.bias for term in expr.terms]).sum(0)
-    return EmissionPlan(tuple(convs), tuple(scales), tuple(identities), bias, expr.terms[0].form.rank)
+    return Plan(tuple(convs), tuple(scales), tuple(identities), bias, expr.terms[0].form.rank)
 
 
 @dataclass(eq=False)
@@ -87,28 +90,28 @@ class Emitter:
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
 
-    def emit(self, root: fx.Node, emission: EmissionPlan) -> Emission:
+    def emit(self, root: fx.Node, planned: Plan) -> Emission:
         dtype = root.meta["val"].dtype
         # Per-channel constants broadcast along the forms' channel axis: dim 1 for
         # convolutions, the last dim for rank-0 (linear) forms on [..., C] tensors.
-        rank = emission.rank
+        rank = planned.rank
         out = Emission(root, root, [], {})
         with self.gm.graph.inserting_before(root):
             parts: list[fx.Node] = []
-            for index, term in enumerate(emission.convs):
-                bias = emission.bias if index == 0 else term.form.bias.new_zeros(term.form.out_channels)
+            for index, term in enumerate(planned.convs):
+                bias = planned.bias if index == 0 else term.form.bias.new_zeros(term.form.out_channels)
                 parts.append(self._conv(out, term.source, term.form, bias, dtype))
-            for term in emission.scales:
+            for term in planned.scales:
                 scale = term.form.weight.reshape((-1,) + (1,) * rank)
                 parts.append(self._call(out, aten.mul.Tensor, term.source, self._constant(out, "scale", scale, dtype)))
-            parts.extend(term.source for term in emission.identities)
+            parts.extend(term.source for term in planned.identities)
             result = parts[0]
             for part in parts[1:]:
                 result = self._call(out, aten.add.Tensor, result, part)
-            if emission.bias_needs_add:
-                shift = emission.bias.reshape((-1,) + (1,) * rank)
+            if planned.bias_needs_add:
+                shift = planned.bias.reshape((-1,) + (1,) * rank)
                 result = self._call(out, aten.add.Tensor, result, self._constant(out, "shift", shift, dtype))
-            if emission.is_plain_copy:
+            if planned.is_plain_copy:
                 result = self._call(out, aten.clone.default, result)
         out.result = result
         return out

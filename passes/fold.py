@@ -24,9 +24,10 @@ from torch import fx
 from repfx.passes import partition
 from repfx.passes import cost as cost_rule
 from repfx.passes.constants import ConstantFolder
-from repfx.passes.cost import CostRule
+from repfx.passes.cost import CostRule, Decision, Decisions
 from repfx.passes.cost.work import NOTHING, Work
-from repfx.passes.emit import Emission, EmissionPlan, Emitter, plan, remove_dead_code
+from repfx.passes.emit import Emission, Emitter, Plan, plan, remove_dead_code
+from repfx.passes.refusals import Refused
 from repfx.passes.regions import sharing
 from repfx.passes.regions.analyzer import Analysis, Analyzer, CostPolicy, Expr, analyze
 
@@ -52,8 +53,19 @@ class AppliedRewrite:
 class PassResult:
     modified: bool
     rewrites: list[AppliedRewrite] = field(default_factory=list)
-    refusals: list[tuple[str, str]] = field(default_factory=list)
-    decisions: list[cost_rule.Decision] = field(default_factory=list)  # contested cost decisions of this round
+    refusals: list[Refused] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)  # contested cost decisions of this round
+    rule_counts: dict[str, int] = field(default_factory=dict)  # rule name -> forms it gave the regions rewritten
+
+
+@dataclass
+class Choice:
+    """What ``choose_regions`` decided: the regions to rewrite and why the rest stays as written."""
+
+    regions: list[tuple[fx.Node, Expr]]
+    refusals: list[Refused]
+    decisions: Decisions  # the contested cost decisions the regions follow
+    rules: dict[fx.Node, str]  # node -> the rule that gave its expression (the analysis that merges all it can)
 
 
 def _is_executed(node: fx.Node) -> bool:
@@ -69,8 +81,8 @@ def _kind(node: fx.Node) -> str:
     return name
 
 
-def choose_regions(gm: fx.GraphModule, cost: CostPolicy | CostRule) -> tuple[list[tuple[fx.Node, Expr]], list[tuple[fx.Node, str]]]:
-    """Regions to rewrite (root, expression) and the refusals that explain the rest.
+def choose_regions(gm: fx.GraphModule, cost: CostPolicy | CostRule) -> Choice:
+    """Regions to rewrite (root, expression), the refusals that explain the rest and the decisions taken.
 
     A use of a shared weight that some region would only copy (the shared op alone,
     carried through a sum) is made a boundary and the regions are chosen again, until
@@ -78,16 +90,17 @@ def choose_regions(gm: fx.GraphModule, cost: CostPolicy | CostRule) -> tuple[lis
     """
     boundaries: frozenset[fx.Node] = frozenset()
     constants = ConstantFolder(gm)  # the graph does not change while regions are chosen: fold each constant once
+    decisions = Decisions()
     while True:
-        chosen, refusals = _choose(gm, cost_rule.resolve(cost), boundaries, constants)
+        chosen, refusals, eager = _choose(gm, cost_rule.resolve(cost), boundaries, constants, decisions)
         copies = sharing.copy_only_uses(chosen) - boundaries
         if not copies:
-            return chosen, refusals
+            return Choice(chosen, refusals, decisions, eager.rules)
         boundaries |= copies
 
 
-def _choose(gm: fx.GraphModule, rule: CostRule, boundaries: frozenset[fx.Node],
-            constants: ConstantFolder) -> tuple[list[tuple[fx.Node, Expr]], list[tuple[fx.Node, str]]]:
+def _choose(gm: fx.GraphModule, rule: CostRule, boundaries: frozenset[fx.Node], constants: ConstantFolder,
+            decisions: Decisions) -> tuple[list[tuple[fx.Node, Expr]], list[Refused], Analysis]:
     """The cost rule, applied globally first, then locally, then along chains.
 
     The *eager* analysis merges everything exact; its region is kept when the merged
@@ -96,12 +109,13 @@ def _choose(gm: fx.GraphModule, rule: CostRule, boundaries: frozenset[fx.Node],
     adds MACs to the convs as written (contested), than the careful cut of the region. Otherwise
     the region is rebuilt from the *careful* analysis, where every single merge must
     pay for itself (depthwise kxk + dense 1x1, bottleneck 1x1->kxk). Last, each chain
-    of ops is cut where that is cheapest, where that beats the choice so far.
+    of ops is cut where that is cheapest, where that beats the choice so far. ``decisions``
+    collects the contested decisions as they are taken.
     """
     analyzer = Analyzer(gm, "always", boundaries, constants)
     eager = analyzer.run()
     if rule.merges_everything:
-        return [(root, eager.exprs[root]) for root in eager.roots()], list(eager.refusals)
+        return [(root, eager.exprs[root]) for root in eager.roots()], list(eager.refusals), eager
     careful: Analysis | None = None  # only built when some region is contested or fails the global rule
     careful_roots: set[fx.Node] = set()
 
@@ -111,10 +125,11 @@ def _choose(gm: fx.GraphModule, rule: CostRule, boundaries: frozenset[fx.Node],
         if careful is None:
             careful = analyze(gm, rule, boundaries, constants)
             careful_roots = set(careful.roots())
+            decisions.add(careful.decisions)
         return careful, careful_roots
 
     chosen, refusals = [], []
-    fallback_ops: set[fx.Node] = set()
+    fallback_ops: set[str] = set()  # names of the ops of regions rebuilt from the careful analysis
     accepted, refused = [], {}
     for root in eager.roots():
         expr = eager.exprs[root]
@@ -124,24 +139,23 @@ def _choose(gm: fx.GraphModule, rule: CostRule, boundaries: frozenset[fx.Node],
             # What a refusal gives the graph: the region cut where each merge pays (its BatchNorms folded
             # too). Against the region as written, a merge would be credited with folds any cut makes.
             alternative, against = _careful_plan(*careful_analysis(), eager, expr), "cut where each merge pays"
-        noted_before = rule.decisions.get(root.name)
-        if rule.pays(merged, alternative, root.name):
+        verdict = decisions.note(rule.pays(merged, alternative, root.name))
+        if verdict.won:
             chosen.append((root, expr))
-            whole_noted = rule.decisions.get(root.name) is not noted_before
             # A region the careful analysis merged just as far was decided by its single merges.
-            decided_inside = contested and not whole_noted and alternative.ops == merged.ops
+            decided_inside = contested and verdict.decision is None and alternative.ops == merged.ops
             accepted += list(expr.ops) if decided_inside else [root]
             continue
-        refused[root] = (expr, rule.decisions.get(root.name))
+        refused[root] = (expr, decisions.get(root.name))
         careful, careful_roots = careful_analysis()
-        fallback_ops |= expr.ops
-        refusals.append((root, rule.region_refused(len(expr.terms), merged, alternative, against)))
+        fallback_ops |= {op.name for op in expr.ops}
+        refusals.append(Refused(root.name, "cost", rule.region_refused(len(expr.terms), merged, alternative, against)))
         chosen += [(node, careful.exprs[node]) for node in expr.ops if node in careful_roots]
-    refusals += [(node, reason) for node, reason in eager.refusals if node not in fallback_ops]
+    refusals += [refusal for refusal in eager.refusals if refusal.node not in fallback_ops]
     if careful is not None:
-        refusals += [(node, reason) for node, reason in careful.refusals if node in fallback_ops]
-        _keep_decisions_that_decided(rule, accepted, refused)
-    return partition.improve(analyzer, eager, chosen, refusals, _rewrites_fewer_ops, rule)
+        refusals += [refusal for refusal in careful.refusals if refusal.node in fallback_ops]
+        _keep_decisions_that_decided(decisions, accepted, refused)
+    return (*partition.improve(analyzer, eager, chosen, refusals, _rewrites_fewer_ops, rule, decisions), eager)
 
 
 def _adds_macs(merged: Work, original: Work) -> bool:
@@ -163,8 +177,8 @@ def _careful_plan(careful: Analysis, careful_roots: set[fx.Node], eager: Analysi
     return sum((part.cost for part in inside), NOTHING) + sum(rest, NOTHING)
 
 
-def _keep_decisions_that_decided(rule: CostRule, accepted: list[fx.Node],
-                                 refused: dict[fx.Node, tuple[Expr, object]]) -> None:
+def _keep_decisions_that_decided(decisions: Decisions, accepted: list[fx.Node],
+                                 refused: dict[fx.Node, tuple[Expr, Decision | None]]) -> None:
     """The contested decisions the graph follows, one set per region.
 
     The careful analysis walks the whole graph, so it also notes merges inside
@@ -177,12 +191,12 @@ def _keep_decisions_that_decided(rule: CostRule, accepted: list[fx.Node],
     """
     kept = {node.name for node in accepted}
     for root, (expr, whole) in refused.items():
-        inside = {op.name for op in expr.ops} & set(rule.decisions)
-        if any(rule.decisions[name] is not whole for name in inside):
-            inside = {name for name in inside if rule.decisions[name] is not whole}
+        inside = {op.name for op in expr.ops} & set(decisions)
+        if any(decisions[name] is not whole for name in inside):
+            inside = {name for name in inside if decisions[name] is not whole}
         kept |= inside
-    for name in [name for name in rule.decisions if name not in kept]:
-        del rule.decisions[name]
+    for name in [name for name in decisions if name not in kept]:
+        del decisions[name]
 
 
 def _executed(expr: Expr) -> list[fx.Node]:
@@ -227,62 +241,63 @@ def fold_linear_regions(gm: fx.GraphModule, cost: CostPolicy | CostRule = "macs"
 
     With a ``prover``, every replacement is emitted first, proven, and only then
     wired in; a replacement that fails its proof is erased and the region stays as
-    written (reported as a refusal with the prover's reason).
+    written (reported as a ``local-proof`` refusal with the prover's reason).
     """
-    rule = cost_rule.resolve(cost)
-    rule.decisions.clear()  # this round's decisions (a rule carries them from round to round otherwise)
-    regions, refusals = choose_regions(gm, rule)
+    choice = choose_regions(gm, cost_rule.resolve(cost))
     order = {node: index for index, node in enumerate(gm.graph.nodes)}
-    regions.sort(key=lambda region: order[region[0]])
+    regions = sorted(choice.regions, key=lambda region: order[region[0]])
     emitter = Emitter(gm)
-    result = PassResult(False, refusals=[(node.name, reason) for node, reason in refusals],
-                        decisions=list(rule.decisions.values()))
+    result = PassResult(False, refusals=choice.refusals, decisions=list(choice.decisions.values()))
     candidates = []
     constant = sharing.constant_nodes(gm)
     for root, expr in regions:
         if not _rewrites_fewer_ops(root, expr):
             continue  # not fewer ops (a lone identity op stays as written)
         executed = sorted(_executed(expr), key=order.__getitem__)
-        emission = plan(expr)
+        planned = plan(expr)
         sources = tuple(dict.fromkeys(term.source for term in expr.terms))
         read = sharing.constants_read(expr.ops, constant)
-        candidates.append((Candidate(expr.ops, sources, emitter.emit(root, emission)), executed, emission, read))
+        candidates.append((Candidate(expr.ops, sources, emitter.emit(root, planned)), executed, planned, read))
     failed = prover(gm, [candidate for candidate, *_ in candidates]) if prover and candidates else {}
     committed = []
-    for candidate, executed, emission, read in candidates:
+    counts: Counter[str] = Counter()
+    for candidate, executed, planned, read in candidates:
         if candidate in failed:
             emitter.discard(candidate.emission)
-            result.refusals.append((candidate.emission.root.name, failed[candidate]))
+            result.refusals.append(Refused(candidate.emission.root.name, "local-proof", failed[candidate]))
             continue
         emitter.commit(candidate.emission)
-        for op in sorted(candidate.ops, key=order.__getitem__, reverse=True):
+        ops = sorted(candidate.ops, key=order.__getitem__)
+        counts.update(choice.rules[op] for op in ops if op in choice.rules)
+        for op in reversed(ops):
             if not op.users:
                 gm.graph.erase_node(op)
         result.modified = True
-        committed.append((candidate.emission, executed, emission, read))
+        committed.append((candidate.emission, executed, planned, read))
     if candidates:
         remove_dead_code(gm)
-    for emitted, executed, emission, read in committed:
+    for emission, executed, planned, read in committed:
         copied = sharing.copied_weights(gm, read)
-        result.rewrites.append(_applied(emitted.root, executed, emission, tuple(copied)))
+        result.rewrites.append(_applied(emission.root, executed, planned, tuple(copied)))
         if copied:
-            parameters = sum(value.numel() for value in emitted.exact.values())
-            result.refusals.append((emitted.root.name, sharing.copy_note(copied, parameters)))
+            parameters = sum(value.numel() for value in emission.exact.values())
+            result.refusals.append(Refused(emission.root.name, "weight-copied", sharing.copy_note(copied, parameters)))
+    result.rule_counts = dict(counts)
     return result
 
 
-def _applied(root: fx.Node, executed: list[fx.Node], emission: EmissionPlan, copied: tuple[str, ...]) -> AppliedRewrite:
+def _applied(root: fx.Node, executed: list[fx.Node], planned: Plan, copied: tuple[str, ...]) -> AppliedRewrite:
     return AppliedRewrite(
         root=root.name,
         replaced_ops=tuple(op.name for op in executed),
         replaced_kinds=dict(Counter(_kind(op) for op in executed)),
-        produced=("copy",) if emission.is_plain_copy else (
-            tuple(term.form.describe() for term in emission.convs)
-            + ("scale",) * len(emission.scales)
-            + ("add",) * (emission.op_count - len(emission.convs) - len(emission.scales))),
-        kernel_shapes=tuple(tuple(term.form.weight.shape) for term in emission.convs),
+        produced=("copy",) if planned.is_plain_copy else (
+            tuple(term.form.describe() for term in planned.convs)
+            + ("scale",) * len(planned.scales)
+            + ("add",) * (planned.op_count - len(planned.convs) - len(planned.scales))),
+        kernel_shapes=tuple(tuple(term.form.weight.shape) for term in planned.convs),
         ops_before=len(executed),
-        ops_after=emission.op_count,
+        ops_after=planned.op_count,
         copied=copied,
     )
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from torch import fx
 
 from repfx.passes.algebra.forms import NotExact
-from repfx.passes.cost import NOTHING, CostRule, Work
+from repfx.passes.cost import NOTHING, CostRule, Decisions, Work
+from repfx.passes.refusals import Refused
 from repfx.passes.regions.analyzer import Analysis, Analyzer, Expr
 
 Region = tuple[fx.Node, Expr]
@@ -141,12 +142,13 @@ def _lone(analysis: Analysis, node: fx.Node) -> Segment:
     return Segment((node,), None, analysis.own_cost.get(node, NOTHING))
 
 
-def improve(analyzer: Analyzer, analysis: Analysis, chosen: list[Region], refusals: list[tuple[fx.Node, str]],
-            emittable: Emittable, rule: CostRule) -> tuple[list[Region], list[tuple[fx.Node, str]]]:
+def improve(analyzer: Analyzer, analysis: Analysis, chosen: list[Region], refusals: list[Refused],
+            emittable: Emittable, rule: CostRule, decisions: Decisions) -> tuple[list[Region], list[Refused]]:
     """``chosen`` with each chain's regions replaced by its cheapest partition where that is strictly cheaper.
 
     Chains share no op, and every region touching one is rooted in it (checked), so
     each chain is decided on its own. A split chain gets one line saying how it is cut.
+    The contested decisions taken go to ``decisions``.
     """
     touching: dict[fx.Node, list[Region]] = {}
     for region in chosen:
@@ -161,17 +163,17 @@ def improve(analyzer: Analyzer, analysis: Analysis, chosen: list[Region], refusa
         best = cheapest(analyzer, analysis, chain, emittable, rule)
         today = _as_partition(chain, current, analysis, emittable, best.whole)
         written = sum((analysis.own_cost.get(node, NOTHING) for node in chain), NOTHING)
-        if not rule.cheaper(best.cost, today.cost, chain[-1].name):
+        if not decisions.note(rule.cheaper(best.cost, today.cost, chain[-1].name)).won:
             if len(today.segments) > 1:
-                refusals.append((chain[-1], describe(rule, today, written, None)))
+                refusals.append(Refused(chain[-1].name, "chain-partition", describe(rule, today, written, None)))
             continue
         replaced |= {id(region) for region in current}
         added += best.regions()
-        ops = frozenset(chain).union(*(expr.ops for _, expr in current))
-        for node in ops - {chain[-1]}:
-            rule.decisions.pop(node.name, None)  # the chain's cut decides these ops now (one decision per region)
-        refusals = [(node, why) for node, why in refusals if node not in ops or not why.startswith("cost rule")]
-        refusals.append((chain[-1], describe(rule, best, written, today.cost)))
+        ops = {node.name for node in frozenset(chain).union(*(expr.ops for _, expr in current))}
+        for name in ops - {chain[-1].name}:
+            decisions.pop(name, None)  # the chain's cut decides these ops now (one decision per region)
+        refusals = [refusal for refusal in refusals if refusal.node not in ops or refusal.code != "cost"]
+        refusals.append(Refused(chain[-1].name, "chain-partition", describe(rule, best, written, today.cost)))
     return [region for region in chosen if id(region) not in replaced] + added, refusals
 
 

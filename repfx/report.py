@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from repfx.capture.model_state import ModeChange, grouped_mode_changes
 from repfx.passes.cost.rules import amount_text
+from repfx.passes.refusals import CODES
 
 
 @dataclass(frozen=True)
@@ -17,12 +17,15 @@ class Rewrite:
     kernel_shapes: tuple[tuple[int, ...], ...]  # weights of the emitted convolutions / linears
     ops_before: int
     ops_after: int
+    module: str = ""  # the innermost module holding every replaced node ("" where torch recorded none)
 
 
 @dataclass(frozen=True)
 class Refusal:
     node: str
     reason: str
+    code: str = ""  # repfx.passes.refusals.CODES: what groups refusals in the printed report
+    module: str = ""  # the path of the module that ran the node (``stages.2.conv_kxk``), where torch recorded it
 
 
 @dataclass(frozen=True)
@@ -60,10 +63,12 @@ def _whole() -> dict:
 
 
 def _with_nodes(attribute: str) -> dict:
-    """Entries naming graph nodes name them inside the part: ``backbone/convolution_3``."""
+    """Entries naming graph nodes name them inside the part (``backbone/convolution_3``), and their module in
+    the model (``backbone.conv``)."""
     def absorb(whole: Report, report: Report, name: str, part: str) -> None:
-        getattr(whole, name).extend(replace(item, **{attribute: _in_part(getattr(item, attribute), part)})
-                                    for item in getattr(report, name))
+        getattr(whole, name).extend(
+            replace(item, **{attribute: _in_part(getattr(item, attribute), part)},
+                    module=f"{part}.{item.module}" if item.module else part) for item in getattr(report, name))
     return {PARTS: absorb}
 
 
@@ -145,6 +150,7 @@ class Report:
     # The cost rule and each contested decision it took (a merge that adds MACs: merged vs kept apart).
     cost_rule: str | None = None  # e.g. "modeled on cpu: <model>, 2 threads, batch 1, float32"
     decisions: list[dict] = field(default_factory=list, metadata=_decisions())  # repfx.passes.cost.Decision dicts
+    rule_counts: dict[str, int] = field(default_factory=dict)  # rule -> ops of rewritten regions it gave a form
 
     def absorb(self, part: str, report: Report) -> None:
         """Merge the report of the part named ``part`` into this one, field by field (``PARTS`` policies)."""
@@ -233,31 +239,31 @@ def _decision_lines(report: Report) -> list[str]:
 
 
 def _grouped_refusals(refusals: list[Refusal], names_shown: int = 3) -> list[str]:
-    """One line per kind of reason, most frequent first, with a few of its nodes.
+    """One line per refusal code, most frequent first, with a few of its modules (node names where torch
+    recorded no module).
 
     A real model refuses the same thing many times (every residual add reads two
-    tensors); 140 lines of that hide the one refusal worth reading. The full list
-    stays in ``to_dict()``.
+    tensors); 140 lines of that hide the one refusal worth reading. A group says what
+    its code means (``repfx.passes.refusals.CODES``), not one member's sentence with
+    that member's names. The full list stays in ``to_dict()``.
     """
     groups: dict[str, list[Refusal]] = {}
     for refusal in refusals:
-        groups.setdefault(reason_kind(refusal.reason), []).append(refusal)
+        groups.setdefault(refusal.code or refusal.reason, []).append(refusal)
     lines = []
-    for members in sorted(groups.values(), key=len, reverse=True):
+    for code, members in sorted(groups.items(), key=lambda item: len(item[1]), reverse=True):
         if len(members) == 1:
-            lines.append(f"  {members[0].node}: {members[0].reason}")
+            lines.append(f"  {_where(members[0])}: {members[0].reason}")
             continue
-        nodes = ", ".join(member.node for member in members[:names_shown])
-        more = f" and {len(members) - names_shown} more" if len(members) > names_shown else ""
-        lines.append(f"  {len(members)}x {members[0].reason}  [{nodes}{more}]")
+        places = list(dict.fromkeys(_where(member) for member in members))  # a module may refuse twice
+        more = f" and {len(places) - names_shown} more" if len(places) > names_shown else ""
+        meaning = f"{CODES[code]} ({code})" if code in CODES else members[0].reason
+        lines.append(f"  {len(members)}x {meaning}  [{', '.join(places[:names_shown])}{more}]")
     return lines
 
 
-def reason_kind(reason: str) -> str:
-    """A refusal's reason with the details that vary per node (names, numbers, lists) left out."""
-    kind = re.sub(r"\([^)]*\)", "(...)", reason)
-    kind = re.sub(r"\b[A-Za-z_][A-Za-z0-9_]*_\d+\b", "<node>", kind)  # fx node names: conv2d_3, add_12
-    return re.sub(r"\d[\d,.]*(?:e[-+]?\d+)?", "<n>", kind)
+def _where(refusal: Refusal) -> str:
+    return refusal.module or refusal.node
 
 
 def _parts_lines(report: Report) -> list[str]:

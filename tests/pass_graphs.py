@@ -27,7 +27,7 @@ from torch import Tensor, fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
-from repfx.passes import PIPELINE, PassResult, PassSettings, run_pipeline
+from repfx.passes import CODES, PIPELINE, PassResult, PassSettings, run_pipeline
 from repfx.passes.regions.analyzer import CostPolicy
 
 aten = torch.ops.aten
@@ -203,5 +203,6 @@ def assert_unchanged(before: fx.GraphModule, *, cost: CostPolicy = "macs", refus
 
 
 def _assert_refused(result: PassResult, reason: str | None) -> None:
-    text = "\n".join(f"{node}: {why}" for node, why in result.refusals)
+    assert all(r.code in CODES for r in result.refusals), [r.code for r in result.refusals]
+    text = "\n".join(f"{r.node}: {r.reason}" for r in result.refusals)
     assert reason is None or reason in text, f"no refusal says {reason!r}; refusals:\n{text or '  none'}"

@@ -231,3 +231,21 @@ def test_the_report_is_titled_with_the_class_the_user_wrote_whatever_the_input_k
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit is deprecated
         assert repfx.explain(given, (x,)).model == type(block).__name__
+
+
+def test_refusals_and_rewrites_name_the_module_paths_and_the_report_counts_rules():
+    class Residual(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stage = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4))
+            self.act = torch.nn.ReLU()
+
+        def forward(self, x):
+            y = self.act(x)
+            return self.stage(y) + x  # reads y and x: no single conv computes the sum
+
+    report = repfx.explain(randomize_bn_(Residual(), 0).eval(), (torch.randn(1, 4, 8, 8),))
+    assert [rewrite.module for rewrite in report.rewrites] == ["stage"]
+    residual = next(refusal for refusal in report.refusals if refusal.code == "different-inputs")
+    assert residual.module == "" and residual.node.startswith("add")  # the add is the model's own forward
+    assert report.rule_counts == {"convolution": 1, "batch_norm": 1, "add": 1}  # the add kept x as a term

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from repfx.passes.algebra import grid, kernels, products
 from repfx.passes.algebra.deferred import Deferred
+from repfx.passes.refusals import NotExact
 
 
 # Shifts that cancel (DBB pads with ``bias - mean * scale`` computed by the model in
@@ -43,10 +44,6 @@ def negligible(values: Tensor, reference: Tensor | None = None) -> bool:
     """True when ``values`` are zero up to rounding of numbers as large as ``reference``."""
     scale = 1.0 if reference is None or not reference.numel() else max(1.0, reference.abs().max().item())
     return not values.numel() or values.abs().max().item() <= NEGLIGIBLE * scale
-
-
-class NotExact(Exception):
-    """A combination of forms would not compute the same function (or not cheaper); ``str`` says why."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -179,18 +176,18 @@ class ConvForm:
 
 def _check_same_input(forms: Sequence[ConvForm]) -> None:
     if any(form.transposed for form in forms):
-        raise NotExact("a transposed convolution stacks with no other branch of its input")
+        raise NotExact("transposed", "a transposed convolution stacks with no other branch of its input")
     first = forms[0]
     for form in forms[1:]:
         if form.rank != first.rank:
-            raise NotExact(f"branches have different spatial rank ({first.rank} vs {form.rank})")
+            raise NotExact("rank", f"branches have different spatial rank ({first.rank} vs {form.rank})")
         if form.in_channels != first.in_channels:
-            raise NotExact(f"branches read different channel counts ({first.in_channels} vs {form.in_channels})")
+            raise NotExact("channels", f"branches read different channel counts ({first.in_channels} vs {form.in_channels})")
         if form.stride != first.stride:
-            raise NotExact(f"branches have different strides {first.stride} vs {form.stride}")
+            raise NotExact("stride", f"branches have different strides {first.stride} vs {form.stride}")
         if form.alignment != first.alignment:
             raise NotExact(
-                f"branch centres are misaligned (2*padding-(k-1)*dilation = {first.alignment} vs {form.alignment})")
+                "alignment", f"branch centres are misaligned (2*padding-(k-1)*dilation = {first.alignment} vs {form.alignment})")
 
 
 def merge_parallel(forms: Sequence[ConvForm]) -> ConvForm:
@@ -207,7 +204,7 @@ def merge_parallel(forms: Sequence[ConvForm]) -> ConvForm:
     _check_same_input(forms)
     out_channels = {form.out_channels for form in forms}
     if len(out_channels) != 1:
-        raise NotExact(f"branches produce different channel counts {sorted(out_channels)}")
+        raise NotExact("channels", f"branches produce different channel counts {sorted(out_channels)}")
     groups = reduce(math.gcd, (form.groups for form in forms))
     size, padding, dilation, placements = grid.common_grid(forms)
     first = forms[0]
@@ -263,12 +260,12 @@ def compose(outer: ConvForm, inner: ConvForm) -> ConvForm:
     if outer.transposed:
         return outer.after(inner)
     if inner.out_channels != outer.in_channels or inner.rank != outer.rank:
-        raise NotExact(f"channel mismatch: {inner.out_channels} channels into an op expecting {outer.in_channels}")
+        raise NotExact("channels", f"channel mismatch: {inner.out_channels} channels into an op expecting {outer.in_channels}")
     if inner.is_identity:
         return outer  # what the general rule computes (times ones, plus a zero shift), without copying the kernel
     if inner.is_pointwise:
         if any(outer.padding) and not negligible(inner.bias):
-            raise NotExact("border rule: the inner op adds a non-zero shift and the outer op zero-pads, "
+            raise NotExact("border", "border rule: the inner op adds a non-zero shift and the outer op zero-pads, "
                            "so one zero-padded conv would see the shift where the original sees zeros")
         weight, groups = products.channel_maps(outer, inner)
         bias = products.shifted_bias(outer, inner.bias)
@@ -276,12 +273,12 @@ def compose(outer: ConvForm, inner: ConvForm) -> ConvForm:
         return ConvForm(weight, bias, outer.stride, padding, outer.dilation, groups)
     if outer.is_pointwise:
         if any(outer.padding):
-            raise NotExact("the outer op pads the output of a spatial convolution; "
+            raise NotExact("border", "the outer op pads the output of a spatial convolution; "
                            "a single convolution would read real pixels there instead of zeros")
         weight, groups = products.channel_maps(outer, inner)
         bias = products.shifted_bias(outer, inner.bias)
         return ConvForm(weight, bias, inner.stride, inner.padding, inner.dilation, groups)
-    raise NotExact(f"{outer.describe()} after {inner.describe()}: composing two spatial kernels "
+    raise NotExact("kernel-growth", f"{outer.describe()} after {inner.describe()}: composing two spatial kernels "
                    "grows the kernel; not merged")
 
 
@@ -293,10 +290,10 @@ def pad_output(form: ConvForm, padding: Sequence[int], value: Tensor | None = No
     output on a zero pixel, which is its bias (DBB's BN-and-pad layer relies on this).
     """
     if not form.is_pointwise:
-        raise NotExact("padding the output of a spatial convolution: border pixels would differ")
+        raise NotExact("border", "padding the output of a spatial convolution: border pixels would differ")
     border = torch.zeros_like(form.bias) if value is None else value.to(torch.float64).expand_as(form.bias)
     if not negligible(border - form.bias, border):
-        raise NotExact("the pad value differs from the padded op's output on zeros (its shift), "
+        raise NotExact("border", "the pad value differs from the padded op's output on zeros (its shift), "
                        "so the border is not what a padded convolution produces")
     total = tuple(p + q for p, q in zip(form.padding, padding))
     return ConvForm(form.kernel, form.bias, form.stride, total, form.dilation, form.groups)
@@ -311,7 +308,7 @@ def pointwise_at_rank(form: ConvForm, rank: int) -> ConvForm:
     a per-channel op between two transposes act on the untransposed tensor.
     """
     if not form.is_pointwise or any(form.padding):
-        raise NotExact(f"{form.describe()} reads neighbouring pixels; it does not commute with a transpose")
+        raise NotExact("permute", f"{form.describe()} reads neighbouring pixels; it does not commute with a transpose")
     weight = form.weight.reshape(tuple(form.weight.shape[:2]) + (1,) * rank)
     ones = (1,) * rank
     return ConvForm(weight, form.bias, ones, (0,) * rank, ones, form.groups)

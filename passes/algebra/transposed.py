@@ -111,26 +111,26 @@ class TransposedConvForm:
     def then(self, outer: ConvForm) -> TransposedConvForm:
         """``outer(self(x))``: exact when ``outer`` is pointwise and unpadded (BN, a scale, a 1x1 conv)."""
         if outer.transposed or not outer.is_pointwise or any(outer.padding):
-            raise NotExact(f"{outer.describe()} after {self.describe()}: only a per-channel affine or an unpadded "
+            raise NotExact("transposed", f"{outer.describe()} after {self.describe()}: only a per-channel affine or an unpadded "
                            "1x1 convolution folds into a transposed convolution")
         return self._with(compose(outer, self._proxy()))
 
     def after(self, inner: ConvForm) -> TransposedConvForm:
         """``self(inner(x))``: exact when ``inner`` is pointwise, unpadded and adds no shift."""
         if inner.transposed or not inner.is_pointwise or any(inner.padding):
-            raise NotExact(f"{self.describe()} after {inner.describe()}: only a per-channel scale or an unpadded "
+            raise NotExact("transposed", f"{self.describe()} after {inner.describe()}: only a per-channel scale or an unpadded "
                            "1x1 convolution folds into a transposed convolution that follows it")
         if not negligible(inner.bias):
-            raise NotExact(f"a shift before {self.describe()}: the transposed convolution of a constant is not "
+            raise NotExact("transposed", f"a shift before {self.describe()}: the transposed convolution of a constant is not "
                            "constant near the border (and repeats with the stride), so no single one computes it")
         return self._with(compose(self._proxy(), inner))
 
     def merge(self, forms: Sequence[ConvForm | TransposedConvForm]) -> TransposedConvForm:
         """Sum of transposed forms of one input with the same geometry: kernels (regrouped to the gcd) add."""
         if not all(form.transposed for form in forms):
-            raise NotExact("a transposed convolution merges with no forward convolution of the same input")
+            raise NotExact("transposed", "a transposed convolution merges with no forward convolution of the same input")
         if len({form.geometry for form in forms}) != 1:
-            raise NotExact("transposed convolutions merge only with equal kernel size, stride, padding, "
+            raise NotExact("transposed", "transposed convolutions merge only with equal kernel size, stride, padding, "
                            "output_padding and dilation")
         return self._with(merge_parallel([form._proxy() for form in forms]))
 

@@ -12,14 +12,16 @@ merge in the analyzer, a whole region in ``fold``, a partition of a chain in
   the device) is settled by timing both forms with the timer it is given.
 * ``AlwaysMerge``: every exact merge is done.
 
-A rule notes each contested decision it takes (``decisions``): the forms compared,
-their costs and the winner, for the report. Costs are ``Work``s, priced on demand.
+A rule holds no state: ``pays`` and ``cheaper`` return a ``Verdict``, which carries the
+``Decision`` (the forms compared, their costs and the winner, for the report) when the
+comparison was contested; the caller keeps the decisions of its round (``Decisions``).
+Costs are ``Work``s, priced on demand.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from repfx.passes.cost.profile import DeviceProfile, roofline_seconds
 from repfx.passes.cost.work import Work
@@ -52,11 +54,35 @@ def amount_text(value: float, unit: str) -> str:
     return f"{value * 1e3:.4g} ms" if unit == "s" else f"{value:,.0f} {unit}"
 
 
-@dataclass
-class CostRule:
-    """The base every rule shares: compare two works, decide, and note contested decisions."""
+@dataclass(frozen=True)
+class Verdict:
+    """What one comparison decided; ``decision`` is set only when it was contested (see ``CostRule.verdict``)."""
 
-    decisions: dict[str, Decision] = field(default_factory=dict, repr=False, compare=False)  # by node name
+    won: bool
+    decision: Decision | None = None
+
+
+class Decisions(dict[str, Decision]):
+    """The contested decisions of one round, by node name, in the order last noted (what the report lists)."""
+
+    def note(self, verdict: Verdict) -> Verdict:
+        """One decision per node: a later level (a single merge after a whole region was refused, then the
+        chain partition) refines an earlier one, and what it compared is what the graph shows."""
+        if verdict.decision is not None:
+            self.pop(verdict.decision.where, None)
+            self[verdict.decision.where] = verdict.decision
+        return verdict
+
+    def add(self, decisions: dict[str, Decision]) -> None:
+        """Note ``decisions`` (another ledger, in its order) as if each had been noted here."""
+        for decision in decisions.values():
+            self.note(Verdict(decision.merged_won, decision))
+
+
+@dataclass(frozen=True)
+class CostRule:
+    """The base every rule shares: compare two works and decide; a contested decision comes back in the verdict."""
+
     unit = "MACs per sample"
     merges_everything = False  # ``AlwaysMerge``: the analysis skips pricing altogether
 
@@ -71,32 +97,30 @@ class CostRule:
         """Orders works, cheapest first (the chain partition's sort key)."""
         return self.price(work)
 
-    def pays(self, merged: Work, apart: Work, where: str = "") -> bool:
+    def pays(self, merged: Work, apart: Work, where: str = "") -> Verdict:
         """A merge is done when it costs no more than what it replaces (a tie merges: fewer ops run)."""
         merged_cost, apart_cost, how = self.compare(merged, apart)
         won = merged_cost <= apart_cost
-        self._note(where, merged, apart, merged_cost, apart_cost, won, how)
-        return won
+        return self.verdict(where, merged, apart, merged_cost, apart_cost, won, how)
 
-    def cheaper(self, candidate: Work, incumbent: Work, where: str = "") -> bool:
+    def cheaper(self, candidate: Work, incumbent: Work, where: str = "") -> Verdict:
         """``candidate`` replaces ``incumbent`` only when strictly cheaper, so a tie keeps the decision made."""
         candidate_cost, incumbent_cost, how = self.compare(candidate, incumbent)
         won = candidate_cost < incumbent_cost
         if candidate.macs >= incumbent.macs:
-            self._note(where, candidate, incumbent, candidate_cost, incumbent_cost, won, how)
+            verdict = self.verdict(where, candidate, incumbent, candidate_cost, incumbent_cost, won, how)
         else:
-            self._note(where, incumbent, candidate, incumbent_cost, candidate_cost, not won, how)
-        return won
+            verdict = self.verdict(where, incumbent, candidate, incumbent_cost, candidate_cost, not won, how)
+        return Verdict(won, verdict.decision)
 
-    def _note(self, where: str, merged: Work, apart: Work, merged_cost: float, apart_cost: float, won: bool,
-              how: str) -> None:
+    def verdict(self, where: str, merged: Work, apart: Work, merged_cost: float, apart_cost: float, won: bool,
+                how: str) -> Verdict:
+        """``won``, with the decision when it is contested: the merged form does more MACs (else fewer MACs,
+        fewer ops, fewer bytes: not a question any device answers differently) and it is about a node."""
         if merged.macs <= apart.macs or not where:
-            return  # fewer MACs, fewer ops, fewer bytes: not a question any device answers differently
-        # One decision per node: a later level (a single merge after a whole region was refused, then the
-        # chain partition) refines an earlier one, and what it compared is what the graph shows.
-        self.decisions.pop(where, None)
-        self.decisions[where] = Decision(where, merged.describe(), apart.describe(), merged_cost, apart_cost,
-                                         self.unit, won, how)
+            return Verdict(won)
+        return Verdict(won, Decision(where, merged.describe(), apart.describe(), merged_cost, apart_cost,
+                                     self.unit, won, how))
 
     def amount(self, work: Work) -> str:
         return amount_text(self.price(work), self.unit)
@@ -120,7 +144,7 @@ class CostRule:
                 "merged only where each step pays")
 
 
-@dataclass
+@dataclass(frozen=True)
 class MacsCost(CostRule):
     """Multiply-accumulates per sample; the rule before latency, kept for comparison (``cost="macs"``)."""
 
@@ -131,17 +155,17 @@ class MacsCost(CostRule):
         return merged.macs, apart.macs, "counted"
 
 
-@dataclass
+@dataclass(frozen=True)
 class AlwaysMerge(MacsCost):
     """Every exact merge (``cost="always"``): what the per-block converters do."""
 
     merges_everything = True
 
-    def pays(self, merged: Work, apart: Work, where: str = "") -> bool:
-        return True
+    def pays(self, merged: Work, apart: Work, where: str = "") -> Verdict:
+        return Verdict(True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LatencyCost(CostRule):
     """Modeled seconds on ``profile`` for ``batch`` samples of ``dtype`` (``cost="latency"``)."""
 
@@ -168,7 +192,7 @@ class LatencyCost(CostRule):
 Timer = Callable[[Work, Work], tuple[float, float]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class MeasuredCost(LatencyCost):
     """``LatencyCost`` whose contested comparisons are timed with ``timer`` (``cost="measure"``)."""
 

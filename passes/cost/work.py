@@ -3,7 +3,8 @@
 A ``Work`` is the list of ops one form of a region executes (a merged conv, or the
 convs kept apart plus the adds that sum them), each an ``Op`` with what a cost
 model needs: multiply-accumulates, elements read and written per sample, weight
-elements, and enough of its geometry (``layout``) to build it again and time it.
+elements, and enough of its geometry (``layout``: a ``ConvLayout`` or an
+``ElementwiseLayout``) to build it again and time it.
 Works add up, so the analyzer prices a region exactly as it priced MACs before:
 the work of its terms plus one add per extra term. Rules turn a work into a number
 (MACs, modeled seconds, measured seconds); none of them is known here.
@@ -14,7 +15,27 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
+
+class ConvLayout(NamedTuple):
+    """A convolution's (or linear's: no kernel) geometry, per sample."""
+
+    in_shape: tuple[int, ...]  # (C_in, *spatial): the smallest input that yields the output
+    out_channels: int
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    output_padding: tuple[int, ...] | None = None  # a transposed convolution's only
+
+
+class ElementwiseLayout(NamedTuple):
+    """An elementwise op: ``operands`` tensors of ``shape`` read, one written."""
+
+    shape: tuple[int, ...]
+    operands: int
 
 
 @dataclass(frozen=True)
@@ -26,17 +47,18 @@ class Op:
     reads: int  # activation elements read per sample
     writes: int  # elements written per sample
     params: int  # weight and bias elements, read once per call whatever the batch
-    layout: tuple = ()  # geometry to rebuild the op (``repfx.targets.timing``); see ``conv_layout``
+    layout: ConvLayout | ElementwiseLayout | tuple = ()  # geometry to rebuild the op (``repfx.targets.timing``)
 
     def describe(self) -> str:
+        layout = self.layout
         if self.kind == "elementwise":
-            return f"elementwise x{self.layout[1]}" if self.layout else "elementwise"
-        in_shape, out_channels, kernel, stride, _padding, dilation, groups = self.layout[:7]
-        size = "x".join(map(str, kernel)) or "linear"
-        extra = ("" if groups == 1 else f" g{groups}") + ("" if all(s == 1 for s in stride) else f" s{stride[0]}")
-        extra += "" if all(d == 1 for d in dilation) else f" d{dilation[0]}"
+            return f"elementwise x{layout.operands}" if layout else "elementwise"
+        size = "x".join(map(str, layout.kernel)) or "linear"
+        extra = "" if layout.groups == 1 else f" g{layout.groups}"
+        extra += "" if all(s == 1 for s in layout.stride) else f" s{layout.stride[0]}"
+        extra += "" if all(d == 1 for d in layout.dilation) else f" d{layout.dilation[0]}"
         transposed = "T" if self.kind == "conv_transpose" else ""
-        return f"{size}{transposed} {in_shape[0]}->{out_channels}{extra}"
+        return f"{size}{transposed} {layout.in_shape[0]}->{layout.out_channels}{extra}"
 
 
 @dataclass(frozen=True)
@@ -73,7 +95,7 @@ NOTHING = Work()
 def elementwise(shape: Sequence[int], operands: int = 2) -> Work:
     """An op that reads ``operands`` tensors of ``shape`` and writes one (an add, a copy into a concat)."""
     numel = math.prod(shape)
-    return Work((Op("elementwise", numel, operands * numel, numel, 0, (tuple(shape), operands)),))
+    return Work((Op("elementwise", numel, operands * numel, numel, 0, ElementwiseLayout(tuple(shape), operands)),))
 
 
 def of_form(form: Any, out_shape: Sequence[int]) -> Work:
@@ -89,15 +111,15 @@ def of_form(form: Any, out_shape: Sequence[int]) -> Work:
     if form.is_identity:
         return NOTHING
     if form.is_diagonal and not any(form.padding):
-        return Work((Op("elementwise", numel, numel, numel, 2 * out_shape[0], (tuple(out_shape), 1)),))
+        return Work((Op("elementwise", numel, numel, numel, 2 * out_shape[0], ElementwiseLayout(tuple(out_shape), 1)),))
     layout = conv_layout(form, out_shape)
     kind = "conv_transpose" if form.transposed else ("linear" if form.rank == 0 else "conv")
     params = form.out_channels * (form.in_channels // form.groups) * math.prod(form.kernel_size) + form.bias.numel()
-    return Work((Op(kind, form.macs(out_shape), math.prod(layout[0]), numel, params, layout),))
+    return Work((Op(kind, form.macs(out_shape), math.prod(layout.in_shape), numel, params, layout),))
 
 
-def conv_layout(form: Any, out_shape: Sequence[int]) -> tuple:
-    """``(in_shape, out_channels, kernel, stride, padding, dilation, groups[, output_padding])``.
+def conv_layout(form: Any, out_shape: Sequence[int]) -> ConvLayout:
+    """The geometry of ``form`` producing ``out_shape``.
 
     The input's spatial size is the smallest that yields ``out_shape`` (a strided
     conv may in truth read up to stride-1 more pixels: immaterial to a cost).
@@ -107,10 +129,10 @@ def conv_layout(form: Any, out_shape: Sequence[int]) -> tuple:
     if form.transposed:
         spatial = tuple(max(1, (size + 2 * p - d * (k - 1) - 1 - op) // s + 1) for size, k, s, p, d, op
                         in zip(out_shape[1:], kernel, stride, padding, dilation, form.output_padding))
-        extra: tuple = (tuple(form.output_padding),)
+        output_padding = tuple(form.output_padding)
     else:
         spatial = tuple(max(1, (size - 1) * s - 2 * p + d * (k - 1) + 1) for size, k, s, p, d
                         in zip(out_shape[1:], kernel, stride, padding, dilation))
-        extra = ()
-    in_shape = (form.in_channels, *spatial)
-    return (in_shape, form.out_channels, tuple(kernel), tuple(stride), padding, tuple(dilation), form.groups, *extra)
+        output_padding = None
+    return ConvLayout((form.in_channels, *spatial), form.out_channels, tuple(kernel), tuple(stride), padding,
+                      tuple(dilation), form.groups, output_padding)

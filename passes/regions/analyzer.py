@@ -7,7 +7,9 @@ consumers...). An op absorbs an operand's expression only when that operand has 
 other consumer; otherwise the operand is a boundary and enters as an identity term.
 Terms reading the same source are merged when exact and not more expensive
 (``forms`` decides exactness, the cost rule here decides price). Every refused merge
-is recorded with its reason. Nothing is rewritten here: ``fold`` emits the result.
+is recorded with its code and reason. Nothing is rewritten here: ``fold`` emits the result.
+Rules are pure: they build expressions with the analyzer's ``Combinators`` (``combine``),
+the one place a merge is priced and an op as written costed.
 
 A weight read by several ops (a module called twice) does not stop a use from
 folding: the fold builds new weights for that use and never writes the shared one
@@ -23,7 +25,7 @@ which imports every module in it.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,18 +33,19 @@ from torch import Tensor, fx
 
 from repfx.passes.constants import ConstantFolder
 from repfx.passes import cost as cost_rule
-from repfx.passes.cost import NOTHING, CostRule, Work, elementwise, of_form
+from repfx.passes.cost import NOTHING, CostRule
 from repfx.passes.shapes import size_hint
-from repfx.passes.algebra.forms import ConvForm, NotExact, compose, merge_parallel
+from repfx.passes.algebra.forms import ConvForm, NotExact
 from repfx.passes.regions import sharing
+from repfx.passes.regions.combine import Combinators
 from repfx.passes.regions.expr import Analysis, CostPolicy, Expr, NotLinear, Term
-from repfx.passes.regions.values import as_ints, per_channel, same_shapes
+from repfx.passes.regions.values import as_ints, per_channel
 
 __all__ = ["RULES", "Analysis", "Analyzer", "CostPolicy", "Expr", "NotLinear", "Operand", "Rule", "Term", "analyze",
-           "as_ints", "registered_rules", "rule"]  # rules and passes import these from here
+           "as_ints", "per_channel", "registered_rules", "rule"]  # rules and passes import these from here
 
 Operand = Callable[..., Expr]  # (arg, channel_last=False) -> Expr
-Rule = Callable[["Analyzer", fx.Node, Operand], Expr]  # raises NotExact (reported) or NotLinear (silent)
+Rule = Callable[["Analyzer", fx.Node, Operand], Expr]  # raises NotExact(code, reason) (reported) or NotLinear
 RULES: dict[Any, Rule] = {}  # aten target -> the rule that analyzes it
 
 
@@ -82,10 +85,8 @@ def analyze(gm: fx.GraphModule, cost: CostPolicy = "macs", boundaries: frozenset
     return Analyzer(gm, cost, boundaries, constants).run()
 
 
-class Analyzer:
+class Analyzer(Combinators):
     """One walk over a graph; rules call back into it to read operands, compose forms and refuse."""
-
-    per_channel = staticmethod(per_channel)
 
     def __init__(self, gm: fx.GraphModule, cost: CostPolicy | CostRule,
                  boundaries: frozenset[fx.Node] = frozenset(), constants: ConstantFolder | None = None) -> None:
@@ -98,6 +99,7 @@ class Analyzer:
         self.result = Analysis()
         self.rules = registered_rules()
         self._shapes: dict[tuple[fx.Node, bool], tuple[int, ...]] = {}  # ``sample_shape`` of nodes read so far
+        self._arguments: dict[fx.Node, dict[str, Any]] = {}  # ``arguments`` of nodes read so far
 
     def run(self) -> Analysis:
         for node in self.gm.graph.nodes:
@@ -120,14 +122,15 @@ class Analyzer:
             try:
                 expr = self._same_dtype(node, node_rule(self, node, _recording(operand, read)))
                 self.result.operands[node] = tuple(dict.fromkeys(read))
+                self.result.rules[node] = node_rule.__name__
                 return expr
             except NotLinear:
                 return None
             except NotExact as refusal:
                 if attempt == 0:  # the first refusal explains the node; the retry's is not reported
-                    self.result.refuse(node, str(refusal))
+                    self.result.refuse(node, refusal.code, refusal.reason)
             except Exception as error:
-                self.result.refuse(node, f"not analyzed: {type(error).__name__}: {error}")
+                self.result.refuse(node, "rule-error", f"not analyzed: {type(error).__name__}: {error}")
                 return None
         return None
 
@@ -138,7 +141,7 @@ class Analyzer:
         dtype = node.meta["val"].dtype
         for term in expr.terms:
             if term.source.meta["val"].dtype != dtype:
-                raise NotExact(f"{node.name}: dtype changes from {term.source.meta['val'].dtype} to {dtype} "
+                raise NotExact("dtype", f"{node.name}: dtype changes from {term.source.meta['val'].dtype} to {dtype} "
                                "inside the region (type promotion)")
         return expr
 
@@ -151,11 +154,12 @@ class Analyzer:
             if expr is None or expr.channel_last != self._rank0(arg, channel_last):
                 return self._boundary(arg, channel_last)
             if arg in self.boundaries:
-                self.result.refuse(arg, sharing.only_copies(arg, consumer, self.result.shared.get(arg, [])))
+                self.result.refuse(arg, "shared-weight",
+                                   sharing.only_copies(arg, consumer, self.result.shared.get(arg, [])))
                 return self._boundary(arg, channel_last)
             if len(arg.users) > 1:
                 others = ", ".join(user.name for user in arg.users if user is not consumer)
-                self.result.refuse(arg, f"output also used by {others}; not merged into {consumer.name}")
+                self.result.refuse(arg, "shared-output", f"output also used by {others}; not merged into {consumer.name}")
                 return self._boundary(arg, channel_last)
             return expr
         return operand
@@ -216,85 +220,28 @@ class Analyzer:
         sizes = value.shape[-1:] if channel_last else value.shape[1:]
         shape = tuple(size_hint(size) for size in sizes)
         if shape[0] is None or not all(isinstance(size, int) for size in shape):
-            raise NotExact(f"{node.name} has a symbolic channel count or an unknown size {tuple(value.shape[1:])}")
+            raise NotExact("symbolic-shape",
+                           f"{node.name} has a symbolic channel count or an unknown size {tuple(value.shape[1:])}")
         self._shapes[node, channel_last] = shape
         return shape
 
-    # -- combinators -----------------------------------------------------------------
-    def apply(self, outer: ConvForm, expr: Expr, node: fx.Node, extra_ops: Sequence[fx.Node] = (),
-              channel_last: bool = False) -> Expr:
-        """Expression of ``outer(expr)``; ``node`` (and ``extra_ops``) join the region."""
-        shape = self.sample_shape(node, channel_last)
-        ops = expr.ops | {node, *extra_ops}
-        self.result.own_cost[node] = of_form(outer, shape)
-        separate_cost = expr.cost + self.result.own_cost[node]
-        if len(expr.terms) == 1:
-            term = expr.terms[0]
-            merged = compose(outer, term.form)
-            alone = not expr.ops and any(op in self.result.shared for op in (node, *extra_ops))
-            terms = (Term(term.source, merged, of_form(merged, shape), node if alone else None),)
-        elif outer.is_diagonal and not any(outer.padding):
-            terms = self._distribute(outer, expr.terms, shape)
-        else:
-            raise NotExact(f"{outer.describe()} applied to a sum of branches that read different tensors")
-        self.check_cost(node, sum(t.cost for t in terms) + (len(terms) - 1) * elementwise(shape), separate_cost)
-        return Expr(terms, frozenset(ops), shape)
-
-    def _distribute(self, outer: ConvForm, terms: Sequence[Term], shape: tuple[int, ...]) -> tuple[Term, ...]:
-        """scale * (a + b) + shift = (scale * a + shift) + scale * b: exact for any sum."""
-        scale_only = ConvForm(outer.weight, torch.zeros_like(outer.bias), outer.stride, outer.padding,
-                              outer.dilation, outer.groups)
-        result = []
-        for index, term in enumerate(terms):
-            form = compose(outer if index == 0 else scale_only, term.form)
-            result.append(Term(term.source, form, of_form(form, shape)))
-        return tuple(result)
-
-    def add(self, node: fx.Node, exprs: Sequence[Expr], operands: Sequence[fx.Node], channel_last: bool) -> Expr:
-        shape = self.sample_shape(node, channel_last)
-        same_shapes(node, operands)
-        self.result.own_cost[node] = elementwise(shape, len(operands))
-        terms = self._merge_terms([t for e in exprs for t in e.terms], node, shape)
-        ops = frozenset().union(*(e.ops for e in exprs)) | {node}
-        return Expr(terms, ops, shape)
-
-    def _merge_terms(self, terms: Sequence[Term], node: fx.Node, shape: tuple[int, ...]) -> tuple[Term, ...]:
-        """Merge terms reading the same source, most expensive first, when exact and not dearer."""
-        add = elementwise(shape)
-        clusters: list[Term] = []
-        for term in sorted(terms, key=lambda t: -t.cost.macs):
-            for index, cluster in enumerate(clusters):
-                if cluster.source is not term.source:
-                    continue
-                try:
-                    merged = merge_parallel([cluster.form, term.form])
-                    merged_cost = of_form(merged, shape)
-                    self.check_cost(node, merged_cost, cluster.cost + term.cost + add)
-                except NotExact as refusal:
-                    self.result.refuse(node, str(refusal))
-                    continue
-                clusters[index] = Term(term.source, merged, merged_cost)
-                break
-            else:
-                clusters.append(term)
-        sources = {id(t.source) for t in clusters}
-        if len(sources) > 1:
-            names = ", ".join(dict.fromkeys(t.source.name for t in clusters))
-            self.result.refuse(node, f"branches read different tensors ({names}); kept as separate terms")
-        return tuple(clusters)
-
-    def check_cost(self, node: fx.Node, merged: Work, separate: Work) -> None:
-        """Refuse the merge at ``node`` unless the rule says it pays (``AlwaysMerge`` never asks)."""
-        if not self.cost.merges_everything and not self.cost.pays(merged, separate, node.name):
-            raise NotExact(self.cost.merge_refused(merged, separate))
-
     # -- helpers for rules -------------------------------------------------------------
+    def arguments(self, node: fx.Node) -> dict[str, Any]:
+        """``node``'s arguments by their schema names, with the defaults export leaves out filled in."""
+        known = self._arguments.get(node)
+        if known is None:
+            normalized = node.normalized_arguments(self.gm, normalize_to_only_use_kwargs=True)
+            if normalized is None:
+                raise NotLinear  # not a call torch.fx can match to the op's schema
+            known = self._arguments[node] = normalized.kwargs
+        return known
+
     def weight(self, node: fx.Node, arg: Any, what: str = "weight") -> Tensor:
         """A constant ``node`` reads. A constant other ops read too is noted (``sharing``): folding
         never writes it but builds new weights for this use, so sharing only matters to the cost."""
         value = self.constants.tensor(arg)
         if value is None:
-            raise NotExact(f"{node.name}: {what} is computed from graph inputs, not a constant")
+            raise NotExact("not-constant", f"{node.name}: {what} is computed from graph inputs, not a constant")
         shared = sharing.shared_with(node, arg, what, self.constants)
         if shared and shared not in self.result.shared.get(node, []):  # ``reapply`` reads weights again
             self.result.shared.setdefault(node, []).append(shared)

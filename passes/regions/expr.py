@@ -2,8 +2,9 @@
 
 An ``Expr`` is the affine expression a node computes, a sum of ``Term``s (a
 ``ConvForm`` applied to a source tensor) standing for a set of graph ops; the
-``Analysis`` maps nodes to expressions and keeps what each op costs as written and
-why merges were refused. Plain data: ``analyzer`` builds it, ``fold`` reads it.
+``Analysis`` maps nodes to expressions and keeps what each op costs as written, why
+merges were refused and the contested cost decisions it took. Plain data: ``analyzer``
+builds it, ``fold`` reads it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from repfx.passes.algebra.forms import ConvForm
-from repfx.passes.cost import NOTHING, CostPolicy, Work, elementwise
+from repfx.passes.cost import NOTHING, CostPolicy, Decisions, Work, elementwise
+from repfx.passes.refusals import Refused
 
 __all__ = ["Analysis", "CostPolicy", "Expr", "NotLinear", "Term"]
 
@@ -55,13 +57,15 @@ class Expr:
 @dataclass
 class Analysis:
     exprs: dict[fx.Node, Expr] = field(default_factory=dict)
-    refusals: dict[tuple[fx.Node, str], None] = field(default_factory=dict)  # ordered set of (node, reason)
+    refusals: dict[Refused, None] = field(default_factory=dict)  # an ordered set
     own_cost: dict[fx.Node, Work] = field(default_factory=dict)  # the work of each op as written
     operands: dict[fx.Node, tuple[fx.Node, ...]] = field(default_factory=dict)  # tensors each rule read as operands
     shared: dict[fx.Node, list[str]] = field(default_factory=dict)  # op -> its weights other ops read, with them
+    decisions: Decisions = field(default_factory=Decisions)  # the contested single merges, by node name
+    rules: dict[fx.Node, str] = field(default_factory=dict)  # node -> the name of the rule that gave its expression
 
-    def refuse(self, node: fx.Node, reason: str) -> None:
-        self.refusals[(node, reason)] = None
+    def refuse(self, node: fx.Node, code: str, reason: str) -> None:
+        self.refusals[Refused(node.name, code, reason)] = None
 
     def roots(self) -> list[fx.Node]:
         """Nodes whose expression no consumer absorbed: each one is a region to consider."""

@@ -1,7 +1,7 @@
 """Reading op arguments for the rules: int-or-list sizes, per-channel constants, branch shapes.
 
-Pure helpers with no state: the analyzer re-exports them (``as_ints``) or offers them
-as methods (``Analyzer.per_channel``), so rules keep importing from one place.
+Pure helpers with no state: the analyzer re-exports them (``as_ints``, ``per_channel``), so
+rules keep importing from one place.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def same_shapes(node: fx.Node, operands: Sequence[fx.Node]) -> None:
     """Branches of a sum must have the sum's shape: a broadcast is no sum of convolutions."""
     for operand in operands:
         if _symbolic_shape(operand) != _symbolic_shape(node):
-            raise NotExact(f"add broadcasts {_symbolic_shape(operand)} to {_symbolic_shape(node)}; "
+            raise NotExact("broadcast", f"add broadcasts {_symbolic_shape(operand)} to {_symbolic_shape(node)}; "
                            "branches must have equal shapes")
 
 

@@ -9,8 +9,8 @@ so the report of each is built the same way, field by field, in one place.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
+from collections import Counter
 from typing import Any
 
 import torch
@@ -83,19 +83,21 @@ def fold_captured(captured: Captured, example_inputs: tuple | None, settings: Se
     settings.progress("rewrite")
     checked = settings.verify and example_inputs is not None
     prover = LocalProver(input_sets(example_inputs, LOCAL_PROOF_TRIALS)) if checked else None
-    rule = dataclasses.replace(settings.cost, decisions={})  # this graph's decisions only (parts share the rule)
-    results = run_pipeline(gm, rule, prover=prover, eager_runtime=settings.eager_runtime)
+    results = run_pipeline(gm, settings.cost, prover=prover, eager_runtime=settings.eager_runtime)
+    modules = module_paths(reference)
     report.iterations = len(results)
-    report.rewrites = [Rewrite(r.kind, r.replaced_ops, r.kernel_shapes, r.ops_before, r.ops_after)
-                       for step in results for r in step.rewrites]
+    report.rewrites = [Rewrite(r.kind, r.replaced_ops, r.kernel_shapes, r.ops_before, r.ops_after,
+                               _module_of(modules, r.replaced_ops)) for step in results for r in step.rewrites]
     # The first round sees the graph as captured (the user's node names) and is complete:
     # later rounds only confirm the fixed point and would repeat its refusals.
     # Failed local proofs of later rounds are new; a region that failed stays as written and
-    # fails again in each round, so each (node, reason) is reported once.
-    refusals = list(results[0].refusals) + [(node, reason) for step in results[1:] for node, reason in step.refusals
-                                            if reason.startswith("local proof")]
-    report.refusals = [Refusal(node, reason) for node, reason in dict.fromkeys(refusals)]
-    report.cost_rule = rule.describe()
+    # fails again in each round, so each refusal is reported once.
+    refusals = list(results[0].refusals) + [refusal for step in results[1:] for refusal in step.refusals
+                                            if refusal.code == "local-proof"]
+    report.refusals = [Refusal(refusal.node, refusal.reason, refusal.code, modules.get(refusal.node, ""))
+                       for refusal in dict.fromkeys(refusals)]
+    report.rule_counts = dict(sum((Counter(step.rule_counts) for step in results), Counter()))
+    report.cost_rule = settings.cost.describe()
     report.decisions = [decision.to_dict() for decision in results[0].decisions]  # first round, as refusals
     laps.lap("rewrite")
     if example_inputs is None:
@@ -124,6 +126,30 @@ def fold_captured(captured: Captured, example_inputs: tuple | None, settings: Se
     report.parameters_before = parameter_count(reference)
     report.parameters_after = parameter_count(gm)
     return report
+
+
+def module_paths(gm: fx.GraphModule) -> dict[str, str]:
+    """Node name -> the path of the module that ran it (``stages.2.blocks.3.conv_kxk``), from the
+    ``nn_module_stack`` torch.export records: what a person finds in their model, unlike aten node names."""
+    paths = {}
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            paths[node.name] = list(stack.values())[-1][0]
+    return paths
+
+
+def _module_of(modules: dict[str, str], nodes: tuple[str, ...]) -> str:
+    """The innermost module holding every node of a rewrite (``stages.0.block``), or "" when they share none."""
+    found = [modules[node].split(".") for node in nodes if modules.get(node)]
+    if not found:
+        return ""
+    common = []
+    for parts in zip(*found):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    return ".".join(common)
 
 
 def model_name(model: Any, gm: fx.GraphModule) -> str:

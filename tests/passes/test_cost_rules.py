@@ -31,7 +31,7 @@ def test_work_of_a_conv_counts_macs_activations_and_weights():
     (op,) = of_form(conv(16, 16, 3), (16, 8, 8)).ops
     assert (op.kind, op.macs, op.reads, op.writes, op.params) == ("conv", 16 * 8 * 8 * 16 * 9, 1024, 1024, 2320)
     (strided,) = of_form(conv(16, 32, 3, stride=2), (32, 4, 4)).ops
-    assert strided.reads == 16 * 7 * 7 and strided.layout[0] == (16, 7, 7)  # the smallest input giving 4x4
+    assert strided.reads == 16 * 7 * 7 and strided.layout.in_shape == (16, 7, 7)  # the smallest input giving 4x4
 
 
 def test_identity_is_free_and_a_lone_scale_is_elementwise():
@@ -97,10 +97,10 @@ def contested() -> tuple[Work, Work]:
 ])
 def test_latency_decides_by_the_profile_where_macs_always_refuses(profile, merges):
     merged, apart = contested()
-    assert not MacsCost().pays(merged, apart)
-    rule = LatencyCost(profile=profile, batch=2)
-    assert rule.pays(merged, apart, "cat") is merges
-    (decision,) = rule.decisions.values()
+    assert not MacsCost().pays(merged, apart).won
+    verdict = LatencyCost(profile=profile, batch=2).pays(merged, apart, "cat")
+    assert verdict.won is merges
+    decision = verdict.decision
     assert (decision.where, decision.merged_won, decision.how, decision.unit) == ("cat", merges, "modeled", "s")
     assert decision.merged.startswith("3x3 8->8") and "1x1 8->4" in decision.apart
 
@@ -108,14 +108,15 @@ def test_latency_decides_by_the_profile_where_macs_always_refuses(profile, merge
 def test_batch_moves_the_boundary():
     merged, apart = contested()
     gpu = DeviceProfile("gpu", "cuda", {"float32": 1e11}, 1e11, 5e-6)
-    assert LatencyCost(profile=gpu, batch=1).pays(merged, apart)
-    assert not LatencyCost(profile=gpu, batch=512).pays(merged, apart)
+    assert LatencyCost(profile=gpu, batch=1).pays(merged, apart).won
+    assert not LatencyCost(profile=gpu, batch=512).pays(merged, apart).won
 
 
 def test_uncontested_merges_are_not_noted():
     three, one = of_form(conv(8, 8, 3), (8, 16, 16)), of_form(conv(8, 8, 1), (8, 16, 16))
     rule = LatencyCost(profile=SLOW)
-    assert rule.pays(three, three + one + elementwise((8, 16, 16)), "add") and not rule.decisions
+    verdict = rule.pays(three, three + one + elementwise((8, 16, 16)), "add")
+    assert verdict.won and verdict.decision is None
 
 
 def test_measure_times_only_contested_pairs_and_follows_the_timer():
@@ -127,19 +128,20 @@ def test_measure_times_only_contested_pairs_and_follows_the_timer():
         return (1.0, 2.0) if first is merged else (2.0, 1.0)
 
     rule = MeasuredCost(profile=SLOW, timer=timer)
-    assert rule.pays(merged, apart, "cat") and timed == [merged, apart]
-    assert next(iter(rule.decisions.values())).how == "measured"
+    verdict = rule.pays(merged, apart, "cat")
+    assert verdict.won and timed == [merged, apart]
+    assert verdict.decision.how == "measured"
     timed.clear()
     three = of_form(conv(8, 8, 3), (8, 16, 16))
     rule.pays(three, three + three, "add")
     assert timed == []  # fewer MACs merged: no device decides otherwise, nothing is timed
     slower = MeasuredCost(profile=SLOW, timer=lambda first, second: (2.0, 1.0))
-    assert not slower.pays(merged, apart, "cat")
+    assert not slower.pays(merged, apart, "cat").won
 
 
 def test_always_merges_and_resolve_names_only_rules_without_a_device():
     merged, apart = contested()
-    assert AlwaysMerge().pays(merged, apart) and AlwaysMerge().merges_everything
+    assert AlwaysMerge().pays(merged, apart).won and AlwaysMerge().merges_everything
     assert isinstance(resolve("macs"), MacsCost) and isinstance(resolve("always"), AlwaysMerge)
     rule = LatencyCost(profile=SLOW)
     assert resolve(rule) is rule

@@ -142,11 +142,11 @@ def test_no_chain_where_the_region_rule_decides(before):
 class NothingPays(cost_rule.MacsCost):
     """A cost model under which no merge pays and no partition is cheaper: nothing may change."""
 
-    def pays(self, merged, separate, where: str = "") -> bool:
-        return False
+    def pays(self, merged, separate, where: str = "") -> cost_rule.Verdict:
+        return cost_rule.Verdict(False)
 
-    def cheaper(self, candidate, incumbent, where: str = "") -> bool:
-        return False
+    def cheaper(self, candidate, incumbent, where: str = "") -> cost_rule.Verdict:
+        return cost_rule.Verdict(False)
 
 
 @pytest.mark.parametrize("before", [

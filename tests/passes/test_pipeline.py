@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import repfx.passes
-from repfx.passes import PIPELINE, Pass, PassResult, describe_pipeline, run_pipeline, run_to_fixed_point
+from repfx.passes import PIPELINE, Pass, PassResult, Refused, describe_pipeline, run_pipeline, run_to_fixed_point
 from pass_graphs import GraphBuilder, assert_same_values, fold_to_fixed_point, op_counts, structure
 
 aten = torch.ops.aten
@@ -119,5 +119,5 @@ def test_prover_is_handed_to_the_fold_and_its_refusals_kept():
 
     rounds = run_pipeline(gm, prover=refuse_all)
     assert not any(step.modified for step in rounds)
-    assert ("batch_norm", "local proof failed: refused by the test") in rounds[0].refusals
+    assert Refused("batch_norm", "local-proof", "local proof failed: refused by the test") in rounds[0].refusals
     assert structure(gm) == written

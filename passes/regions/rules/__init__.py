@@ -6,9 +6,12 @@ is therefore one new module here plus its tests (``tests/passes/rules/``): nothi
 lists the modules, and the analyzer names none of them.
 
 A rule is ``(analyzer, node, operand) -> Expr``: ``operand(arg)`` is the expression
-of an input (absorbed when nothing else reads it, else a boundary); the rule raises
-``NotExact`` with a sentence when the op is linear but cannot be merged exactly (the
-report shows it) and ``NotLinear`` when the op is outside the algebra (silent).
+of an input (absorbed when nothing else reads it, else a boundary); it reads the op's
+arguments by name (``analyzer.arguments(node)``) and builds the expression with the
+analyzer's combinators, which price it: a rule never touches cost state. It raises
+``NotExact(code, sentence)`` when the op is linear but cannot be merged exactly (the
+report shows it; codes in ``repfx.passes.refusals``) and ``NotLinear`` when the op is
+outside the algebra (silent).
 """
 
 import importlib

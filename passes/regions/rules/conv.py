@@ -23,29 +23,23 @@ aten = torch.ops.aten
       aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default)
 def convolution(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     """The convolution applied to its input's expression; arguments export left out take their defaults."""
-    if node.target is aten.convolution.default:
-        x, weight, bias, stride, padding, dilation, transposed, output_padding, groups = node.args
-        if transposed:
-            return apply_transposed(an, node, operand, x, weight, bias, stride, padding, output_padding, dilation,
-                                    groups)
-    else:
-        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-        defaults = (None, None, None, 1, 0, 1, 1)
-        x, weight, bias, stride, padding, dilation, groups = (
-            node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
-            for i, (name, default) in enumerate(zip(names, defaults)))
-    w = an.weight(node, weight)
-    b = None if bias is None else an.weight(node, bias, "bias")
+    op = an.arguments(node)
+    x, stride, padding = op["input"], op["stride"], op["padding"]
+    if op.get("transposed"):
+        return apply_transposed(an, node, operand, x, op["weight"], op["bias"], stride, padding, op["output_padding"],
+                                op["dilation"], op["groups"])
+    w = an.weight(node, op["weight"])
+    b = None if op["bias"] is None else an.weight(node, op["bias"], "bias")
     rank = w.dim() - 2
     if not isinstance(x, fx.Node) or x.meta["val"].dim() != rank + 2:
         raise NotLinear  # unbatched input: dim 1 is not the channel dim
-    dilation = as_ints(dilation, rank)
+    dilation = as_ints(op["dilation"], rank)
     if isinstance(padding, str):
         if padding == "valid":
             padding = 0
         elif any(((k - 1) * d) % 2 for k, d in zip(w.shape[2:], dilation)):
-            raise NotExact(f"{node.name}: padding='same' with an even kernel pads asymmetrically")
+            raise NotExact("padding", f"{node.name}: padding='same' with an even kernel pads asymmetrically")
         else:
             padding = [(k - 1) * d // 2 for k, d in zip(w.shape[2:], dilation)]
-    form = ConvForm.convolution(w, b, as_ints(stride, rank), as_ints(padding, rank), dilation, int(groups))
+    form = ConvForm.convolution(w, b, as_ints(stride, rank), as_ints(padding, rank), dilation, int(op["groups"]))
     return an.apply(form, operand(x), node)

@@ -24,10 +24,7 @@ aten = torch.ops.aten
 @rule(aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
 def conv_transpose(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     """The transposed convolution applied to its input's expression (arguments by name, defaults filled in)."""
-    arguments = node.normalized_arguments(an.gm, normalize_to_only_use_kwargs=True)
-    if arguments is None:
-        raise NotLinear  # not a call torch.fx can match to the op's schema
-    op = arguments.kwargs
+    op = an.arguments(node)
     return apply_transposed(an, node, operand, op["input"], op["weight"], op["bias"], op["stride"], op["padding"],
                             op["output_padding"], op["dilation"], op["groups"])
 

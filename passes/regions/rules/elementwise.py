@@ -15,7 +15,7 @@ from torch import fx
 
 from repfx.passes.algebra.forms import ConvForm, NotExact
 from repfx.passes.canonicalize import branches_could_meet
-from repfx.passes.regions.analyzer import Analyzer, Expr, NotLinear, Operand, rule
+from repfx.passes.regions.analyzer import Analyzer, Expr, NotLinear, Operand, per_channel, rule
 
 aten = torch.ops.aten
 
@@ -23,8 +23,8 @@ aten = torch.ops.aten
 @rule(aten.add.Tensor, aten.sub.Tensor, aten.add.Scalar, aten.sub.Scalar)
 def add(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     """``a + alpha * b`` of two branches (equal shapes), or a branch plus a per-channel constant."""
-    a, b = node.args[:2]
-    alpha = node.kwargs.get("alpha", 1)
+    op = an.arguments(node)
+    a, b, alpha = op["input"], op["other"], op["alpha"]
     if node.target in (aten.sub.Tensor, aten.sub.Scalar):
         alpha = -alpha
     cl = an.channel_last_operands(node)
@@ -38,12 +38,12 @@ def add(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
                           channel_last=cl)
         return an.add(node, [operand(a, cl), eb], [a, b], cl)
     if const_a is None:  # x + alpha * c
-        shift = an.per_channel(const_b, shape)
+        shift = per_channel(const_b, shape)
         scale = 1.0
         x = a
         factor = alpha
     else:  # c + alpha * x
-        shift = an.per_channel(const_a, shape)
+        shift = per_channel(const_a, shape)
         scale = float(alpha)
         x = b
         factor = 1
@@ -70,7 +70,7 @@ def scale(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
             if const_b is None:
                 raise NotLinear
             factor = 1.0 / factor if isinstance(factor, (int, float)) else torch.reciprocal(factor)
-    scale = an.per_channel(factor, shape)
+    scale = per_channel(factor, shape)
     if scale is None:
         raise NotLinear
     form = ConvForm.affine(scale, torch.zeros(shape[0], dtype=torch.float64), len(shape) - 1)
@@ -103,7 +103,7 @@ def identity(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
             return Expr(expr.terms, expr.ops | {node}, expr.shape)
         change = _layout_change(node)
     if change is not None and source not in an.result.exprs and branches_could_meet(node):
-        raise NotExact(f"{node.name} is {source.name} {change}: another tensor, so branches reading it "
+        raise NotExact("another-tensor", f"{node.name} is {source.name} {change}: another tensor, so branches reading it "
                        f"do not merge with branches reading {source.name}")
     raise NotLinear
 

@@ -18,8 +18,8 @@ aten = torch.ops.aten
 @rule(aten.linear.default)
 def linear(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     """A linear layer mixes the last dim; any leading dims act as batch."""
-    x, weight, bias = (list(node.args) + [None])[:3]
-    w = an.weight(node, weight)
-    b = None if bias is None else an.weight(node, bias, "bias")
+    op = an.arguments(node)
+    w = an.weight(node, op["weight"])
+    b = None if op["bias"] is None else an.weight(node, op["bias"], "bias")
     form = ConvForm.convolution(w, b, (), (), (), 1)
-    return an.apply(form, operand(x, channel_last=True), node, channel_last=True)
+    return an.apply(form, operand(op["input"], channel_last=True), node, channel_last=True)

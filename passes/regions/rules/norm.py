@@ -7,9 +7,6 @@ without running statistics, normalizes with batch statistics and is no region.
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
-from typing import Any
-
 import torch
 from torch import fx
 
@@ -20,16 +17,17 @@ from repfx.passes.regions.analyzer import Analyzer, Expr, NotLinear, Operand, ru
 aten = torch.ops.aten
 
 
-def _batch_norm_form(an: Analyzer, node: fx.Node, args: Sequence[Any], eps: float) -> ConvForm:
+def _batch_norm_form(an: Analyzer, node: fx.Node) -> ConvForm:
     """``node`` is the batch-norm op itself (the owner of its statistics)."""
-    x, weight, bias, mean, var = args[:5]
-    stats = [an.weight(node, arg, what) if arg is not None else None
-             for arg, what in ((weight, "BN weight"), (bias, "BN bias"), (mean, "running_mean"), (var, "running_var"))]
+    op = an.arguments(node)
+    stats = [an.weight(node, op[name], what) if op[name] is not None else None
+             for name, what in (("weight", "BN weight"), ("bias", "BN bias"), ("running_mean", "running_mean"),
+                                ("running_var", "running_var"))]
     if stats[2] is None or stats[3] is None:
         raise NotLinear
     as64 = [None if t is None else t.to(torch.float64) for t in stats]
-    scale, shift = kernels.batch_norm_scale_shift(as64[2], as64[3], as64[0], as64[1], eps)
-    return ConvForm.affine(scale, shift, len(an.sample_shape(x)) - 1)
+    scale, shift = kernels.batch_norm_scale_shift(as64[2], as64[3], as64[0], as64[1], float(op["eps"]))
+    return ConvForm.affine(scale, shift, len(an.sample_shape(op["input"])) - 1)
 
 
 @rule(operator.getitem)
@@ -40,13 +38,12 @@ def batch_norm_output(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
         raise NotLinear
     if any(user is not node for user in bn.users):
         raise NotLinear  # saved statistics are consumed elsewhere
-    form = _batch_norm_form(an, bn, bn.args, float(bn.args[6]))
-    return an.apply(form, operand(bn.args[0]), node, extra_ops=(bn,))
+    return an.apply(_batch_norm_form(an, bn), operand(an.arguments(bn)["input"]), node, extra_ops=(bn,))
 
 
 @rule(aten.batch_norm.default)
 def batch_norm(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     """``aten.batch_norm`` as export leaves it in a graph without mutations."""
-    if node.args[5]:
+    if an.arguments(node)["training"]:
         raise NotLinear  # training-mode BN normalizes with batch statistics: not affine in x
-    return an.apply(_batch_norm_form(an, node, node.args, float(node.args[7])), operand(node.args[0]), node)
+    return an.apply(_batch_norm_form(an, node), operand(an.arguments(node)["input"]), node)

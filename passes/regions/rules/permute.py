@@ -20,7 +20,6 @@ import torch
 from torch import fx
 
 from repfx.passes.algebra.forms import pointwise_at_rank
-from repfx.passes.cost import NOTHING
 from repfx.passes.regions.analyzer import Analyzer, Expr, NotLinear, Operand, rule
 
 aten = torch.ops.aten
@@ -79,6 +78,6 @@ def undo_permutation(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
         raise NotLinear  # neither s's channel dim nor its last dim: no form on s acts there
     channel_last = source_channel == last
     form = pointwise_at_rank(mid.terms[0].form, 0 if channel_last else last - 1)
-    expr = an.apply(form, operand(source, channel_last), node, extra_ops=(*mid.ops, inner), channel_last=channel_last)
-    an.result.own_cost[node] = NOTHING  # the ops between were counted where they stand; the permutations are views
-    return expr
+    # The ops between are priced where they stand; the permutations are views.
+    return an.apply(form, operand(source, channel_last), node, extra_ops=(*mid.ops, inner), channel_last=channel_last,
+                    view=True)

@@ -15,9 +15,8 @@ import torch
 from torch import Tensor, fx
 
 from repfx.passes.algebra import kernels
-from repfx.passes.algebra.forms import ConvForm, NotExact, pad_output
-from repfx.passes.cost import elementwise, of_form
-from repfx.passes.regions.analyzer import Analyzer, Expr, NotLinear, Operand, Term, as_ints, rule
+from repfx.passes.algebra.forms import ConvForm, NotExact
+from repfx.passes.regions.analyzer import Analyzer, Expr, NotLinear, Operand, as_ints, per_channel, rule
 
 aten = torch.ops.aten
 
@@ -28,60 +27,49 @@ _POOL_RANK = {aten.avg_pool1d.default: 1, aten.avg_pool2d.default: 2, aten.avg_p
 @rule(*_POOL_RANK)
 def avg_pool(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     """A depthwise convolution whose kernel is the window's average."""
-    args = list(node.args) + [None] * (7 - len(node.args))
-    x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor = args[:7]
+    op = an.arguments(node)
     shape = an.sample_shape(node)
     rank = len(shape) - 1
     if rank != _POOL_RANK[node.target]:
         raise NotLinear  # unbatched input: dim 1 is not the channel dim
-    kernel_size = as_ints(kernel_size, rank)
-    stride = as_ints(stride, rank) if stride else kernel_size
-    padding = as_ints(padding or 0, rank)
-    if ceil_mode:
-        raise NotExact(f"{node.name}: ceil_mode pooling has partial windows at the border")
-    if any(padding) and count_include_pad is False:
-        raise NotExact(f"{node.name}: count_include_pad=False divides border windows by fewer pixels")
-    if divisor is not None:
-        raise NotExact(f"{node.name}: divisor_override is not a plain average")
+    kernel_size = as_ints(op["kernel_size"], rank)
+    stride = as_ints(op["stride"], rank) if op["stride"] else kernel_size  # export's default stride is []
+    padding = as_ints(op["padding"], rank)
+    if op["ceil_mode"]:
+        raise NotExact("pool-window", f"{node.name}: ceil_mode pooling has partial windows at the border")
+    if any(padding) and op["count_include_pad"] is False:
+        raise NotExact("pool-window", f"{node.name}: count_include_pad=False divides border windows by fewer pixels")
+    if op.get("divisor_override") is not None:  # avg_pool1d has none
+        raise NotExact("pool-window", f"{node.name}: divisor_override is not a plain average")
     kernel = kernels.avgpool_kernel(shape[0], kernel_size)
     form = ConvForm.convolution(kernel, None, stride, padding, (1,) * rank, shape[0])
-    return an.apply(form, operand(x), node)
+    return an.apply(form, operand(op["input"]), node)
 
 
 def _symmetric_padding(node: fx.Node, pad: Sequence[int], rank: int) -> tuple[int, ...]:
     pad = list(pad)
     if len(pad) % 2 or len(pad) > 2 * rank:
-        raise NotExact(f"{node.name}: pads non-spatial dims {pad}")
+        raise NotExact("padding", f"{node.name}: pads non-spatial dims {pad}")
     pad += [0] * (2 * rank - len(pad))
     pairs = [(pad[2 * i], pad[2 * i + 1]) for i in range(rank)][::-1]  # F.pad lists the last dim first
     if any(left != right or left < 0 for left, right in pairs):
-        raise NotExact(f"{node.name}: asymmetric or negative padding {pad} has no convolution equivalent")
+        raise NotExact("padding", f"{node.name}: asymmetric or negative padding {pad} has no convolution equivalent")
     return tuple(left for left, _ in pairs)
 
 
 @rule(aten.constant_pad_nd.default, aten.pad.default)
 def pad(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     """Symmetric constant padding of a single branch: the branch's output gets a border."""
-    x, pad = node.args[:2]
     if any(user.target is aten.slice_scatter.default and user.args[0] is node for user in node.users):
         raise NotLinear  # border writes follow: the border-fill rule owns this pad
-    if node.target is aten.pad.default:
-        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
-        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
-        if mode != "constant":
-            raise NotExact(f"{node.name}: {mode} padding is not zero padding")
-    else:
-        value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+    op = an.arguments(node)
+    mode, value = op.get("mode", "constant"), op["value"]  # constant_pad_nd has no mode
+    if mode != "constant":
+        raise NotExact("padding-mode", f"{node.name}: {mode} padding is not zero padding")
     shape = an.sample_shape(node)
-    padding = _symmetric_padding(node, pad, len(shape) - 1)
+    padding = _symmetric_padding(node, op["pad"], len(shape) - 1)
     value_vec = None if not value else torch.full((shape[0],), float(value), dtype=torch.float64)
-    expr = operand(x)
-    if len(expr.terms) != 1:
-        raise NotExact(f"{node.name}: pads a sum of branches reading different tensors")
-    term = expr.terms[0]
-    form = pad_output(term.form, padding, value_vec)
-    an.result.own_cost[node] = elementwise(shape, 1)
-    return Expr((Term(term.source, form, of_form(form, shape)),), expr.ops | {node}, shape)
+    return an.pad(node, operand(op["input"]), padding, value_vec)
 
 
 def _fill_value(an: Analyzer, src: Any, shape: tuple[int, ...]) -> Tensor:
@@ -90,9 +78,9 @@ def _fill_value(an: Analyzer, src: Any, shape: tuple[int, ...]) -> Tensor:
         src = src.args[1]
     if isinstance(src, fx.Node) and src.target is aten.expand.default:
         src = src.args[0]
-    value = an.per_channel(an.constants.value(src), shape)
+    value = per_channel(an.constants.value(src), shape)
     if value is None:
-        raise NotExact(f"border write of {getattr(src, 'name', src)} is not a per-channel constant")
+        raise NotExact("border-fill", f"border write of {getattr(src, 'name', src)} is not a per-channel constant")
     return value
 
 
@@ -115,18 +103,18 @@ def border_fill(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
         raise NotLinear
     shape = an.sample_shape(node)
     rank = len(shape) - 1
-    padding = _symmetric_padding(pad_node, pad_node.args[1], rank)
-    if any(arg not in (None, 0, 0.0, "constant") for arg in pad_node.args[2:]):
+    pad_op = an.arguments(pad_node)
+    padding = _symmetric_padding(pad_node, pad_op["pad"], rank)
+    if pad_op.get("mode", "constant") != "constant" or pad_op["value"] not in (None, 0, 0.0):
         raise NotLinear
     ops = {pad_node, *chain}
     value = None
     writes = set()
     for scatter in chain:
-        defaults = (None, None, 0, None, None, 1)
-        _, src, dim, start, end, step = tuple(scatter.args) + defaults[len(scatter.args):]
+        src, dim, start, end, step = (an.arguments(scatter)[name] for name in ("src", "dim", "start", "end", "step"))
         fill = _fill_value(an, src, shape)
         if value is not None and not torch.allclose(fill, value, rtol=0, atol=0):
-            raise NotExact(f"{scatter.name}: border strips hold different values")
+            raise NotExact("border-fill", f"{scatter.name}: border strips hold different values")
         value = fill
         if isinstance(src, fx.Node) and src.target is aten.copy.default:
             ops |= {src, src.args[0]}
@@ -142,14 +130,8 @@ def border_fill(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     expected = {(d, 0, p) for d, p in enumerate(padding) if p} | {(d, shape[d + 1] - p, shape[d + 1])
                                                                   for d, p in enumerate(padding) if p}
     if writes != expected:
-        raise NotExact(f"{node.name}: writes {sorted(writes)} are not exactly the padded border {sorted(expected)}")
+        raise NotExact("border-fill", f"{node.name}: writes {sorted(writes)} are not exactly the padded border {sorted(expected)}")
     for op in ops - {node}:
         if any(user not in ops for user in op.users):
             raise NotLinear
-    expr = operand(pad_node.args[0])
-    if len(expr.terms) != 1:
-        raise NotExact(f"{node.name}: pads a sum of branches reading different tensors")
-    term = expr.terms[0]
-    form = pad_output(term.form, padding, value)
-    an.result.own_cost[node] = elementwise(shape, 1)
-    return Expr((Term(term.source, form, of_form(form, shape)),), expr.ops | ops, shape)
+    return an.pad(node, operand(pad_op["input"]), padding, value, frozenset(ops))

@@ -10,9 +10,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from repfx.passes.algebra.forms import NotExact, stack_outputs
-from repfx.passes.cost import NOTHING, elementwise, of_form
-from repfx.passes.regions.analyzer import Analyzer, Expr, NotLinear, Operand, Term, rule
+from repfx.passes.regions.analyzer import Analyzer, Expr, NotLinear, Operand, rule
 
 aten = torch.ops.aten
 
@@ -36,17 +34,8 @@ def channel_last_view(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
 @rule(aten.cat.default)
 def cat(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     """A channel concat of single branches of one input: one convolution with stacked kernels."""
-    tensors = node.args[0]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    shape = an.sample_shape(node)
-    if dim not in (1, -len(shape)) or len(tensors) < 2:
+    arguments = an.arguments(node)
+    tensors = arguments["tensors"]
+    if arguments["dim"] not in (1, -len(an.sample_shape(node))) or len(tensors) < 2:
         raise NotLinear
-    exprs = [operand(t) for t in tensors]
-    if any(len(e.terms) != 1 for e in exprs) or len({id(e.terms[0].source) for e in exprs}) != 1:
-        raise NotExact(f"{node.name}: concatenated tensors are not all single branches of one input")
-    form = stack_outputs([e.terms[0].form for e in exprs])
-    merged_cost = of_form(form, shape)
-    an.check_cost(node, merged_cost, sum((e.cost for e in exprs), NOTHING) + elementwise(shape, 1))
-    ops = frozenset().union(*(e.ops for e in exprs)) | {node}
-    an.result.own_cost[node] = elementwise(shape, 1)
-    return Expr((Term(exprs[0].terms[0].source, form, merged_cost),), ops, shape)
+    return an.concat(node, [operand(t) for t in tensors])

@@ -20,21 +20,22 @@ aten = torch.ops.aten
 @rule(aten.sum.dim_IntList, aten.mean.dim)
 def stacked_sum(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     """``stack(tensors, d).sum(d)`` is ``tensors[0] + tensors[1] + ...``; ``mean(d)`` divides it by their count."""
-    stacked, dims = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    op = an.arguments(node)
+    stacked, dims = op["input"], op["dim"]
     if not isinstance(stacked, fx.Node) or stacked.target is not aten.stack.default:
         raise NotLinear  # a reduction of one tensor: no branches
-    if (node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)) or node.kwargs.get("dtype"):
+    if op["keepdim"] or op["dtype"]:
         raise NotLinear  # keeps the stacked dim or casts: another shape or dtype than the branches
-    tensors = stacked.args[0]
+    tensors = an.arguments(stacked)["tensors"]
     rank = stacked.meta["val"].dim()
-    stack_dim = (stacked.args[1] if len(stacked.args) > 1 else stacked.kwargs.get("dim", 0)) % rank
+    stack_dim = an.arguments(stacked)["dim"] % rank
     reduced = sorted({dim % rank for dim in ([dims] if isinstance(dims, int) else (dims or range(rank)))})
     if reduced != [stack_dim]:
-        raise NotExact(f"{node.name} reduces dims {reduced} of {stacked.name}, not only its stacked dim {stack_dim}: "
+        raise NotExact("reduction", f"{node.name} reduces dims {reduced} of {stacked.name}, not only its stacked dim {stack_dim}: "
                        "not a sum of the stacked branches")
     others = [user.name for user in stacked.users if user is not node]
     if others:
-        raise NotExact(f"{stacked.name} is also read by {', '.join(others)}; its branches are not merged here")
+        raise NotExact("shared-output", f"{stacked.name} is also read by {', '.join(others)}; its branches are not merged here")
     exprs = {t: an.result.exprs.get(t) for t in tensors if isinstance(t, fx.Node)}
     cl = node.meta["val"].dim() > 2 and any(expr is not None and expr.channel_last for expr in exprs.values())
     total = an.add(node, [operand(t, cl) for t in tensors], tensors, cl)

@@ -1,0 +1,65 @@
+"""Refusals: why a merge was not done, as a stable code (for grouping and tests) and a sentence (for people).
+
+Every refusal the passes report carries one of ``CODES``; the sentence (``reason``) says
+the details of this node. Reports group by the code, never by parsing the sentence, so
+a sentence can be reworded without moving a refusal to another group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CODES: dict[str, str] = {
+    # -- exactness: no single form computes the region ---------------------------------------
+    "different-inputs": "branches read different tensors, so their kernels cannot add",
+    "stride": "branches have different strides (different output grids)",
+    "alignment": "branch centres are misaligned (2*padding - (k-1)*dilation differs)",
+    "channels": "channel counts do not line up between the forms",
+    "rank": "branches have different spatial rank",
+    "kernel-growth": "two spatial kernels in a row: the merged kernel would grow",
+    "border": "zero padding would see a shift (or real pixels) where the original sees zeros",
+    "padding": "asymmetric, negative or non-spatial padding has no convolution form",
+    "padding-mode": "a padding mode other than zeros",
+    "border-fill": "writes into a padded border that are not one per-channel constant on exactly the border",
+    "pool-window": "pooling windows that are partial or not divided by their size",
+    "transposed": "a transposed convolution merges only with a per-channel op or an unpadded 1x1 of its own",
+    "permute": "an op between a permutation and its inverse reads neighbouring pixels",
+    "reduction": "a reduction over more than the stacked dim is no sum of branches",
+    "broadcast": "a sum that broadcasts its branches",
+    "dtype": "the dtype changes inside the region (type promotion)",
+    "another-tensor": "a cast or layout copy is another tensor than its source",
+    "not-constant": "a weight is computed from graph inputs",
+    "symbolic-shape": "a symbolic channel count or an unknown size",
+    "shared-output": "an op's output is also read outside the region",
+    "shared-weight": "merging a use of a shared weight would only copy it",
+    "rule-error": "a rule raised an unexpected error on an op variant it did not foresee",
+    # -- price and proof: exact, but not done --------------------------------------------------
+    "cost": "the cost rule found the merge slower (or more work) than the ops it replaces",
+    "chain-partition": "how a chain of linear ops was cut (a note, not a failure)",
+    "weight-copied": "a use of a shared weight was folded into new weights; the model holds both (a note)",
+    "local-proof": "the float64 proof of the rewritten region failed; the region stays as written",
+}
+
+
+class NotExact(Exception):
+    """A combination of forms would not compute the same function (or not cheaper); ``str`` says why."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        if code not in CODES:
+            raise ValueError(f"unknown refusal code {code!r}: add it to repfx.passes.refusals.CODES")
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Refused:
+    """One refusal as the passes report it: the node (by name), its code (``CODES``) and the sentence users read."""
+
+    node: str
+    code: str
+    reason: str
+
+    @classmethod
+    def of(cls, node: str, refusal: NotExact) -> Refused:
+        return cls(node, refusal.code, refusal.reason)

@@ -1,0 +1,129 @@
+"""The combinators rules build expressions with, and the one place a merge is priced.
+
+A rule maps a node and its operands' expressions to an expression; it composes forms
+only through these methods of the analyzer (``apply``, ``add``, ``pad``, ``concat``).
+Each records what the op costs as written (``Analysis.own_cost``) and asks the cost
+rule whether a merge pays, keeping a contested decision with the analysis: so no rule
+prices anything, and every merge is priced the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, fx
+
+from repfx.passes.algebra.forms import ConvForm, NotExact, compose, merge_parallel, pad_output, stack_outputs
+from repfx.passes.cost import NOTHING, CostRule, Work, elementwise, of_form
+from repfx.passes.regions.expr import Analysis, Expr, Term
+from repfx.passes.regions.values import same_shapes
+
+
+class Combinators:
+    """Mixed into ``Analyzer``, which provides the walk's ``result``, its ``cost`` rule and ``sample_shape``."""
+
+    result: Analysis
+    cost: CostRule
+
+    def apply(self, outer: ConvForm, expr: Expr, node: fx.Node, extra_ops: Sequence[fx.Node] = (),
+              channel_last: bool = False, view: bool = False) -> Expr:
+        """Expression of ``outer(expr)``; ``node`` (and ``extra_ops``) join the region.
+
+        ``view``: ``node`` only re-lays out a tensor and ``outer`` restates ops of ``extra_ops``,
+        which are priced where they stand: ``node`` as written costs nothing.
+        """
+        shape = self.sample_shape(node, channel_last)
+        ops = expr.ops | {node, *extra_ops}
+        self.result.own_cost[node] = of_form(outer, shape)
+        separate_cost = expr.cost + self.result.own_cost[node]
+        if len(expr.terms) == 1:
+            term = expr.terms[0]
+            merged = compose(outer, term.form)
+            alone = not expr.ops and any(op in self.result.shared for op in (node, *extra_ops))
+            terms = (Term(term.source, merged, of_form(merged, shape), node if alone else None),)
+        elif outer.is_diagonal and not any(outer.padding):
+            terms = self._distribute(outer, expr.terms, shape)
+        else:
+            raise NotExact("different-inputs",
+                           f"{outer.describe()} applied to a sum of branches that read different tensors")
+        self._check_cost(node, sum(t.cost for t in terms) + (len(terms) - 1) * elementwise(shape), separate_cost)
+        if view:
+            self.result.own_cost[node] = NOTHING
+        return Expr(terms, frozenset(ops), shape)
+
+    def _distribute(self, outer: ConvForm, terms: Sequence[Term], shape: tuple[int, ...]) -> tuple[Term, ...]:
+        """scale * (a + b) + shift = (scale * a + shift) + scale * b: exact for any sum."""
+        scale_only = ConvForm(outer.weight, torch.zeros_like(outer.bias), outer.stride, outer.padding,
+                              outer.dilation, outer.groups)
+        result = []
+        for index, term in enumerate(terms):
+            form = compose(outer if index == 0 else scale_only, term.form)
+            result.append(Term(term.source, form, of_form(form, shape)))
+        return tuple(result)
+
+    def add(self, node: fx.Node, exprs: Sequence[Expr], operands: Sequence[fx.Node], channel_last: bool) -> Expr:
+        shape = self.sample_shape(node, channel_last)
+        same_shapes(node, operands)
+        self.result.own_cost[node] = elementwise(shape, len(operands))
+        terms = self._merge_terms([t for e in exprs for t in e.terms], node, shape)
+        ops = frozenset().union(*(e.ops for e in exprs)) | {node}
+        return Expr(terms, ops, shape)
+
+    def _merge_terms(self, terms: Sequence[Term], node: fx.Node, shape: tuple[int, ...]) -> tuple[Term, ...]:
+        """Merge terms reading the same source, most expensive first, when exact and not dearer."""
+        add = elementwise(shape)
+        clusters: list[Term] = []
+        for term in sorted(terms, key=lambda t: -t.cost.macs):
+            for index, cluster in enumerate(clusters):
+                if cluster.source is not term.source:
+                    continue
+                try:
+                    merged = merge_parallel([cluster.form, term.form])
+                    merged_cost = of_form(merged, shape)
+                    self._check_cost(node, merged_cost, cluster.cost + term.cost + add)
+                except NotExact as refusal:
+                    self.result.refuse(node, refusal.code, refusal.reason)
+                    continue
+                clusters[index] = Term(term.source, merged, merged_cost)
+                break
+            else:
+                clusters.append(term)
+        sources = {id(t.source) for t in clusters}
+        if len(sources) > 1:
+            names = ", ".join(dict.fromkeys(t.source.name for t in clusters))
+            self.result.refuse(node, "different-inputs", f"branches read different tensors ({names}); kept as separate terms")
+        return tuple(clusters)
+
+    def pad(self, node: fx.Node, expr: Expr, padding: Sequence[int], value: Tensor | None,
+            extra_ops: frozenset[fx.Node] = frozenset()) -> Expr:
+        """``expr`` padded by ``padding`` with a per-channel ``value`` (zeros when None); as written, one copy."""
+        shape = self.sample_shape(node)
+        if len(expr.terms) != 1:
+            raise NotExact("different-inputs", f"{node.name}: pads a sum of branches reading different tensors")
+        term = expr.terms[0]
+        form = pad_output(term.form, padding, value)
+        self.result.own_cost[node] = elementwise(shape, 1)
+        return Expr((Term(term.source, form, of_form(form, shape)),), expr.ops | extra_ops | {node}, shape)
+
+    def concat(self, node: fx.Node, exprs: Sequence[Expr]) -> Expr:
+        """A channel concat of single branches of one input: one form with stacked kernels, when that pays
+        (as written, the branches and one copy of their outputs)."""
+        shape = self.sample_shape(node)
+        if any(len(e.terms) != 1 for e in exprs) or len({id(e.terms[0].source) for e in exprs}) != 1:
+            raise NotExact("different-inputs",
+                           f"{node.name}: concatenated tensors are not all single branches of one input")
+        form = stack_outputs([e.terms[0].form for e in exprs])
+        merged_cost, copy = of_form(form, shape), elementwise(shape, 1)
+        self._check_cost(node, merged_cost, sum((e.cost for e in exprs), NOTHING) + copy)
+        self.result.own_cost[node] = copy
+        ops = frozenset().union(*(e.ops for e in exprs)) | {node}
+        return Expr((Term(exprs[0].terms[0].source, form, merged_cost),), ops, shape)
+
+    def _check_cost(self, node: fx.Node, merged: Work, separate: Work) -> None:
+        """Refuse the merge at ``node`` unless the rule says it pays (``AlwaysMerge`` never asks);
+        a contested decision is kept with the analysis."""
+        if self.cost.merges_everything:
+            return
+        if not self.result.decisions.note(self.cost.pays(merged, separate, node.name)).won:
+            raise NotExact("cost", self.cost.merge_refused(merged, separate))
