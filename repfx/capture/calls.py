@@ -76,8 +76,9 @@ class Calls:
         self.counts[key] += 1
 
 
-def record_calls(model: nn.Module, example_inputs: tuple) -> dict[str, Calls]:
-    """Run ``model`` once (no grad) and return, by qualified name, what each submodule was called with.
+def record_calls(model: nn.Module, input_sets: list[tuple]) -> dict[str, Calls]:
+    """Run ``model`` once per example input set (no grad) and return, by qualified name, what each submodule was
+    called with over all of them.
 
     ``model`` should be a copy: its forward runs, and state it writes (counters, caches) advances.
     A shared submodule is recorded under its first name (``named_modules`` order).
@@ -91,7 +92,8 @@ def record_calls(model: nn.Module, example_inputs: tuple) -> dict[str, Calls]:
         handles.append(module.register_forward_pre_hook(_recorder(calls), with_kwargs=True))
     try:
         with torch.no_grad():
-            model(*_cloned(tuple(example_inputs)))
+            for inputs in input_sets:
+                model(*_cloned(tuple(inputs)))
     finally:
         for handle in handles:
             handle.remove()

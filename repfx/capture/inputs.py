@@ -39,6 +39,18 @@ class InputSpec(NamedTuple):
     device: torch.device | str | None = None  # None: torch's default device
 
 
+def as_input_sets(example_inputs: Any) -> list[tuple]:
+    """One example input set, or several: a list whose every item is a tuple is several sets, each a tuple of
+    positional arguments (``[(x_day,), (x_night,)]``); anything else is one set (``as_input_tuple``).
+
+    Several sets reach code a single one does not (a forward that branches on the data):
+    every set is recorded, proven and verified.
+    """
+    if isinstance(example_inputs, list) and example_inputs and all(isinstance(s, tuple) for s in example_inputs):
+        return list(example_inputs)
+    return [as_input_tuple(example_inputs)]
+
+
 def as_input_tuple(example_inputs: Any) -> tuple:
     """Example inputs as a tuple of positional arguments (a lone tensor or object is one argument)."""
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)

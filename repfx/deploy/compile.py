@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from repfx.capture.inputs import as_input_tuple
+from repfx.capture.inputs import as_input_sets
 from repfx.backends.base import BuildRequest
 from repfx.backends.precision import PRECISIONS, PrecisionName, cast_floating, deploy_copy, precision_dtype
 from repfx.backends.registry import get_backend, module_fallback, resolve_backend
@@ -100,7 +100,8 @@ def compile(
     if backend == "auto":
         logger.info("repfx.compile: backend %r (%s)", name, reason)
     chosen = get_backend(name)
-    inputs = as_input_tuple(example_inputs)
+    sets = as_input_sets(example_inputs)  # one example input set, or a list of them (all recorded and checked)
+    inputs = sets[0]
 
     dynamic_batch = keeps_dynamic_batch(model, dynamic_batch)
     # A model folded in parts is a module, not one graph: only backends that run modules take it.
@@ -108,7 +109,7 @@ def compile(
     settings = Settings(verify=verify, dynamic_batch=dynamic_batch, progress=progress, cost=cost,
                         target=planned_target(target, chosen.device), batch=batch, precision=precision,
                         runtime=chosen.runtime)
-    plain = (run if in_parts else run_whole)(model, inputs, settings)
+    plain = (run if in_parts else run_whole)(model, sets, settings)
     report: Report = report_of(plain)
     if is_folded_in_parts(plain) and not chosen.runs_modules:  # "auto" had chosen a one-graph backend
         chosen = module_fallback()
@@ -124,19 +125,21 @@ def compile(
                              device=chosen.device)
     report.backend, report.precision = name, precision
     if verify:
-        stats = check_against_plain(plain, deployed, inputs, precision, dynamic_batch=dynamic_batch, rtol=rtol)
+        stats = check_against_plain(plain, deployed, inputs, precision, dynamic_batch=dynamic_batch, rtol=rtol,
+                                    more=sets[1:])
         report.backend_max_abs_error = stats.max_abs_error
         report.backend_tolerance = stats.tolerance
     return deployed
 
 
 def check_against_plain(plain: fx.GraphModule, deployed: DeployedModel, inputs: tuple, precision: str, *,
-                        dynamic_batch: bool, rtol: float | None = None) -> ErrorStats:
+                        dynamic_batch: bool, rtol: float | None = None, more: Sequence[tuple] = ()) -> ErrorStats:
     """``deployed`` must reproduce the fp32 plain graph within the precision's rtol (``VerificationError``
-    otherwise), on the example inputs, seeded ones, and a wider batch where the batch is dynamic."""
+    otherwise), on the example inputs (and ``more`` example sets), seeded ones, and a wider batch where the
+    batch is dynamic."""
     candidate = deployed if deployed.device is None else _outputs_on(_device_of(inputs), deployed)
     return verify_outputs(plain, candidate, inputs, rtol=PRECISIONS[precision].rtol if rtol is None else rtol,
-                          extra_batch=3 if dynamic_batch else None)
+                          extra_batch=3 if dynamic_batch else None, more=more)
 
 
 def _outputs_on(device: torch.device, module: Callable) -> Callable:

@@ -27,7 +27,7 @@ import torch
 
 from repfx.pipeline import report_of, run_whole
 from repfx.settings import Settings
-from repfx.capture.inputs import as_input_tuple
+from repfx.capture.inputs import as_input_sets
 from repfx.backends.base import ArtifactJob, Check
 from repfx.backends.formats import artifacts, export_formats, file_names, planned_for, resolve_formats
 from repfx.backends.precision import PrecisionName, deploy_copy, precision_dtype
@@ -155,7 +155,8 @@ def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequen
     """
     progress = progress or (lambda phase: None)
     precision_dtype(precision)  # an unknown precision is refused before the heavy work
-    inputs = as_input_tuple(example_inputs)
+    sets = as_input_sets(example_inputs)  # one example input set, or a list of them (all recorded and checked)
+    inputs = sets[0]
 
     dynamic_batch = keeps_dynamic_batch(model, dynamic_batch)
     # One graph is written: a model torch.export cannot capture whole is refused in one line naming what blocks
@@ -163,7 +164,7 @@ def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequen
     device, runtime = planned_for(plan.wanted)  # e.g. a TensorRT engine runs on the GPU it is built on
     settings = Settings(verify=verify, dynamic_batch=dynamic_batch, progress=progress, cost=cost,
                         target=planned_target(target, device), batch=batch, precision=precision, runtime=runtime)
-    plain = run_whole(model, inputs, settings)
+    plain = run_whole(model, sets, settings)
     report: Report = report_of(plain)
     report.precision = precision
     deploy_graph, deploy_inputs = deploy_copy(plain, inputs, precision)

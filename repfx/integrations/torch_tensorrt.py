@@ -39,7 +39,8 @@ def repfx_lowering_pass(gm: fx.GraphModule, settings: Any = None) -> fx.GraphMod
     inputs = random_inputs(specs, seed=0) if specs is not None else None
     plan = Settings(eager_runtime=False, target="cuda" if torch.cuda.is_available() else None)  # TensorRT: CUDA
     report = Report(model=type(gm).__name__)
-    fold_captured(Captured(gm), inputs, plan.planned(inputs or ()), report, Laps(report))
+    fold_captured(Captured(gm), [inputs] if inputs is not None else None, plan.planned(inputs or ()), report,
+                  Laps(report))
     if not report.rewrites:
         return gm
     gm.graph.lint()

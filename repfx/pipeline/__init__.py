@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from repfx.capture.inputs import as_input_tuple
+from repfx.capture.inputs import as_input_sets
 from repfx.errors import CaptureError
 from repfx.pipeline.graph import REPORT_ATTRIBUTE, fold_graph, report_of
 from repfx.pipeline.parts import (can_fold_in_parts, fold_in_parts, is_folded_in_parts, warn_folded_in_parts,
@@ -26,17 +26,20 @@ from repfx.settings import Settings
 
 
 def run(model: Any, example_inputs: Any, settings: Settings) -> nn.Module:
-    """The plain model (a GraphModule, or a copy of the model with folded parts) with its report attached."""
-    inputs = as_input_tuple(example_inputs)
-    settings = settings.planned(inputs)
+    """The plain model (a GraphModule, or a copy of the model with folded parts) with its report attached.
+
+    ``example_inputs``: one set of positional arguments, or a list of such tuples
+    (``capture.inputs.as_input_sets``), every one recorded, proven and verified."""
+    sets = as_input_sets(example_inputs)
+    settings = settings.planned(sets[0])
     start = time.perf_counter()
     try:
-        return fold_graph(model, inputs, settings)
+        return fold_graph(model, sets, settings)
     except CaptureError as error:
         if not settings.partial or not can_fold_in_parts(model):
             raise
         failed_capture = time.perf_counter() - start
-        folded = fold_in_parts(model, inputs, error, settings, fold_graph)
+        folded = fold_in_parts(model, sets, error, settings, fold_graph)
     report = report_of(folded)
     report.seconds = {"whole-model capture": failed_capture} | report.seconds
     warn_folded_in_parts(report)
@@ -50,19 +53,19 @@ def run_whole(model: Any, example_inputs: Any, settings: Settings) -> fx.GraphMo
     try:
         return run(model, example_inputs, settings.replace(partial=False))
     except CaptureError as error:
-        message = _whole_model_message(model, as_input_tuple(example_inputs), error, settings)
+        message = _whole_model_message(model, as_input_sets(example_inputs), error, settings)
         if message is None:
             raise
         raise CaptureError(message) from error
 
 
-def _whole_model_message(model: Any, inputs: tuple, error: CaptureError, settings: Settings) -> str | None:
+def _whole_model_message(model: Any, sets: list[tuple], error: CaptureError, settings: Settings) -> str | None:
     """What blocks capturing ``model`` whole and the part to export instead; None where it cannot be folded in parts."""
     if not can_fold_in_parts(model):
         return None
-    quick = settings.planned(inputs).replace(verify=False, dynamic_batch=False, progress=None)
+    quick = settings.planned(sets[0]).replace(verify=False, dynamic_batch=False, progress=None)
     try:
-        folded = fold_in_parts(model, inputs, error, quick, fold_graph)
+        folded = fold_in_parts(model, sets, error, quick, fold_graph)
     except CaptureError:
         return None
     return whole_model_message(report_of(folded))

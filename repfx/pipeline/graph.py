@@ -18,13 +18,13 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from repfx.capture.export import Captured, capture
-from repfx.capture.inputs import as_input_tuple
+from repfx.errors import CaptureError
 from repfx.passes import run_pipeline
 from repfx.report import Refusal, Report, Rewrite
 from repfx.settings import LOCAL_PROOF_TRIALS, Settings
 from repfx.verify.local import LocalProver
 from repfx.verify.mismatch import discontinuous_after_rewrites, judge
-from repfx.verify.numeric import copy_inputs, input_sets, verify
+from repfx.verify.numeric import copy_inputs, input_sets as seeded_sets, verify
 from repfx.verify.opcount import count_ops, summarize
 
 REPORT_ATTRIBUTE = "repfx_report"  # the one home of a result's Report, whole or folded in parts
@@ -55,34 +55,54 @@ def report_of(result: torch.nn.Module) -> Report:
     return getattr(result, REPORT_ATTRIBUTE)
 
 
-def fold_graph(model: Any, example_inputs: tuple, settings: Settings) -> fx.GraphModule:
-    """Capture ``model`` whole and fold it; raises ``CaptureError`` when torch.export cannot capture it."""
+def fold_graph(model: Any, input_sets: list[tuple], settings: Settings) -> fx.GraphModule:
+    """Capture ``model`` whole on the first example input set and fold it, proven and verified on every set;
+    raises ``CaptureError`` when torch.export cannot capture it or one graph cannot hold every set."""
     settings.progress("capture")
-    example_inputs = as_input_tuple(example_inputs)
+    example_inputs = input_sets[0]
     report = Report(model=type(model).__name__)
     laps = Laps(report)
+    _check_one_graph_holds(input_sets, settings.dynamic_batch)
     captured = capture(model, example_inputs, dynamic_batch=settings.dynamic_batch)
     report.model = model_name(model, captured.graph)
     report.mode_changes = list(captured.mode_changes)
     report.buffers_written = list(captured.buffers_written)
     report.notes += _non_finite_input_notes(example_inputs)
     laps.lap("capture")
-    fold_captured(captured, example_inputs, settings, report, laps)
+    fold_captured(captured, input_sets, settings, report, laps)
     return attach(captured.graph, report)
 
 
-def fold_captured(captured: Captured, example_inputs: tuple | None, settings: Settings, report: Report,
-                  laps: Laps) -> Report:
-    """Fold ``captured.graph`` in place, prove and verify it on ``example_inputs``, and fill ``report``.
+def _check_one_graph_holds(input_sets: list[tuple], dynamic_batch: bool) -> None:
+    """A captured graph holds the structure and shapes it was captured with (any batch when dynamic): example sets
+    that differ are a ``CaptureError``, so that a module is folded in parts, one graph per call signature."""
+    def shapes(inputs: tuple) -> tuple:
+        leaves, spec = pytree.tree_flatten(inputs)
+        return spec, [tuple(leaf.shape[1 if dynamic_batch else 0:]) if isinstance(leaf, torch.Tensor) else leaf
+                      for leaf in leaves]
 
-    ``example_inputs`` None (a graph whose inputs have no recorded shapes) folds without
+    first = shapes(input_sets[0])
+    for index, inputs in enumerate(input_sets[1:], 2):
+        if shapes(inputs) != first:
+            raise CaptureError(f"example input set {index} differs in structure or shape from set 1, and one "
+                               "captured graph holds one shape" + ("" if dynamic_batch else
+                                                                   " (dynamic_batch=True lets the batch differ)"))
+
+
+def fold_captured(captured: Captured, input_sets: list[tuple] | None, settings: Settings, report: Report,
+                  laps: Laps) -> Report:
+    """Fold ``captured.graph`` in place, prove and verify it on ``input_sets`` (example input sets), and fill
+    ``report``.
+
+    ``input_sets`` None (a graph whose inputs have no recorded shapes) folds without
     proofs and checks; the caller decides what an unproven result may be used for.
     """
+    example_inputs, more = (input_sets[0], input_sets[1:]) if input_sets is not None else (None, [])
     gm = captured.graph
     reference = copy.deepcopy(gm)
     settings.progress("rewrite")
     checked = settings.verify and example_inputs is not None
-    prover = LocalProver(input_sets(example_inputs, LOCAL_PROOF_TRIALS)) if checked else None
+    prover = LocalProver(seeded_sets(example_inputs, LOCAL_PROOF_TRIALS, more=more)) if checked else None
     results = run_pipeline(gm, settings.cost, prover=prover, eager_runtime=settings.eager_runtime)
     modules = module_paths(reference)
     report.iterations = len(results)
@@ -111,12 +131,12 @@ def fold_captured(captured: Captured, example_inputs: tuple | None, settings: Se
         report.local_proofs = prover.summary
         extra_batch = 3 if settings.dynamic_batch else None
         stats = verify(on_copy(reference), on_copy(gm), example_inputs, rtol=settings.rtol, atol=settings.atol,
-                       extra_batch=extra_batch, raise_on_mismatch=False)
+                       extra_batch=extra_batch, raise_on_mismatch=False, more=more)
         report.max_abs_error, report.max_rel_error, report.tolerance = (
             stats.max_abs_error, stats.max_rel_error, stats.tolerance)
         if stats.mismatches:
             report.verification_note = judge(stats, reference, gm, example_inputs, prover.summary, settings,
-                                             discontinuous_after_rewrites(gm), extra_batch=extra_batch)
+                                             discontinuous_after_rewrites(gm), extra_batch=extra_batch, more=more)
         ops_before, ops_after = stats.reference_ops, stats.candidate_ops  # counted while verifying
     else:
         ops_before = count_ops(on_copy(reference), copy_inputs(example_inputs))

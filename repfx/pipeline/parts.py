@@ -48,7 +48,7 @@ from repfx.verify.mismatch import DISCONTINUOUS, judge
 from repfx.verify.numeric import copy_inputs, verify
 from repfx.verify.opcount import count_ops, summarize
 
-Fold = Callable[[nn.Module, tuple, Settings], fx.GraphModule]  # the driver on one module: a graph with its report
+Fold = Callable[[nn.Module, list[tuple], Settings], fx.GraphModule]  # the driver on one module: a graph, its report
 ALREADY_FOLDED = "already folded by repfx"
 FOLDABLE = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear)
 # Executed op names that select (their count loses the overload, so max/min, continuous unless .dim, are left out).
@@ -82,7 +82,7 @@ def is_folded_in_parts(result: nn.Module) -> bool:
     return not isinstance(result, fx.GraphModule) and isinstance(getattr(result, REPORT_ATTRIBUTE, None), Report)
 
 
-def fold_in_parts(model: nn.Module, example_inputs: tuple, blocker: CaptureError, settings: Settings,
+def fold_in_parts(model: nn.Module, input_sets: list[tuple], blocker: CaptureError, settings: Settings,
                   fold: Fold) -> nn.Module:
     """A copy of ``model`` with its capturable parts folded by ``fold`` and verified; ``blocker`` is the
     whole-model error.
@@ -99,14 +99,16 @@ def fold_in_parts(model: nn.Module, example_inputs: tuple, blocker: CaptureError
     report = Report(model=type(model).__name__, capture_blocker=blocking_line(blocker))
     laps = Laps(report)
     given = _eval_copy(model)  # the model as given, in eval mode: the reference
-    calls = _record(given, example_inputs, blocker)
+    calls = _record(given, input_sets, blocker)
     result = copy.deepcopy(given)  # never run, so it starts from the model's own state
     report.mode_changes = train_mode_changes(model)
     laps.lap("capture")
 
     settings.progress("rewrite")
     part_settings = settings.replace(dynamic_batch=False, progress=None)  # phases are the whole model's
-    folded, kept = choose_parts(result, calls, _folding(fold, part_settings))
+    unreached = ("not called on the example inputs" if len(input_sets) == 1 else
+                 f"not called on any of the {len(input_sets)} example input sets")
+    folded, kept = choose_parts(result, calls, _folding(fold, part_settings), unreached)
     if not folded and not any(part.reason == ALREADY_FOLDED for part in kept):
         raise not_in_parts(blocker, "no submodule of it captures and folds on its own ("
                            + "; ".join(f"{part.name}: {part.reason}" for part in kept[:3]) + ")") from blocker
@@ -116,7 +118,7 @@ def fold_in_parts(model: nn.Module, example_inputs: tuple, blocker: CaptureError
     laps.lap("rewrite")
 
     settings.progress("verify" if settings.verify else "count")
-    check_whole(report, given, result, example_inputs, settings)
+    check_whole(report, given, result, input_sets, settings)
     laps.lap("verify" if settings.verify else "count")
     return attach(result, report)
 
@@ -156,9 +158,9 @@ def not_in_parts(blocker: CaptureError, why: str) -> CaptureError:
     return CaptureError(f"{blocker}\nNot folded in parts either: {why}")
 
 
-def _record(given: nn.Module, example_inputs: tuple, blocker: CaptureError) -> dict[str, Calls]:
+def _record(given: nn.Module, input_sets: list[tuple], blocker: CaptureError) -> dict[str, Calls]:
     try:
-        return record_calls(copy.deepcopy(given), example_inputs)
+        return record_calls(copy.deepcopy(given), input_sets)
     except Exception as error:  # the model's own forward, whatever it raises
         raise not_in_parts(blocker, f"it needs one eager run on the example inputs, which failed: "
                                     f"{first_line(error, 200)}") from blocker
@@ -169,8 +171,8 @@ def _record(given: nn.Module, example_inputs: tuple, blocker: CaptureError) -> d
 Attempt = Callable[[str, nn.Module, Calls], FoldedSubmodule]
 
 
-def choose_parts(model: nn.Module, calls: dict[str, Calls],
-                 attempt: Attempt) -> tuple[list[FoldedSubmodule], list[KeptPart]]:
+def choose_parts(model: nn.Module, calls: dict[str, Calls], attempt: Attempt,
+                 unreached: str = "not called on the example inputs") -> tuple[list[FoldedSubmodule], list[KeptPart]]:
     """The largest submodules ``attempt`` folds (top-down, largest sibling first), and those left as written.
 
     ``attempt`` raises ``CaptureError`` (then the children are tried) or ``NothingToFold``.
@@ -191,7 +193,7 @@ def choose_parts(model: nn.Module, calls: dict[str, Calls],
             return
         record = calls.get(first_names[id(module)])
         if record is None and not any(called.startswith(f"{first_names[id(module)]}.") for called in calls):
-            kept.append(KeptPart(name, "not called on the example inputs"))
+            kept.append(KeptPart(name, unreached))
             return
         if record is not None:
             try:
@@ -236,7 +238,7 @@ def _folding(fold: Fold, settings: Settings) -> Attempt:
         for index, (key, (args, kwargs)) in enumerate(record.examples.items()):
             target, inputs = (keyword_call(module), (args, kwargs)) if takes_keywords(key) else (module, args)
             try:
-                graphs[key] = fold(target, inputs, settings)
+                graphs[key] = fold(target, [inputs], settings)
             except CaptureError as error:
                 which = (f" (call signature {index + 1} of {len(record.examples)}: inputs {describe(key)})"
                          if len(record.examples) > 1 else "")
@@ -259,15 +261,17 @@ def _install(model: nn.Module, part: FoldedSubmodule) -> None:
 
 # --- the check and the report -----------------------------------------------------------------------------------------
 
-def check_whole(report: Report, given: nn.Module, folded: nn.Module, example_inputs: tuple,
+def check_whole(report: Report, given: nn.Module, folded: nn.Module, input_sets: list[tuple],
                 settings: Settings) -> None:
-    """Compare ``folded`` with ``given`` (copies of both run: a forward may write state) and count executed ops."""
+    """Compare ``folded`` with ``given`` on every example input set (copies of both run: a forward may write state)
+    and count executed ops on the first."""
+    example_inputs, more = input_sets[0], input_sets[1:]
     if not settings.verify:
         report.ops_before = summarize(count_ops(copy.deepcopy(given), copy_inputs(example_inputs)))
         report.ops_after = summarize(count_ops(copy.deepcopy(folded), copy_inputs(example_inputs)))
         return
     stats = verify(copy.deepcopy(given), copy.deepcopy(folded), example_inputs, rtol=settings.rtol,
-                   atol=settings.atol, raise_on_mismatch=False)
+                   atol=settings.atol, raise_on_mismatch=False, more=more)
     report.max_abs_error, report.max_rel_error, report.tolerance = (
         stats.max_abs_error, stats.max_rel_error, stats.tolerance)
     report.ops_before, report.ops_after = summarize(stats.reference_ops), summarize(stats.candidate_ops)
@@ -276,7 +280,7 @@ def check_whole(report: Report, given: nn.Module, folded: nn.Module, example_inp
         selection = (f"the model's forward runs discontinuous ops ({', '.join(selecting[:8])}) on what the parts "
                      "compute, which turn fp32 rounding into different selections") if selecting else None
         report.verification_note = judge(stats, given, folded, example_inputs, report.local_proofs, settings,
-                                         selection, in_parts=True)
+                                         selection, in_parts=True, more=more)
 
 
 def _add_parts(report: Report, given: nn.Module, calls: dict[str, Calls], folded: list[FoldedSubmodule],

@@ -15,7 +15,7 @@ with no proven region to stand on, or one float64 confirms, is an error.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -47,7 +47,7 @@ DISCONTINUOUS: dict[str, tuple[int, ...] | None] = {
 
 def judge(stats: ErrorStats, reference: Callable, rewritten: Callable, example_inputs: tuple,
           proofs: ProofSummary | None, settings: Any, selection: str | None, *, extra_batch: int | None = None,
-          in_parts: bool = False) -> str:
+          in_parts: bool = False, more: Sequence[tuple] = ()) -> str:
     """The note for an accepted mismatch; raises ``VerificationError`` when it cannot be accepted.
 
     Accepted: every rewritten region was proven, and either discontinuous ops turn
@@ -60,14 +60,14 @@ def judge(stats: ErrorStats, reference: Callable, rewritten: Callable, example_i
     """
     result = "the model folded in parts" if in_parts else "the rewritten graph"
     not_returned = f"{result[0].upper()}{result[1:]} was not returned."
-    more = f" ({len(stats.mismatches) - 1} more mismatch(es))" if len(stats.mismatches) > 1 else ""
-    mismatch = stats.mismatches[0] + more
+    others = f" ({len(stats.mismatches) - 1} more mismatch(es))" if len(stats.mismatches) > 1 else ""
+    mismatch = stats.mismatches[0] + others
     if proofs is None or proofs.regions_proven == 0:
         raise VerificationError(f"{mismatch}. {not_returned}")
     if selection is not None:
         cause = selection
     else:
-        float64 = _agreement_in_float64(reference, rewritten, example_inputs, settings, extra_batch,
+        float64 = _agreement_in_float64(reference, rewritten, example_inputs, settings, extra_batch, more,
                                         mismatch, not_returned)
         cause = (f"no discontinuous op follows them, and in float64 {result} is within tolerance of the "
                  f"original (max |difference| {float64.max_abs_error:.1e}), so the model amplifies fp32 rounding "
@@ -84,7 +84,7 @@ def judge(stats: ErrorStats, reference: Callable, rewritten: Callable, example_i
 
 
 def _agreement_in_float64(reference: Callable, rewritten: Callable, example_inputs: tuple, settings: Any,
-                          extra_batch: int | None, mismatch: str, not_returned: str) -> ErrorStats:
+                          extra_batch: int | None, more: Sequence[tuple], mismatch: str, not_returned: str) -> ErrorStats:
     """Both sides re-run in float64 agree (their statistics), else ``VerificationError``.
 
     In float64 the order of sums no longer matters, so agreement there shows that an fp32
@@ -95,7 +95,8 @@ def _agreement_in_float64(reference: Callable, rewritten: Callable, example_inpu
     rtol = DEFAULT_RTOL.get(dtype, 1e-4) if settings.rtol is None else settings.rtol
     try:
         stats = verify(_as_float64(reference), _as_float64(rewritten), _as_float64(example_inputs), rtol=rtol,
-                       atol=settings.atol, extra_batch=extra_batch, raise_on_mismatch=False)
+                       atol=settings.atol, extra_batch=extra_batch, raise_on_mismatch=False,
+                       more=[_as_float64(inputs) for inputs in more])
     except Exception as error:
         raise VerificationError(f"{mismatch}, and the float64 re-check that could tell rounding from a wrong "
                                 f"result failed ({first_line(error, 200)}). {not_returned}") from error

@@ -53,9 +53,11 @@ def check_tolerances(rtol: Any, atol: Any) -> None:
             raise ValueError(f"{name} must be a finite number >= 0 (or None for the default), got {value!r}")
 
 
-def input_sets(example_inputs: Sequence[Any], random_trials: int = 2, extra_batch: int | None = None) -> list[tuple]:
-    """The example inputs, then ``random_trials`` seeded draws (and one at ``extra_batch``)."""
-    sets = [tuple(example_inputs)] + [random_like(example_inputs, seed) for seed in range(random_trials)]
+def input_sets(example_inputs: Sequence[Any], random_trials: int = 2, extra_batch: int | None = None,
+               more: Sequence[tuple] = ()) -> list[tuple]:
+    """The example inputs and ``more`` example sets, then ``random_trials`` seeded draws like the first (and one at
+    ``extra_batch``)."""
+    sets = [tuple(example_inputs), *more] + [random_like(example_inputs, seed) for seed in range(random_trials)]
     if extra_batch is not None:
         sets.append(random_like(example_inputs, random_trials, batch=extra_batch))
     return sets
@@ -71,15 +73,17 @@ def verify(
     random_trials: int = 2,
     extra_batch: int | None = None,
     raise_on_mismatch: bool = True,
+    more: Sequence[tuple] = (),
 ) -> ErrorStats:
-    """Compare ``candidate`` with ``reference`` on every input set.
+    """Compare ``candidate`` with ``reference`` on every input set (``more``: further example sets).
 
     Raises ``VerificationError`` when outputs differ in number, shape or dtype, and
     (unless ``raise_on_mismatch=False``) when values differ beyond tolerance; otherwise
     the mismatches are returned in ``ErrorStats.mismatches`` for the caller to judge.
     """
     check_tolerances(rtol, atol)
-    sets = input_sets(example_inputs, random_trials, extra_batch)
+    sets = input_sets(example_inputs, random_trials, extra_batch, more)
+    given = 1 + len(more)
     worst = ErrorStats(0.0, 0.0, 0.0, len(sets))
     mismatches: list[str] = []
     reference_counter, candidate_counter = OpCounter(), OpCounter()
@@ -96,7 +100,8 @@ def verify(
             raise VerificationError(f"rewritten graph returns {len(actual)} outputs, original {len(expected)}")
         for index, (want, got) in enumerate(zip(expected, actual)):
             _check_same_kind(index, want, got)
-            where = f"output {index} on input set {set_index} (0 = the example inputs)"
+            where = (f"output {index} on input set {set_index} (0 = the example inputs)" if given == 1 else
+                     f"output {index} on input set {set_index} (0-{given - 1} = the example input sets)")
             if not isinstance(want, torch.Tensor) or not want.numel():
                 continue
             if not want.is_floating_point():

@@ -254,7 +254,7 @@ def _perturbed(module: nn.Module, relative: float) -> nn.Module:
 
 def _check(given, folded, *, proven=1, strict=False) -> Report:
     report = Report(model="Ranked", local_proofs=ProofSummary(regions_proven=proven, input_sets=2))
-    check_whole(report, given, folded, (rand(1, 4, 32, 32),), Settings(strict=strict))
+    check_whole(report, given, folded, [(rand(1, 4, 32, 32),)], Settings(strict=strict))
     return report
 
 
@@ -391,3 +391,49 @@ def test_a_new_report_field_survives_the_whole_path_and_the_parts_path(model, x,
         in_parts = repfx.explain(model, (x,))
     assert whole.extra == ["seen"]
     assert len(in_parts.extra) == sum(part.signatures for part in in_parts.parts) > 1
+
+
+# --- several example input sets (issue 16 item 9) ------------------------------------------------------------------
+
+class DayNight(nn.Module):
+    """A forward that branches on the data: one example input reaches one branch only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.day = RepVGGBlock(4, 4)
+        self.night = RepVGGBlock(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 0:  # data-dependent: torch.export cannot capture it whole
+            return self.day(x)
+        return self.night(x)
+
+
+def test_two_example_input_sets_fold_both_branches_of_a_data_dependent_forward():
+    model = build(DayNight)
+    bright, dark = rand(1, 4, 16, 16).abs() + 1, -rand(1, 4, 16, 16).abs() - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one = repfx.reparameterize(model, (bright,))
+        both = repfx.reparameterize(model, [(bright,), (dark,)])
+    assert [part.name for part in one.repfx_report.parts] == ["day"]
+    assert [(kept.name, kept.reason) for kept in one.repfx_report.kept_parts] == [
+        ("night", "not called on the example inputs")]
+    assert sorted(part.name for part in both.repfx_report.parts) == ["day", "night"]
+    assert both.repfx_report.kept_parts == []
+    for x in (bright, dark):
+        assert_matches(both, model, x)
+        assert ops(both, x)["batch_norm"] == 0 and ops(both, x)["convolution"] == 1
+
+
+def test_example_input_sets_that_one_graph_cannot_hold_fold_in_parts_and_a_program_says_why():
+    block = build(lambda: RepVGGBlock(4, 4))
+    small, large = rand(1, 4, 8, 8), rand(1, 4, 16, 16)
+    with pytest.warns(UserWarning, match="folded it in parts"):
+        folded = repfx.reparameterize(nn.Sequential(block), [(small,), (large,)])
+    assert folded.repfx_report.parts[0].signatures == 2
+    assert_matches(folded, block, large)
+    with pytest.raises(repfx.CaptureError, match="example input set 2 differs in structure or shape"):
+        repfx.reparameterize(torch.export.export(block, (small,)), [(small,), (large,)])
+    gm = repfx.reparameterize(block, [(small,), (rand(3, 4, 8, 8),)], dynamic_batch=True)  # batch may differ
+    assert gm.repfx_report.parts == [] and ops(gm, rand(5, 4, 8, 8))["convolution"] == 1
