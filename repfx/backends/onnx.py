@@ -38,21 +38,21 @@ def export_onnx(program: torch.export.ExportedProgram) -> bytes:
         raise LoweringError(f"torch.onnx.export failed on the plain graph: {first_line(error)}") from error
 
 
-def session_options():
+def session_options(threads: int | None = None):
+    """This backend's session settings; ``threads`` intra-op threads (0 or None: onnxruntime's default)."""
     ort = require_onnxruntime()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: ORT warns about unused initializers etc.
+    if threads:
+        options.intra_op_num_threads = threads
     return options
 
 
 def cpu_session(model: bytes, threads: int = 0):
-    """A session of ``model`` on the CPU provider, configured as this backend's own (``threads``: 0 is
-    onnxruntime's default): what its CPU profile is measured in."""
-    options = session_options()
-    if threads:
-        options.intra_op_num_threads = threads
-    return require_onnxruntime().InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    """A session of ``model`` on the CPU provider, configured as this backend's own: what its CPU profile is
+    measured in."""
+    return require_onnxruntime().InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def providers() -> list[str]:
@@ -73,13 +73,10 @@ class OnnxRuntimeModule(torch.nn.Module):
     def __init__(self, model: bytes | os.PathLike, program: torch.export.ExportedProgram,
                  *, threads: int | None = None) -> None:
         super().__init__()
-        ort = require_onnxruntime()
-        options = session_options()
-        if threads:
-            options.intra_op_num_threads = threads
+        options = session_options(threads)  # outside the try: a missing onnxruntime stays BackendUnavailable
         source = str(model) if isinstance(model, (str, os.PathLike)) else model
         try:
-            self.session = ort.InferenceSession(source, options, providers=providers())
+            self.session = require_onnxruntime().InferenceSession(source, options, providers=providers())
         except Exception as error:
             raise LoweringError(f"onnxruntime cannot load the exported model: {first_line(error)}") from error
         self.input_names = [value.name for value in self.session.get_inputs()]

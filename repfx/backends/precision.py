@@ -33,14 +33,10 @@ PRECISIONS: dict[str, Precision] = {
 }
 
 
-def precision_of(name: str) -> Precision:
+def precision_dtype(name: str) -> torch.dtype:
     if name not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
-    return PRECISIONS[name]
-
-
-def precision_dtype(name: str) -> torch.dtype:
-    return precision_of(name).dtype
+    return PRECISIONS[name].dtype
 
 
 def cast_floating(value: Any, dtype: torch.dtype, device: torch.device | str | None = None) -> Any:
@@ -54,18 +50,13 @@ def cast_floating(value: Any, dtype: torch.dtype, device: torch.device | str | N
     return pytree.tree_map(cast, value)
 
 
-def in_precision(plain: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModule:
-    """A copy of ``plain`` whose floating weights are ``dtype`` (folding already happened in fp32/fp64).
-
-    Always cast, fp32 included: a float64 model deployed at fp32 must not keep float64
-    weights next to the float32 inputs the deployed model is fed.
-    """
-    return copy.deepcopy(plain).to(dtype)
-
-
 def deploy_copy(plain: fx.GraphModule, inputs: tuple, precision: str,
                 device: torch.device | None = None) -> tuple[fx.GraphModule, tuple]:
-    """The plain graph and example inputs in the deploy precision, on ``device`` (None: where they are)."""
+    """The plain graph and example inputs in the deploy precision, on ``device`` (None: where they are).
+
+    The graph is a copy whose floating weights are always cast, fp32 included: a float64 model deployed
+    at fp32 must not keep float64 weights next to the float32 inputs the deployed model is fed.
+    """
     dtype = precision_dtype(precision)
-    graph = in_precision(plain, dtype)
+    graph = copy.deepcopy(plain).to(dtype)
     return (graph if device is None else graph.to(device)), cast_floating(inputs, dtype, device)

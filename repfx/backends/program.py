@@ -32,13 +32,6 @@ def export_program(plain: fx.GraphModule, example_inputs: Sequence[Any], *,
         raise LoweringError(f"re-exporting the plain graph failed: {first_line(error)}") from error
 
 
-def user_input_nodes(program: torch.export.ExportedProgram) -> list[fx.Node]:
-    """The program's user-input placeholders; the rule lives with the other input rules (``repfx.capture.inputs``)."""
-    from repfx.capture.inputs import user_input_nodes as user_inputs
-
-    return user_inputs(program)
-
-
 def output_values(program: torch.export.ExportedProgram) -> list[Any]:
     """The fake values of the program's outputs, flattened."""
     output = next(node for node in program.graph.nodes if node.op == "output")

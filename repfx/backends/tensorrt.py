@@ -65,25 +65,20 @@ def tensorrt_inputs(example_inputs: Sequence[Any], batch_range: tuple[int, int, 
 def compile_tensorrt(program: torch.export.ExportedProgram, example_inputs: Sequence[Any], *,
                      batch_range: tuple[int, int, int] | None = None, **options: Any) -> torch.nn.Module:
     """A module that runs ``program`` as TensorRT engine(s); inputs must be CUDA tensors."""
-    torch_tensorrt = require_torch_tensorrt()
-    settings = FULL_GRAPH_OPTIONS | options
-    return torch_tensorrt.dynamo.compile(program, arg_inputs=tensorrt_inputs(example_inputs, batch_range),
-                                         **settings)
+    return require_torch_tensorrt().dynamo.compile(program, arg_inputs=tensorrt_inputs(example_inputs, batch_range),
+                                                   **(FULL_GRAPH_OPTIONS | options))
 
 
 def serialize_engine(program: torch.export.ExportedProgram, example_inputs: Sequence[Any], *,
                      batch_range: tuple[int, int, int] | None = None, **options: Any) -> bytes:
     """The serialized TensorRT engine (``.engine`` / Triton ``model.plan``) for ``program``."""
-    torch_tensorrt = require_torch_tensorrt()
-    settings = FULL_GRAPH_OPTIONS | options
-    return torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine(
-        program, arg_inputs=tensorrt_inputs(example_inputs, batch_range), **settings)
+    return require_torch_tensorrt().dynamo.convert_exported_program_to_serialized_trt_engine(
+        program, arg_inputs=tensorrt_inputs(example_inputs, batch_range), **(FULL_GRAPH_OPTIONS | options))
 
 
 def save_compiled(module: torch.nn.Module, path: str, example_inputs: Sequence[Any]) -> None:
     """``torch_tensorrt.save`` as an ExportedProgram that embeds the engine (loads with ``torch.export.load``)."""
-    torch_tensorrt = require_torch_tensorrt()
-    torch_tensorrt.save(module, path, output_format="exported_program", arg_inputs=list(example_inputs))
+    require_torch_tensorrt().save(module, path, output_format="exported_program", arg_inputs=list(example_inputs))
 
 
 def record_tensorrt_coverage(program: torch.export.ExportedProgram, report: Report) -> None:

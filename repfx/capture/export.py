@@ -8,7 +8,6 @@ and parameters are ``get_attr`` nodes whose values the passes can fold.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import warnings
@@ -24,7 +23,7 @@ from repfx.passes.constants import written_attributes
 
 from repfx.capture.inputs import as_input_tuple, example_batch_size, is_batched, user_input_nodes, with_batch
 from repfx.errors import CaptureError, first_line, warn_user
-from repfx.capture.failure import export_failure_message, quiet_torch_logs
+from repfx.capture.failure import export_failure_message, loggers_at, quiet_torch_logs
 from repfx.capture.lean import lean_tracing
 from repfx.capture.model_state import ModeChange, describe_mode_changes, train_mode_changes
 
@@ -217,23 +216,12 @@ def _convert_torchscript(module: torch.jit.ScriptModule, inputs: tuple) -> torch
 
         # The converter warns about every BatchNorm's num_batches_tracked and logs each
         # specialized dim; none of it is actionable for the user.
-        with warnings.catch_warnings(), _quiet_logger("torch._export.non_strict_utils"):
+        with warnings.catch_warnings(), loggers_at(logging.ERROR, ["torch._export.non_strict_utils"]):
             warnings.simplefilter("ignore", UserWarning)
             return TS2EPConverter(module, inputs).convert()
     except Exception as error:
         raise CaptureError(f"converting the TorchScript module to an ExportedProgram failed: {first_line(error)}\n"
                            "Fix: export the original nn.Module with torch.export instead.") from error
-
-
-@contextlib.contextmanager
-def _quiet_logger(name: str):
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _updates_running_stats(node: fx.Node) -> bool:

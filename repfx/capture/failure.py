@@ -18,7 +18,7 @@ import os
 import re
 import sysconfig
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,15 +102,21 @@ def quiet_torch_logs() -> Iterator[None]:
     if os.environ.get("REPFX_TRACEBACK"):
         yield
         return
-    loggers = [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)
-               if name == "torch" or name.startswith("torch.")]
+    loud = [name for name in list(logging.Logger.manager.loggerDict) if name.split(".")[0] == "torch"
+            and logging.getLogger(name).getEffectiveLevel() < logging.ERROR]
+    with loggers_at(logging.ERROR, loud), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+@contextlib.contextmanager
+def loggers_at(level: int, names: Iterable[str]) -> Iterator[None]:
+    """The loggers ``names`` set to ``level`` inside the block; their own levels come back on the way out."""
+    loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        if logger.getEffectiveLevel() < logging.ERROR:
-            logger.setLevel(logging.ERROR)
+        logger.setLevel(level)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
+        yield
     finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+        for logger, previous in zip(loggers, levels):
+            logger.setLevel(previous)

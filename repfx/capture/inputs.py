@@ -104,7 +104,7 @@ def with_batch(leaf: torch.Tensor, batch: int) -> torch.Tensor:
 
 def random_inputs(specs: Iterable[InputSpec], seed: int) -> tuple:
     """One tensor per spec, by the draw rule (module docstring): the same seed gives the same tensors."""
-    draw = _seeded_draw(seed)
+    draw = drawer(seed)
     return tuple(draw(spec.shape, spec.dtype, spec.device) for spec in specs)
 
 
@@ -114,7 +114,7 @@ def random_like(example_inputs: Sequence[Any], seed: int, batch: int | None = No
     Integer and bool inputs (ids, masks) keep their values: random ones could be out of
     range. Resized, they repeat their own rows. Leaves that are not tensors stay as they are.
     """
-    draw = _seeded_draw(seed)
+    draw = drawer(seed)
     size = example_batch_size(example_inputs)
 
     def like(leaf: Any) -> Any:
@@ -147,13 +147,8 @@ def recorded_inputs(program: torch.export.ExportedProgram) -> tuple | None:
 
 
 def drawer(seed: int) -> Callable[..., torch.Tensor]:
-    """``draw(shape, dtype, device)`` by the draw rule, for a caller that draws tensor by tensor (weights too,
-    as the forms ``cost="measure"`` times): every call consumes one generator seeded here."""
-    return _seeded_draw(seed)
-
-
-def _seeded_draw(seed: int) -> Callable[..., torch.Tensor]:
-    """``draw(shape, dtype, device)`` by the draw rule, every call consuming the one generator seeded here."""
+    """``draw(shape, dtype, device)`` by the draw rule, every call consuming the one generator seeded here
+    (also for a caller that draws tensor by tensor: weights too, as the forms ``cost="measure"`` times)."""
     generator = torch.Generator().manual_seed(seed)
 
     def draw(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:

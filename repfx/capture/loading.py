@@ -23,12 +23,10 @@ starts with 0x80).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import warnings
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from typing import Any
 import torch
 from torch.export.pt2_archive import constants as pt2
 
+from repfx.capture.failure import loggers_at
 from repfx.capture.inputs import recorded_inputs
 from repfx.capture.pt2_safety import Unsafe, check_archive, check_loaded_program
 from repfx.errors import first_line
@@ -136,7 +135,10 @@ def _load_exported_program(path: Path, data: bytes, trust_pickle: bool) -> torch
         except Exception as error:  # malformed beyond what the checks understand: refused either way
             raise BadInput(f"{path}: not a loadable ExportedProgram ({first_line(error)})") from error
     try:
-        with _quiet_torch_export_logs():
+        # torch.export.load logs tracebacks and warns on its way to an error (the CLI prints one line); with
+        # --trust-pickle it also logs a warning whose own format string is broken (a traceback on stderr).
+        with loggers_at(logging.CRITICAL, QUIET_TORCH_LOGGERS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # about torch's internals, e.g. a graph it could not compile
             program = torch.export.load(io.BytesIO(data))
     except Exception as error:
         raise BadInput(f"{path}: not a loadable ExportedProgram ({first_line(error)})") from error
@@ -149,26 +151,6 @@ def _load_exported_program(path: Path, data: bytes, trust_pickle: bool) -> torch
             raise BadInput(f"{path}: the loaded program could not be checked ({first_line(error)}); "
                            f"{TRUST_HINT}") from error
     return program
-
-
-@contextlib.contextmanager
-def _quiet_torch_export_logs() -> Iterator[None]:
-    """torch.export.load logs tracebacks and warns on its way to an error (the CLI prints one line).
-
-    With --trust-pickle it also logs a warning whose own format string is broken, which
-    Python's logging reports as a traceback on stderr.
-    """
-    loggers = [logging.getLogger(name) for name in QUIET_TORCH_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # about torch's internals, e.g. a graph it could not compile
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 # --- pickled module ---------------------------------------------------------------------------------------------

@@ -134,7 +134,10 @@ def _check_program_json(member: str, raw: bytes) -> None:
             raise Unsafe(f"member {member} has a pytree enum context naming {value!r}, "
                          "whose module loading would import")
         elif key == "default_factory_module":
-            _check_default_factory(member, value)
+            module, name = value
+            if module != "builtins" or name not in SAFE_DEFAULT_FACTORIES:
+                raise Unsafe(f"member {member} has a pytree defaultdict context naming {module}.{name}, "
+                             "whose module loading would import")
 
 
 def _json_items(value: Any) -> Iterator[tuple[str, Any]]:
@@ -158,14 +161,6 @@ def _json_items(value: Any) -> Iterator[tuple[str, Any]]:
                 stack.append(json.loads(item))
             except ValueError:
                 pass
-
-
-def _check_default_factory(member: str, factory: tuple[Any, Any]) -> None:
-    module, name = factory
-    if module == "builtins" and name in SAFE_DEFAULT_FACTORIES:
-        return
-    raise Unsafe(f"member {member} has a pytree defaultdict context naming {module}.{name}, "
-                 "whose module loading would import")
 
 
 def _check_sympy_expression(member: str, text: Any) -> None:

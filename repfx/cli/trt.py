@@ -179,17 +179,15 @@ def _resolve_model(args: argparse.Namespace, progress: PhaseProgress) -> tuple[A
 
 
 def _inputs_for(loaded: LoadedModel, args: argparse.Namespace) -> tuple:
-    if args.input_shape:
-        if loaded.example_inputs is not None and len(args.input_shape) != len(loaded.example_inputs):
-            raise BadInput(f"{args.model} takes {len(loaded.example_inputs)} input(s), "
-                           f"--input-shape was given {len(args.input_shape)} time(s)")
-        recorded = [t.dtype for t in loaded.example_inputs] if loaded.example_inputs is not None else None
-        return _example_inputs(args.input_shape, args.seed, dtypes=recorded)
-    if loaded.example_inputs is None:
+    recorded = loaded.example_inputs
+    if recorded is None and not args.input_shape:
         raise BadInput(f"{args.model} ({loaded.kind}) does not record its input shapes: pass --input-shape, "
                        "e.g. --input-shape 1x3x224x224 (once per input)")
-    return _example_inputs([tuple(t.shape) for t in loaded.example_inputs], args.seed,
-                           dtypes=[t.dtype for t in loaded.example_inputs])
+    if recorded is not None and args.input_shape and len(args.input_shape) != len(recorded):
+        raise BadInput(f"{args.model} takes {len(recorded)} input(s), "
+                       f"--input-shape was given {len(args.input_shape)} time(s)")
+    shapes = args.input_shape or [tuple(t.shape) for t in recorded]
+    return _example_inputs(shapes, args.seed, dtypes=[t.dtype for t in recorded] if recorded is not None else None)
 
 
 def _example_inputs(shapes: list[tuple[int, ...]], seed: int, dtypes: list[torch.dtype] | None = None) -> tuple:

@@ -97,8 +97,7 @@ def export(
         plan = plan_export(transaction, out_dir, formats, name=name, precision=precision)
         result = build_export(plan, model, example_inputs, precision=precision, dynamic_batch=dynamic_batch,
                               batch_range=batch_range, verify=verify, cost=cost, target=target, batch=batch,
-                              progress=progress,
-                              **tensorrt_options)
+                              progress=progress, **tensorrt_options)
         transaction.commit()
     return result
 
@@ -137,9 +136,11 @@ def plan_export(transaction: Transaction, out_dir: os.PathLike | str, formats: S
     wanted, skipped = resolve_formats(formats, precision)
     out_dir = Path(out_dir)
     report = out_dir / f"{name}{REPORT_SUFFIX}"
+    # The report last: until it is published, the earlier report vouches for the rest.
+    filenames = file_names(name, wanted) | {"report": report.name}
     claims = {kind: transaction.claim_file(out_dir / filename, _is_repfx_report if kind == "report"
                                            else functools.partial(_listed_in, report))
-              for kind, filename in _filenames(name, wanted).items()}
+              for kind, filename in filenames.items()}
     return ExportPlan(name, out_dir, wanted, skipped, claims)
 
 
@@ -190,12 +191,6 @@ def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequen
     _stage_report(plan, report)
     files = {kind: claim.target for kind, claim in plan.claims.items()}
     return ExportResult(files, report, plan.skipped, program, plain, checks)
-
-
-def _filenames(name: str, wanted: Sequence[str]) -> dict[str, str]:
-    """File kind -> file name, for the formats in ``wanted``, and the report."""
-    # The report last: until it is published, the earlier report vouches for the rest.
-    return file_names(name, wanted) | {"report": f"{name}{REPORT_SUFFIX}"}
 
 
 def _saved_program(program: torch.export.ExportedProgram) -> bytes:

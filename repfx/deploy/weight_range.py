@@ -29,6 +29,7 @@ are always exact.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,10 +38,10 @@ from torch import fx
 
 from repfx.backends.precision import PRECISIONS
 
-# Short names for the summary line; others fall back to str(dtype).
 # Share of a tensor's values that may underflow before the tensor is flagged (see above).
 UNDERFLOW_SHARE = 0.05
 
+# Short names for the summary line; others fall back to str(dtype).
 _LABELS = {precision.dtype: name for name, precision in PRECISIONS.items()} | {torch.float64: "fp64"}
 
 
@@ -111,7 +112,10 @@ def weight_range_report(gm: fx.GraphModule, dtype: torch.dtype = torch.float16) 
             continue
         if not node.users:
             continue  # dead constant: it is never cast into an engine
-        value = _fetch(gm, node.target)
+        try:
+            value = operator.attrgetter(node.target)(gm)  # a dotted path into gm
+        except AttributeError as e:
+            raise ValueError(f"get_attr target {node.target!r} does not exist on the graph module") from e
         if not isinstance(value, torch.Tensor):
             continue  # a submodule or other object (e.g. a higher-order op's body), not data
         if not value.is_floating_point():
@@ -198,15 +202,4 @@ def _check_dtype(dtype: torch.dtype) -> None:
     """Only floating targets have a range to fall out of."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch.dtype such as torch.float16, got {dtype!r}")
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> object:
-    """The object a ``get_attr`` target names (a dotted path into ``gm``)."""
-    obj: object = gm
-    for part in target.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError as e:
-            raise ValueError(f"get_attr target {target!r} does not exist on the graph module") from e
-    return obj
 

@@ -13,6 +13,7 @@ the graph is compiled by inductor unchanged, with a warning that says why.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import operator
 from collections.abc import Callable, Sequence
@@ -151,13 +152,9 @@ def _module_state_positions(gm: fx.GraphModule) -> set[int]:
     """Placeholders that dynamo lifted from module parameters / buffers (by their source)."""
     from torch._dynamo.source import is_from_unspecialized_param_buffer_source
 
-    positions = set()
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
-    for index, node in enumerate(placeholders):
-        grapharg = node.meta.get("grapharg")
-        if grapharg is not None and is_from_unspecialized_param_buffer_source(grapharg.source):
-            positions.add(index)
-    return positions
+    return {index for index, node in enumerate(placeholders) if node.meta.get("grapharg") is not None
+            and is_from_unspecialized_param_buffer_source(node.meta["grapharg"].source)}
 
 
 def _bind_module_state(gm: fx.GraphModule, state: dict[int, torch.Tensor]) -> fx.GraphModule:
@@ -198,7 +195,5 @@ def register() -> None:
         return
     from torch._dynamo.backends.registry import register_backend
 
-    try:
+    with contextlib.suppress(AssertionError):  # already registered in this process
         register_backend(repfx_backend, name=BACKEND_NAME)
-    except AssertionError:  # already registered in this process
-        pass

@@ -38,12 +38,9 @@ Target = Union[str, DeviceProfile, None]
 def check_target(target: str) -> str:
     """``target`` if it names a device repfx can plan for (nothing is measured); ValueError says what can be named."""
     kind, _, name = target.partition(":")
-    if kind == "cpu" and not name:
-        return target
     if kind == "cuda" and name and not name.isdigit():
         published_profile(name)  # raises, listing the known GPUs
-        return target
-    if kind == "cuda":
+    if kind == "cuda" or (kind == "cpu" and not name):
         return target
     raise ValueError(f"target must be 'cpu', 'cuda', 'cuda:<index>' or 'cuda:<gpu>' "
                      f"(known GPUs: {', '.join(known_gpus())}), got {target!r}")
@@ -70,17 +67,16 @@ def device_profile(target: Target = "cpu", runtime: Runtime | None = None) -> De
 @functools.lru_cache(maxsize=None)
 def _measured(device: str, runtime: Runtime | None) -> DeviceProfile:
     """Measured once per process (and once per machine, through the cache file)."""
-    runtime = _profiled_runtime(device, runtime)
-    return cached_profile(cache_key(device, runtime=runtime), _measurement(device, runtime))
+    return _profile(device, runtime, refresh=False)
 
 
-def _profiled_runtime(device: str, runtime: Runtime | None) -> Runtime | None:
-    """The runtime whose profile ``device`` gets: a runtime has its own on a CPU only (see the module doc)."""
-    return runtime if device == "cpu" and runtime is not None and runtime.cpu_profile is not None else None
-
-
-def _measurement(device: str, runtime: Runtime | None):
-    return runtime.cpu_profile if runtime is not None else lambda: measure_profile(device)
+def _profile(device: str, runtime: Runtime | None, refresh: bool) -> DeviceProfile:
+    """The cached (with ``refresh``: measured again) profile of ``device`` as ``runtime`` attains it; a runtime
+    has a profile of its own on a CPU only (see the module doc), elsewhere eager PyTorch's is measured."""
+    if device != "cpu" or runtime is None or runtime.cpu_profile is None:
+        runtime = None
+    measure = runtime.cpu_profile if runtime is not None else lambda: measure_profile(device)
+    return cached_profile(cache_key(device, runtime=runtime), measure, refresh=refresh)
 
 
 def remeasure(target: str = "cpu", runtime: Runtime | None = None) -> DeviceProfile:
@@ -88,10 +84,8 @@ def remeasure(target: str = "cpu", runtime: Runtime | None = None) -> DeviceProf
     device = check_target(target)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"target={target!r}: there is no CUDA device here to measure")
-    device = "cuda:0" if device == "cuda" else device
-    runtime = _profiled_runtime(device, runtime)
     _measured.cache_clear()
-    return cached_profile(cache_key(device, runtime=runtime), _measurement(device, runtime), refresh=True)
+    return _profile("cuda:0" if device == "cuda" else device, runtime, refresh=True)
 
 
 def cost_rule(cost: str | CostRule = "latency", *, target: Target = None, batch: int | None = None,

@@ -103,7 +103,7 @@ def _conv_rate(device: torch.device, dtype: torch.dtype, generator: torch.Genera
     for batch, channels, size in COMPUTE_CONVS[device.type]:
         x = torch.randn(batch, channels, size, size, device=device, generator=generator).to(dtype)
         weight = torch.randn(channels, channels, 3, 3, device=device, generator=generator).to(dtype)
-        seconds = _best(lambda: F.conv2d(x, weight, padding=1), device)
+        seconds = fastest_call_seconds(lambda: F.conv2d(x, weight, padding=1), device, calls=10)
         rates.append(2 * batch * channels * channels * 9 * size * size / seconds)
     return max(rates)
 
@@ -112,18 +112,18 @@ def _stream_bandwidth(device: torch.device, generator: torch.Generator) -> float
     elements = STREAM_ELEMENTS[device.type]
     a = torch.randn(elements, device=device, generator=generator)
     b, out = torch.randn_like(a), torch.empty_like(a)
-    seconds = _best(lambda: torch.add(a, b, out=out), device)
+    seconds = fastest_call_seconds(lambda: torch.add(a, b, out=out), device, calls=10)
     return 3 * elements * a.element_size() / seconds
 
 
 def _overhead_seconds(device: torch.device, generator: torch.Generator, rate: float, bandwidth: float) -> float:
     tiny_x = torch.randn(1, 8, 4, 4, device=device, generator=generator)
     tiny_weight = torch.randn(8, 8, 1, 1, device=device, generator=generator)
-    tiny = _best(lambda: F.conv2d(tiny_x, tiny_weight), device, calls=50)
+    tiny = fastest_call_seconds(lambda: F.conv2d(tiny_x, tiny_weight), device, calls=50)
     channels, size = SMALL_CONV
     x = torch.randn(1, channels, size, size, device=device, generator=generator)
     weight = torch.randn(channels, channels, 3, 3, device=device, generator=generator)
-    small = _best(lambda: F.conv2d(x, weight, padding=1), device, calls=50)
+    small = fastest_call_seconds(lambda: F.conv2d(x, weight, padding=1), device, calls=50)
     macs = channels * channels * 9 * size * size
     traffic = (2 * channels * size * size + weight.numel()) * x.element_size()
     return max(tiny, small - max(2 * macs / rate, traffic / bandwidth))
@@ -134,7 +134,7 @@ def _depthwise_output_seconds(device: torch.device, generator: torch.Generator, 
     batch, channels, size = shape
     x = torch.randn(batch, channels, size, size, device=device, generator=generator)
     weight = torch.randn(channels, 1, 3, 3, device=device, generator=generator)
-    seconds = _best(lambda: F.conv2d(x, weight, padding=1, groups=channels), device, calls=20)
+    seconds = fastest_call_seconds(lambda: F.conv2d(x, weight, padding=1, groups=channels), device, calls=20)
     return max(seconds - overhead, seconds / 2) / x.numel()
 
 
@@ -142,10 +142,6 @@ def _name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
     return f"cpu: {cpu_model()}, {torch.get_num_threads()} threads"
-
-
-def _best(run, device: torch.device, calls: int = 10) -> float:
-    return fastest_call_seconds(run, device, calls=calls)
 
 
 def cache_key(device: torch.device | str, threads: int | None = None, runtime: Runtime | None = None) -> str:

@@ -47,7 +47,7 @@ class WorkModule(nn.Module):
     def inputs(self) -> tuple[torch.Tensor, ...]:
         """One random input per op, of its real size; ``forward`` uses it where the op does not read its
         predecessor's output (an unused input costs a runtime nothing but being passed)."""
-        return tuple(self._random(self.batch, *_input_shape(op)) for op in self.ops)
+        return tuple(self._random(self.batch, *op.layout[0]) for op in self.ops)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The outputs no later op reads: what the form hands on. Returning every intermediate would make
@@ -74,10 +74,6 @@ def _weight_shapes(op: Op) -> list[tuple[int, ...]]:
     if op.kind == "conv_transpose":
         return [(in_shape[0], out_channels // groups, *kernel), (out_channels,)]
     return [(out_channels, in_shape[0] // groups, *kernel), (out_channels,)]
-
-
-def _input_shape(op: Op) -> tuple[int, ...]:
-    return tuple(op.layout[0])
 
 
 def _run(op: Op, x: torch.Tensor, weights) -> torch.Tensor:
