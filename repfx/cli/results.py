@@ -24,7 +24,7 @@ def print_result(args: argparse.Namespace, result: ExportResult, triton: ModelEn
         payload = {"report": result.report.to_dict(), "files": {k: str(v) for k, v in result.files.items()},
                    "skipped": result.skipped, "triton_repo": str(triton.model_dir) if triton else None,
                    "triton_version": triton.version if triton else None,
-                   "weight_range": [_range_row(row) for row in ranges if row.has_problem],
+                   "weight_range": [_range_row(row) for row in ranges if row.has_problem()],
                    "weight_range_checked": {"dtype": str(dtype), "tensors": len(ranges)},
                    "benchmark": benchmark}
         print(json.dumps(payload, indent=2, default=str))

@@ -308,6 +308,9 @@ def test_json_report_is_the_only_stdout_and_counts_the_merges(cli, case):
     record = {key: written.pop(key) for key in ("written_by", "repfx_version", "files")}  # what repfx wrote
     assert written == report
     assert record["written_by"] == "repfx" and sorted(record["files"]) == ["net.onnx", "net.pt2"]
+    # Only the tensors with a range problem are listed (a method once tested for truth listed them all).
+    assert len(payload["weight_range"]) < payload["weight_range_checked"]["tensors"]
+    assert all(row["overflow"] or row["underflow"] for row in payload["weight_range"])
 
 
 @pytest.mark.parametrize("case", cases("exported_program"))
