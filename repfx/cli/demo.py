@@ -15,7 +15,7 @@ import torch
 
 from repfx import reparameterize
 from repfx.capture.inputs import InputSpec, random_inputs
-from repfx.cli.planning import add_planning_arguments
+from repfx.cli.planning import add_check_arguments, add_planning_arguments
 from repfx.errors import CaptureError, VerificationError
 
 
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1x3x224x224")
     parser.add_argument("--seed", type=int, default=0, help="seed for BN statistics and inputs")
     add_planning_arguments(parser)
+    add_check_arguments(parser)
     parser.add_argument("--report", choices=("table", "json"), default="table")
     args = parser.parse_args(argv)
     if args.list:
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     model = randomize_bn_(build_sample(args.sample), args.seed).eval()
     (example,) = random_inputs([InputSpec(args.input_shape or sample_input_shape(args.sample))], args.seed)
     try:
-        gm = reparameterize(model, (example,), cost=args.cost, target=args.target, batch=args.batch)
+        gm = reparameterize(model, (example,), cost=args.cost, target=args.target, batch=args.batch, rtol=args.rtol,
+                            atol=args.atol, strict=args.strict)
     except (CaptureError, VerificationError) as error:
         print(f"repfx: {type(error).__name__}: {error}", file=sys.stderr)
         return 1

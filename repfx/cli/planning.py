@@ -1,5 +1,5 @@
-"""Command-line arguments that say what the merge decisions plan for (``--cost``, ``--target``, ``--batch``),
-shared by both CLIs.
+"""Command-line arguments shared by both CLIs: what the merge decisions plan for (``--cost``, ``--target``,
+``--batch``) and how a difference is judged (``--rtol``, ``--atol``, ``--strict``).
 
 Checked while the arguments are parsed, so a misspelt GPU is one argparse line
 naming the known ones, before any model is loaded.
@@ -20,6 +20,27 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
                              "cuda:l4, ...); default: where it is built (the engine: cuda)")
     parser.add_argument("--batch", type=positive_int, metavar="N",
                         help="batch size the merge decisions plan for (default: the example input's)")
+
+
+def add_check_arguments(parser: argparse.ArgumentParser) -> None:
+    """The tolerance of every check (rewrite, backend, ONNX Runtime), judged alike (``repfx.settings.Settings``)."""
+    parser.add_argument("--rtol", type=tolerance, metavar="R",
+                        help="relative tolerance of every check, times max(1, max|y|) (default: the dtype's, "
+                             "1e-4 for fp32; the precision's for a backend)")
+    parser.add_argument("--atol", type=tolerance, metavar="A", help="absolute tolerance added to it (default 0)")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse a difference beyond tolerance that fp32 rounding through discontinuous ops "
+                             "(top-k, NMS) explains, instead of accepting it with a note")
+
+
+def tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
 
 
 def target_argument(text: str) -> str:

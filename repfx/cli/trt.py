@@ -30,7 +30,7 @@ from repfx.backends.precision import PRECISIONS, precision_dtype
 from repfx.capture.inputs import InputSpec, random_inputs
 from repfx.capture.loading import BadInput, LoadedModel, load_model
 from repfx.cli.memory import check_inputs_fit
-from repfx.cli.planning import add_planning_arguments
+from repfx.cli.planning import add_check_arguments, add_planning_arguments
 from repfx.cli.progress import PhaseProgress
 from repfx.cli.results import print_result
 from repfx.cli.triton_entry import plan_triton, stage_triton
@@ -38,6 +38,7 @@ from repfx.deploy.export import ExportResult, build_export, plan_export
 from repfx.deploy.staging import Transaction
 from repfx.deploy.triton_config import check_model_name
 from repfx.errors import BackendUnavailable, CaptureError, LoweringError, VerificationError, first_line
+from repfx.settings import Settings
 from repfx.targets.clock import median_latency_ms
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--benchmark", action="store_true", help="measure latency before/after on this device")
     parser.add_argument("--no-verify", action="store_true", help="skip the numerical checks (not recommended)")
     add_planning_arguments(parser)
+    add_check_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed for sample BN statistics and example inputs")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="trust the model file: allow a pickled nn.Module (torch.save(model)) and turn off the "
@@ -146,10 +148,10 @@ def _run(args: argparse.Namespace,
         plan = plan_export(transaction, args.out, args.formats, name=name, precision=args.precision)
         entry = plan_triton(transaction, args.triton_repo, plan) if args.triton_repo else None
         model, inputs = _resolve_model(args, progress)
-        result = build_export(plan, model, inputs, precision=args.precision,
-                              dynamic_batch=args.dynamic_batch is not None, batch_range=args.dynamic_batch,
-                              verify=not args.no_verify, cost=args.cost, target=args.target, batch=args.batch,
-                              progress=progress)
+        settings = Settings(verify=not args.no_verify, rtol=args.rtol, atol=args.atol, strict=args.strict,
+                            dynamic_batch=args.dynamic_batch is not None, cost=args.cost, target=args.target,
+                            batch=args.batch, precision=args.precision, progress=progress)
+        result = build_export(plan, model, inputs, settings, batch_range=args.dynamic_batch)
         if entry is not None:
             stage_triton(entry, plan, result, args.dynamic_batch)
         benchmark = _benchmark(model, result, inputs, progress) if args.benchmark else None

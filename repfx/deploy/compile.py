@@ -25,6 +25,7 @@ from repfx.pipeline import is_folded_in_parts, report_of, run, run_whole
 from repfx.report import Report
 from repfx.settings import Settings
 from repfx.targets import Target, device_target
+from repfx.verify.mismatch import judge_backend
 from repfx.verify.numeric import ErrorStats, verify as verify_outputs
 
 logger = logging.getLogger("repfx")
@@ -70,6 +71,8 @@ def compile(
     dynamic_batch: bool = False,
     verify: bool = True,
     rtol: float | None = None,
+    atol: float | None = None,
+    strict: bool = False,
     cost: Literal["latency", "measure", "macs", "always"] = "latency",
     target: Target = None,
     batch: int | None = None,
@@ -85,7 +88,9 @@ def compile(
 
     ``dynamic_batch`` makes dim 0 of every input symbolic (``batch_range`` = (min, opt, max) for
     TensorRT's optimization profile). ``verify`` checks the rewrite (fp32) and then the backend's
-    output against the plain graph with the precision's rtol (``repfx.backends.precision``).
+    output against the plain graph with the precision's rtol (``repfx.backends.precision``);
+    ``rtol``/``atol``, where given, are the tolerance of both checks, and both judge a difference
+    alike: accepted with a note where discontinuous ops explain it, refused under ``strict``.
     ``backend_options`` go to the backend (torch_tensorrt.dynamo.compile settings, torch.compile
     kwargs, ``threads`` for onnxruntime). ``cost``, ``target`` and ``batch`` decide which merges
     pay (``repfx.reparameterize``); the target defaults to the backend's device (TensorRT: CUDA),
@@ -106,9 +111,9 @@ def compile(
     dynamic_batch = keeps_dynamic_batch(model, dynamic_batch)
     # A model folded in parts is a module, not one graph: only backends that run modules take it.
     in_parts = backend == "auto" or chosen.runs_modules
-    settings = Settings(verify=verify, dynamic_batch=dynamic_batch, progress=progress, cost=cost,
-                        target=planned_target(target, chosen.device), batch=batch, precision=precision,
-                        runtime=chosen.runtime)
+    settings = Settings(verify=verify, rtol=rtol, atol=atol, strict=strict, dynamic_batch=dynamic_batch,
+                        progress=progress, cost=cost, target=planned_target(target, chosen.device), batch=batch,
+                        precision=precision, runtime=chosen.runtime)
     plain = (run if in_parts else run_whole)(model, sets, settings)
     report: Report = report_of(plain)
     if is_folded_in_parts(plain) and not chosen.runs_modules:  # "auto" had chosen a one-graph backend
@@ -125,21 +130,25 @@ def compile(
                              device=chosen.device)
     report.backend, report.precision = name, precision
     if verify:
-        stats = check_against_plain(plain, deployed, inputs, precision, dynamic_batch=dynamic_batch, rtol=rtol,
-                                    more=sets[1:])
+        stats = check_against_plain(plain, deployed, sets, precision, settings,
+                                    f"the {name} backend")
         report.backend_max_abs_error = stats.max_abs_error
         report.backend_tolerance = stats.tolerance
     return deployed
 
 
-def check_against_plain(plain: fx.GraphModule, deployed: DeployedModel, inputs: tuple, precision: str, *,
-                        dynamic_batch: bool, rtol: float | None = None, more: Sequence[tuple] = ()) -> ErrorStats:
-    """``deployed`` must reproduce the fp32 plain graph within the precision's rtol (``VerificationError``
-    otherwise), on the example inputs (and ``more`` example sets), seeded ones, and a wider batch where the
-    batch is dynamic."""
-    candidate = deployed if deployed.device is None else _outputs_on(_device_of(inputs), deployed)
-    return verify_outputs(plain, candidate, inputs, rtol=PRECISIONS[precision].rtol if rtol is None else rtol,
-                          extra_batch=3 if dynamic_batch else None, more=more)
+def check_against_plain(plain: fx.GraphModule, deployed: DeployedModel, sets: list[tuple], precision: str,
+                        settings: Settings, what: str) -> ErrorStats:
+    """``deployed`` must reproduce the fp32 plain graph within the precision's rtol (``settings.rtol`` where set)
+    on every example input set, seeded ones, and a wider batch where the batch is dynamic. A difference is judged
+    as the rewrite's is (``repfx.verify.mismatch.judge_backend``); an accepted one is a note of the report."""
+    candidate = deployed if deployed.device is None else _outputs_on(_device_of(sets[0]), deployed)
+    rtol = PRECISIONS[precision].rtol if settings.rtol is None else settings.rtol
+    stats = verify_outputs(plain, candidate, sets[0], rtol=rtol, atol=settings.atol, more=sets[1:],
+                           extra_batch=3 if settings.dynamic_batch else None, raise_on_mismatch=False)
+    if stats.mismatches:
+        deployed.report.backend_note = judge_backend(stats, plain, what, strict=settings.strict)
+    return stats
 
 
 def _outputs_on(device: torch.device, module: Callable) -> Callable:

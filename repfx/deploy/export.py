@@ -36,7 +36,6 @@ from repfx.backends.registry import backends
 from repfx.capture.export import SupportedModel, keeps_dynamic_batch
 from repfx.deploy.compile import DeployedModel, check_against_plain, planned_target
 from repfx.deploy.staging import Claim, Transaction, repfx_version, reported_as, sha256_of
-from repfx.errors import VerificationError
 from repfx.report import Report
 from repfx.targets import Target
 
@@ -67,6 +66,9 @@ def export(
     dynamic_batch: bool = False,
     batch_range: tuple[int, int, int] | None = None,
     verify: bool = True,
+    rtol: float | None = None,
+    atol: float | None = None,
+    strict: bool = False,
     cost: Literal["latency", "measure", "macs", "always"] = "latency",
     target: Target = None,
     batch: int | None = None,
@@ -95,9 +97,9 @@ def export(
     """
     with Transaction(protected) as transaction:
         plan = plan_export(transaction, out_dir, formats, name=name, precision=precision)
-        result = build_export(plan, model, example_inputs, precision=precision, dynamic_batch=dynamic_batch,
-                              batch_range=batch_range, verify=verify, cost=cost, target=target, batch=batch,
-                              progress=progress, **tensorrt_options)
+        settings = Settings(verify=verify, rtol=rtol, atol=atol, strict=strict, dynamic_batch=dynamic_batch,
+                            cost=cost, target=target, batch=batch, precision=precision, progress=progress)
+        result = build_export(plan, model, example_inputs, settings, batch_range=batch_range, **tensorrt_options)
         transaction.commit()
     return result
 
@@ -144,32 +146,28 @@ def plan_export(transaction: Transaction, out_dir: os.PathLike | str, formats: S
     return ExportPlan(name, out_dir, wanted, skipped, claims)
 
 
-def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequence[Any], *,
-                 precision: PrecisionName = "fp32", dynamic_batch: bool = False,
-                 batch_range: tuple[int, int, int] | None = None, verify: bool = True,
-                 cost: Literal["latency", "measure", "macs", "always"] = "latency", target: Target = None,
-                 batch: int | None = None, progress: Callable[[str], None] | None = None,
-                 **tensorrt_options: Any) -> ExportResult:
+def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequence[Any], settings: Settings, *,
+                 batch_range: tuple[int, int, int] | None = None, **tensorrt_options: Any) -> ExportResult:
     """The heavy part of ``export``: re-parameterize, lower, check, and write every file of ``plan`` to staging.
 
-    The result names the files where they will be once the plan's transaction commits.
+    ``settings.precision`` is the one being exported (None: fp32); ``settings.target`` defaults to where the
+    wanted files run. The result names the files where they will be once the plan's transaction commits.
     """
-    progress = progress or (lambda phase: None)
+    precision = settings.precision or "fp32"
     precision_dtype(precision)  # an unknown precision is refused before the heavy work
     sets = as_input_sets(example_inputs)  # one example input set, or a list of them (all recorded and checked)
     inputs = sets[0]
-
-    dynamic_batch = keeps_dynamic_batch(model, dynamic_batch)
+    dynamic_batch = keeps_dynamic_batch(model, settings.dynamic_batch)
     # One graph is written: a model torch.export cannot capture whole is refused in one line naming what blocks
     # it and the folded part to export instead.
     device, runtime = planned_for(plan.wanted)  # e.g. a TensorRT engine runs on the GPU it is built on
-    settings = Settings(verify=verify, dynamic_batch=dynamic_batch, progress=progress, cost=cost,
-                        target=planned_target(target, device), batch=batch, precision=precision, runtime=runtime)
+    settings = settings.replace(dynamic_batch=dynamic_batch, precision=precision, runtime=runtime,
+                                target=planned_target(settings.target, device))
     plain = run_whole(model, sets, settings)
     report: Report = report_of(plain)
     report.precision = precision
     deploy_graph, deploy_inputs = deploy_copy(plain, inputs, precision)
-    progress("export")
+    settings.progress("export")
     program = export_program(deploy_graph, deploy_inputs, dynamic_batch=dynamic_batch)
     for backend in backends():
         backend.annotate(program, report)
@@ -178,15 +176,15 @@ def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequen
         plan.write("pt2", _saved_program(program))
     job = ArtifactJob(deploy_graph, deploy_inputs, precision, report, dynamic_batch=dynamic_batch,
                       batch_range=batch_range, options=tensorrt_options, exported=program,
-                      out=plan, progress=progress)
+                      out=plan, progress=settings.progress)
     checks = {}
     for backend, artifact in artifacts(plan.wanted):
         check = artifact.write(job)
         if check is None:
             continue
         checks[artifact.format] = check
-        if verify:
-            _check_artifact(check, backend.name, plain, inputs, precision, dynamic_batch, report)
+        if settings.verify:
+            _check_artifact(check, backend.name, plain, sets, settings, report)
     report.notes += [f"{fmt} not written: {why}" for fmt, why in plan.skipped.items()]
     _stage_report(plan, report)
     files = {kind: claim.target for kind, claim in plan.claims.items()}
@@ -256,13 +254,11 @@ def _is_repfx_report(target: Path) -> str | None:
             "directory (--out) or name (--name)")
 
 
-def _check_artifact(check: Check, backend: str, plain: torch.fx.GraphModule, inputs: tuple, precision: str,
-                    dynamic_batch: bool, report: Report) -> None:
+def _check_artifact(check: Check, backend: str, plain: torch.fx.GraphModule, sets: list[tuple], settings: Settings,
+                    report: Report) -> None:
     """A written artifact, run by its runtime, must reproduce the plain graph (fed like a deployed model)."""
-    deployed = DeployedModel(check.load(), backend=backend, precision=precision, plain=plain, report=report)
-    try:
-        stats = check_against_plain(plain, deployed, inputs, precision, dynamic_batch=dynamic_batch)
-    except VerificationError as error:
-        raise VerificationError(f"{check.what} does not match the plain graph in {check.runtime}: {error}") from error
+    deployed = DeployedModel(check.load(), backend=backend, precision=settings.precision, plain=plain, report=report)
+    stats = check_against_plain(plain, deployed, sets, settings.precision, settings,
+                                f"{check.what} does not match the plain graph in {check.runtime}")
     report.backend, report.backend_max_abs_error, report.backend_tolerance = (
         check.runtime, stats.max_abs_error, stats.tolerance)

@@ -83,6 +83,31 @@ def judge(stats: ErrorStats, reference: Callable, rewritten: Callable, example_i
     return f"{note}. Accepted (strict=True refuses)."
 
 
+def judge_backend(stats: ErrorStats, plain: fx.GraphModule, what: str, *, strict: bool) -> str:
+    """The note for a backend's output that differs from the plain graph beyond tolerance; ``VerificationError``
+    when it cannot be accepted.
+
+    A backend recomputes every op in its own order and precision, so where the plain graph
+    selects (top-k, sort, comparisons, NMS: RT-DETR's query selection over near-ties) a
+    last-bit difference changes what is selected, exactly as between the rewritten graph
+    and the original; that is accepted the same way, with a warning and a note
+    (``strict`` refuses it). Without such an op the backend computes something else: an error.
+    """
+    others = f" ({len(stats.mismatches) - 1} more mismatch(es))" if len(stats.mismatches) > 1 else ""
+    mismatch = stats.mismatches[0] + others
+    selecting = [f"{node.name} ({_op_name(node)})" for node in plain.graph.nodes
+                 if node.op == "call_function" and _selects(node, set(plain.graph.nodes))]
+    if not selecting:
+        raise VerificationError(f"{what}: {mismatch}")
+    note = (f"{what}: {mismatch}; the plain graph selects with discontinuous ops "
+            f"({', '.join(selecting[:8])}{' ...' if len(selecting) > 8 else ''}), where the backend's own fp32 "
+            "rounding turns near-ties into different selections")
+    if strict:
+        raise VerificationError(f"{note}. Refused because strict=True.")
+    warn_user(f"repfx: {note}. Accepted (strict=True refuses).")
+    return f"{note}. Accepted (strict=True refuses)."
+
+
 def _agreement_in_float64(reference: Callable, rewritten: Callable, example_inputs: tuple, settings: Any,
                           extra_batch: int | None, more: Sequence[tuple], mismatch: str, not_returned: str) -> ErrorStats:
     """Both sides re-run in float64 agree (their statistics), else ``VerificationError``.

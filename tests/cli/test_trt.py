@@ -487,3 +487,14 @@ def test_input_file_is_never_overwritten(cli, models, case):
     assert result.returncode == 2, result.explain()
     assert (result.cwd / "net.pt2").read_bytes() == models.files["net_pt2"].read_bytes()
     assert sorted(path.name for path in result.cwd.iterdir()) == ["net.pt2"]
+
+
+def test_tolerance_flags_reach_every_check_and_the_headline_shows_the_tolerance_applied(tmp_path, capsys):
+    from repfx.cli import demo, trt
+
+    assert demo.main(["--sample", "repvgg_block", "--rtol", "1e-3", "--atol", "1e-6", "--strict"]) == 0
+    assert "within tolerance (tolerance applied" in capsys.readouterr().out
+    code = trt.main(["--sample", "repvgg_block", "--out", str(tmp_path / "out"), "--formats", "pt2,onnx",
+                     "--rtol", "1e-3", "--strict", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and "within tolerance (tolerance applied" in out and "tolerance applied" in out.split("backend:")[1]

@@ -76,3 +76,62 @@ def test_dynamic_batch_batches_only_inputs_with_the_batch_dimension():
     wider = torch.randint(0, 10, (6, 5, 5), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(deployed(wider, gain), model(wider, gain), rtol=1e-4, atol=1e-5)
+
+
+# --- every check judges a difference alike (issue 17 item 2) --------------------------------------------------------
+
+class Ranked(nn.Module):
+    """conv + BN whose outputs are ranked (RT-DETR's query selection in small): near-ties flip on the last bit."""
+
+    def __init__(self, select: bool = True) -> None:
+        super().__init__()
+        self.conv, self.bn, self.select = nn.Conv2d(4, 16, 3, padding=1), nn.BatchNorm2d(16), select
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return y.flatten().argsort() if self.select else y
+
+
+def _deployed_with_rounding(select: bool):
+    """The plain graph, and a 'backend' that computes it with other fp32 rounding (weights off by 1e-6)."""
+    from repfx.deploy.compile import DeployedModel
+
+    x = rand(1, 4, 32, 32)
+    plain = repfx.reparameterize(randomize_bn_(Ranked(select), 0).eval(), (x,))
+    other = copy.deepcopy(plain)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.mul_(1 + 1e-6 * torch.randn_like(parameter))
+    return plain, DeployedModel(other, backend="eager", precision="fp32", plain=plain, report=plain.repfx_report), x
+
+
+def test_a_backend_difference_through_a_selection_is_accepted_with_a_note_as_the_rewrite_is():
+    from repfx.deploy.compile import check_against_plain
+    from repfx.settings import Settings
+
+    plain, deployed, x = _deployed_with_rounding(select=True)
+    with pytest.warns(UserWarning, match="discontinuous ops .*argsort.*Accepted"):
+        check_against_plain(plain, deployed, [(x,)], "fp32", Settings(), "the eager backend")
+    assert "argsort" in plain.repfx_report.backend_note
+    plain.repfx_report.backend, plain.repfx_report.precision = "eager", "fp32"
+    plain.repfx_report.backend_max_abs_error = plain.repfx_report.backend_tolerance = 1.0
+    assert "beyond it, accepted: see the note" in str(plain.repfx_report)
+    with pytest.raises(repfx.VerificationError, match="strict=True"):
+        check_against_plain(plain, deployed, [(x,)], "fp32", Settings(strict=True), "the eager backend")
+    check_against_plain(plain, deployed, [(x,)], "fp32", Settings(atol=1e9), "the eager backend")  # --atol
+
+
+def test_a_backend_difference_without_a_selection_is_an_error():
+    from repfx.deploy.compile import check_against_plain
+    from repfx.settings import Settings
+
+    plain, deployed, x = _deployed_with_rounding(select=False)
+    with torch.no_grad():
+        deployed.runner.get_parameter(next(n for n, _ in deployed.runner.named_parameters())).add_(1.0)
+    with pytest.raises(repfx.VerificationError, match="the eager backend: output 0"):
+        check_against_plain(plain, deployed, [(x,)], "fp32", Settings(), "the eager backend")
+
+
+def test_the_headline_says_whether_the_difference_was_within_the_applied_tolerance():
+    report = repfx.reparameterize(randomize_bn_(Ranked(False), 0).eval(), (rand(1, 4, 8, 8),)).repfx_report
+    assert "within tolerance (tolerance applied" in str(report)

@@ -234,6 +234,9 @@ def test_remeasuring_replaces_the_cached_profile(tmp_path, monkeypatch):
     (["--target", "cuda:h300"], "known: a100, h100, h200"),
     (["--batch", "0"], "expected a positive integer"),
     (["--cost", "flops"], "invalid choice"),
+    (["--rtol", "nan"], "expected a finite number >= 0"),
+    (["--atol", "-1"], "expected a finite number >= 0"),
+    (["--rtol", "tight"], "expected a number >= 0"),
 ])
 def test_cli_planning_arguments_are_checked_before_any_work(argv, message, capsys):
     from repfx.cli import demo, trt
