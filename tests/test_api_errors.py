@@ -73,3 +73,17 @@ def test_nan_and_inf_in_example_inputs_work_with_a_note():
     assert report.local_proofs.regions_proven == 1
     assert_ops(gm, x, convolution=1, batch_norm=0)
     assert_matches(model, gm, rand(2, 3, 8, 8))
+
+
+
+def test_float64_inputs_are_refused_up_front_even_where_export_would_trace_them():
+    """A RepVGG block traced fine and failed only when run ("expected scalar type Double"), and then again when
+    folded in parts: one message, no second line about parts."""
+    import torch
+
+    from repfx.samples import build_sample
+
+    with pytest.raises(repfx.CaptureError, match=r"Fix: the example inputs are torch.float64 but the model's "
+                                                 r"parameters are torch.float32") as caught:
+        repfx.reparameterize(build_sample("repvgg_block").eval(), (torch.randn(1, 32, 8, 8, dtype=torch.float64),))
+    assert "in parts" not in str(caught.value)

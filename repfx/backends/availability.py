@@ -18,8 +18,9 @@ import torch
 
 from repfx.errors import BackendUnavailable, first_line
 
-TENSORRT_INSTALL_HINT = ("install it on a machine with an NVIDIA GPU and TensorRT: "
-                         "pip install 'repfx[tensorrt]' (torch-tensorrt 2.14 pins torch 2.14 and TensorRT 11.1)")
+# repfx is installed from its clone, not the package index: the extra is installed the same way.
+TENSORRT_INSTALL_HINT = ("install it on a machine with an NVIDIA GPU and TensorRT, from the repfx clone: "
+                         "pip install -e '.[tensorrt]' (torch-tensorrt 2.14 pins torch 2.14 and TensorRT 11.1)")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from repfx.passes.constants import written_attributes
 
 from repfx.capture.inputs import as_input_tuple, example_batch_size, is_batched, user_input_nodes, with_batch
 from repfx.errors import CaptureError, first_line, warn_user
-from repfx.capture.failure import export_failure_message, loggers_at, quiet_torch_logs
+from repfx.capture.failure import dtype_mismatch, export_failure_message, loggers_at, quiet_torch_logs
 from repfx.capture.lean import lean_tracing
 from repfx.capture.model_state import ModeChange, describe_mode_changes, train_mode_changes
 
@@ -42,6 +42,7 @@ class Captured:
 def capture(model: SupportedModel, example_inputs: Sequence[Any], *, dynamic_batch: bool = False) -> Captured:
     """Aten GraphModule with eval semantics for ``model``; the model itself is never modified."""
     example_inputs = as_input_tuple(example_inputs)
+    check_input_dtypes(model, example_inputs)
     mode_changes = _warn_about_train_mode(model) if _is_plain_module(model) else []
     with lean_tracing():  # no stack traces or code regenerated per pass: nothing downstream reads them
         program = _export(model, example_inputs, dynamic_batch)
@@ -56,6 +57,15 @@ def capture(model: SupportedModel, example_inputs: Sequence[Any], *, dynamic_bat
                 raise CaptureError(f"functionalizing the exported graph failed: {first_line(error)}") from error
     graph = _plain_graph_module(program.module())
     return Captured(graph, mode_changes, written_attributes(graph))
+
+
+def check_input_dtypes(model: SupportedModel, example_inputs: tuple) -> None:
+    """Floating inputs of another dtype than every floating weight fail deep inside torch ("expected scalar type
+    Double but found Float"), at export or only when the graph first runs: refuse them first, naming the dtype."""
+    mismatch = dtype_mismatch(model, example_inputs)
+    if mismatch:
+        raise CaptureError(f"{type(model).__name__} was given example inputs of another dtype than its weights"
+                           f"\nFix: {mismatch}")
 
 
 def _is_plain_module(model: Any) -> bool:

@@ -58,16 +58,18 @@ def _user_frame(error: BaseException) -> tuple[str, int, str] | None:
 
 
 def _fix(error: BaseException, module: Any, inputs: tuple) -> str:
-    mismatch = _dtype_mismatch(module, inputs)
+    mismatch = dtype_mismatch(module, inputs)
     if mismatch:
         return mismatch
     return ("make forward() traceable (no data-dependent Python control flow or .item() on tensors, "
             "see https://pytorch.org/docs/stable/export.html), or pass an ExportedProgram you exported yourself.")
 
 
-def _dtype_mismatch(module: Any, inputs: tuple) -> str | None:
+def dtype_mismatch(module: Any, inputs: tuple) -> str | None:
     """Float inputs of another dtype than every float parameter: the usual cause of dtype errors in export."""
-    parameters = {t.dtype for t in getattr(module, "parameters", lambda: [])() if t.is_floating_point()}
+    weights = module.state_dict().values() if isinstance(module, torch.export.ExportedProgram) else [
+        *getattr(module, "parameters", lambda: [])(), *getattr(module, "buffers", lambda: [])()]
+    parameters = {t.dtype for t in weights if isinstance(t, torch.Tensor) and t.is_floating_point()}
     given = {leaf.dtype for leaf in pytree.tree_leaves(inputs)
              if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()}
     if len(parameters) != 1 or not given or given <= parameters:

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import fx, nn
 
+from repfx.capture.export import check_input_dtypes
 from repfx.capture.inputs import as_input_sets
 from repfx.errors import CaptureError
 from repfx.pipeline.graph import REPORT_ATTRIBUTE, fold_graph, report_of
@@ -31,6 +32,7 @@ def run(model: Any, example_inputs: Any, settings: Settings) -> nn.Module:
     ``example_inputs``: one set of positional arguments, or a list of such tuples
     (``capture.inputs.as_input_sets``), every one recorded, proven and verified."""
     sets = as_input_sets(example_inputs)
+    check_input_dtypes(model, sets[0])  # before anything: folding in parts would only fail the same way
     settings = settings.planned(sets[0])
     start = time.perf_counter()
     try:
