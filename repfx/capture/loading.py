@@ -69,7 +69,31 @@ def load_model(path: Path, *, trust_pickle: bool = False) -> LoadedModel:
             raise BadInput(f"{path}: not a loadable TorchScript archive ({first_line(error)})") from error
     if kind == "pickle":
         return LoadedModel(_load_pickled_module(path, data, trust_pickle), kind, None)
-    raise BadInput(f"{path}: not a TorchScript archive, an ExportedProgram (.pt2) or a pickled module")
+    raise BadInput(f"{path}: {_what_it_is(data)}")
+
+
+def _what_it_is(data: bytes) -> str:
+    """Why a file is none of the formats repfx reads, as far as its bytes tell: a zip archive cut short, or an
+    ONNX model (which repfx does not fold: it is already past PyTorch)."""
+    if data[:4] == b"PK\x03\x04":
+        return ("a zip archive with no directory at its end: a .pt2 or TorchScript file cut short (an interrupted "
+                "copy or download?); copy it again")
+    if _is_onnx(data):
+        return ("an ONNX model; repfx folds PyTorch models: pass the ExportedProgram (.pt2, torch.export.save) "
+                "or TorchScript archive the ONNX file was made from")
+    return "not a TorchScript archive, an ExportedProgram (.pt2) or a pickled module"
+
+
+def _is_onnx(data: bytes) -> bool:
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, ValueError):
+        return False
+    return model.ir_version > 0 and len(model.graph.node) > 0
 
 
 def _read(path: Path) -> bytes:

@@ -79,12 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dynamic-batch", type=_batch_range, metavar="MIN:OPT:MAX",
                         help="make the batch dimension dynamic; MIN:OPT:MAX is TensorRT's optimization profile")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
-    parser.add_argument("--out", type=Path, default=Path("repfx-out"), help="output directory (default: repfx-out)")
+    parser.add_argument("--out", type=_directory, default=Path("repfx-out"),
+                        help="output directory (default: repfx-out)")
     parser.add_argument("--name", help="base name of the written files (default: the model file's stem / sample)")
     parser.add_argument("--formats", type=_formats, metavar="pt2,onnx,engine",
                         help="what to write (default: pt2 and onnx, and the engine where TensorRT is usable; "
                              "naming engine makes a missing TensorRT an error)")
-    parser.add_argument("--triton-repo", type=Path, metavar="DIR",
+    parser.add_argument("--triton-repo", type=_directory, metavar="DIR",
                         help="also add the model to a Triton Inference Server model repository, as a new "
                              "version (engine if built, else ONNX)")
     parser.add_argument("--report", choices=("table", "json"), default="table")
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit code. Ctrl-C anywhere is exit 130 with one line, nothing left behind."""
     try:
-        return _main(build_parser().parse_args(argv))
+        return _main(build_parser().parse_args(_joined_shapes(sys.argv[1:] if argv is None else argv)))
     except KeyboardInterrupt:  # the transaction has already removed what it staged
         print("repfx.trt: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -232,11 +233,33 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _directory(text: str) -> Path:
+    """A directory argument; an empty one (``--out ''``, an unset shell variable) would mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a directory, got an empty string (to write here, say --out .)")
+    return Path(text)
+
+
+def _joined_shapes(argv: list[str]) -> list[str]:
+    """``--input-shape -1x3x224x224`` as ``--input-shape=-1x3x224x224``: argparse reads a value starting with
+    ``-`` as an option, and the user would be told "expected one argument" instead of what is wrong with -1."""
+    joined: list[str] = []
+    for arg in argv:
+        if joined and joined[-1] == "--input-shape" and arg.startswith("-") and arg[1:2].isdigit():
+            joined[-1] = f"--input-shape={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
 def _shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(part) for part in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a shape like 1x3x224x224, got {text!r}") from None
+    if any(size < 0 for size in shape):
+        raise argparse.ArgumentTypeError(f"every dimension must be a positive integer, got {text!r} (a dynamic "
+                                         "batch is --dynamic-batch MIN:OPT:MAX, with a concrete example shape)")
     if not shape or any(size <= 0 for size in shape):
         raise argparse.ArgumentTypeError(f"every dimension must be a positive integer, got {text!r}")
     return shape

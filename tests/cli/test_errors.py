@@ -147,6 +147,9 @@ def test_ctrl_c_in_any_phase_is_caught(tmp_path, model, monkeypatch, capsys):
     pytest.param([], "one of the arguments model --sample is required", id="no-model"),
     pytest.param(["net.pt2", "--precision", "fp8"], "argument --precision: invalid choice", id="bad-choice"),
     pytest.param(["net.pt2", "--frobnicate"], "unrecognized arguments: --frobnicate", id="unknown-option"),
+    pytest.param(["net.pt2", "--input-shape", "-1x8x16x16"], "a dynamic batch is --dynamic-batch", id="negative-dim"),
+    pytest.param(["net.pt2", "--rtol", "-1"], "argument --rtol: expected a finite number >= 0", id="bad-rtol"),
+    pytest.param(["net.pt2", "--out", ""], "argument --out: expected a directory, got an empty string", id="empty-out"),
 ])
 def test_usage_error_is_one_line(tmp_path, monkeypatch, capsys, argv, says):
     monkeypatch.chdir(tmp_path)

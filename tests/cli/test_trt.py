@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -95,7 +96,7 @@ def models(tmp_path_factory) -> Models:
     files = {name: folder / filename for name, filename in [
         ("net_ts", "net_ts.pt"), ("net_pt2", "net.pt2"), ("net_pickle", "net_pickle.pt"),
         ("net_dynamic_pt2", "net_dynamic.pt2"), ("mlp_pt2", "mlp.pt2"), ("data_dependent_ts", "dd_ts.pt"),
-        ("random_bytes", "random.bin")]}
+        ("random_bytes", "random.bin"), ("truncated_pt2", "truncated.pt2"), ("onnx_file", "net.onnx")]}
     with torch.no_grad():
         torch.jit.save(torch.jit.trace(net, x), files["net_ts"])
         torch.export.save(torch.export.export(net, (x,)), files["net_pt2"])
@@ -107,6 +108,10 @@ def models(tmp_path_factory) -> Models:
         torch.export.save(torch.export.export(small_mlp, (rand(*MLP_SHAPE),)), files["mlp_pt2"])
         torch.jit.save(torch.jit.script(data_dependent), files["data_dependent_ts"])
     files["random_bytes"].write_bytes(b"\x00" + random.Random(0).randbytes(4096))
+    files["truncated_pt2"].write_bytes(files["net_pt2"].read_bytes()[:4096])  # an interrupted copy
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(small_mlp, (rand(*MLP_SHAPE),), str(files["onnx_file"]), dynamo=True, verbose=False)
     files["models_dir"] = folder
     return Models(net, small_mlp, files)
 
@@ -161,6 +166,8 @@ RUNS: dict[str, Run] = {
     "missing_file": _run("missing.pt2 --out out --quiet"),
     "directory": _run("{models_dir} --out out --quiet"),
     "random_bytes": _run("{random_bytes} --out out --quiet"),
+    "truncated_pt2": _run("{truncated_pt2} --out out --quiet"),
+    "onnx_file": _run("{onnx_file} --out out --quiet"),
     "shape_not_a_number": _run("{net_ts} --input-shape 1x3xfoo --out out --quiet"),
     "shape_with_zero": _run("{net_ts} --input-shape 0x3x32x32 --out out --quiet"),
     "wrong_channels_torchscript": _run("{net_ts} --input-shape 1x5x32x32 --out out --quiet"),
@@ -443,6 +450,8 @@ FAILURES: dict[str, Failure] = {
     "missing_file": Failure("no such file"),
     "directory": Failure("not a file"),
     "random_bytes": Failure("not a TorchScript archive"),
+    "truncated_pt2": Failure("file cut short"),
+    "onnx_file": Failure("an ONNX model; repfx folds PyTorch models"),
     "shape_not_a_number": Failure("expected a shape like 1x3x224x224", prefix=ARGPARSE),
     "shape_with_zero": Failure("positive integer", prefix=ARGPARSE),
     "wrong_channels_torchscript": Failure("channels"),
