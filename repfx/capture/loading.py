@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -186,7 +187,17 @@ def _load_pickled_module(path: Path, data: bytes, trust_pickle: bool) -> torch.n
                        "--trust-pickle if you trust this file.")
     try:
         model = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    except Exception as error:
+    except AttributeError as error:  # pickle names classes by module path; a script's own are in __main__
+        missing = re.search(r"Can't get attribute '([^']+)' on <module '([^']+)'", str(error))
+        if missing is None:
+            raise BadInput(f"{path}: unpickling failed ({first_line(error)})") from error
+        name, module = missing.groups()
+        where = ("defined in the script that saved it (__main__)" if module.split(".")[-1] == "__main__"
+                 else f"of module {module}")
+        raise BadInput(f"{path}: the pickle refers to class {name}, {where}, which cannot be imported here; "
+                       f"save the model with torch.export.save instead, or load it where {name} is importable"
+                       ) from error
+    except Exception as error:  # unpickling runs the file's code: any error can come out of it
         raise BadInput(f"{path}: unpickling failed ({first_line(error)})") from error
     if not isinstance(model, torch.nn.Module):
         raise BadInput(f"{path} holds a {type(model).__name__}, not an nn.Module (a state_dict needs the "

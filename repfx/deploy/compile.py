@@ -118,9 +118,11 @@ def compile(
     report: Report = report_of(plain)
     if is_folded_in_parts(plain) and not chosen.runs_modules:  # "auto" had chosen a one-graph backend
         chosen = module_fallback()
-        logger.info("repfx.compile: backend %r (the model was folded in parts and %r lowers one graph)",
-                    chosen.name, name)
+        reason = f"the model was folded in parts and {name!r} lowers one graph"
+        logger.info("repfx.compile: backend %r (%s)", chosen.name, reason)
         name = chosen.name
+    if backend == "auto":  # the choice is part of what was built, not only a log line
+        report.notes.append(f"backend='auto' chose {name!r}: {reason}")
     deploy_graph, deploy_inputs = deploy_copy(plain, inputs, precision, chosen.device)
     if progress is not None:
         progress("build")

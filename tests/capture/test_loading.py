@@ -541,3 +541,20 @@ def test_cli_deploys_torchscript_of_model_zoo_with_triton_entry(torchscript_file
     assert config.name == "net" and config.platform == "onnxruntime_onnx"
     assert [list(tensor.dims) for tensor in config.input] == [list(TS_SHAPE)]
     assert [list(tensor.dims) for tensor in config.output] == [[1, 1000]]
+
+
+class _ScriptOnly(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_a_trusted_pickle_of_a_class_from_the_saving_script_says_so_in_one_line(tmp_path, monkeypatch):
+    """``torch.save(model)`` in a script names the class ``__main__.X``; loaded elsewhere, pickle said only
+    "Can't get attribute 'X'"."""
+    monkeypatch.setattr(_ScriptOnly, "__module__", "__main__")
+    monkeypatch.setattr(sys.modules["__main__"], "_ScriptOnly", _ScriptOnly, raising=False)
+    torch.save(_ScriptOnly(), tmp_path / "m.pt")
+    monkeypatch.delattr(sys.modules["__main__"], "_ScriptOnly")
+    with pytest.raises(BadInput, match=r"class _ScriptOnly, defined in the script that saved it \(__main__\), "
+                                       r"which cannot be imported here; save the model with torch.export.save"):
+        load_model(tmp_path / "m.pt", trust_pickle=True)

@@ -135,3 +135,9 @@ def test_a_backend_difference_without_a_selection_is_an_error():
 def test_the_headline_says_whether_the_difference_was_within_the_applied_tolerance():
     report = repfx.reparameterize(randomize_bn_(Ranked(False), 0).eval(), (rand(1, 4, 8, 8),)).repfx_report
     assert "within tolerance (tolerance applied" in str(report)
+
+
+def test_the_auto_backends_choice_and_why_are_in_the_report():
+    model = randomize_bn_(Ranked(False), 0).eval()
+    deployed = repfx.compile(model, (rand(1, 4, 8, 8),), backend="auto")
+    assert [note for note in deployed.report.notes if note.startswith(f"backend='auto' chose {deployed.backend!r}: ")]
