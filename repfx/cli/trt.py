@@ -16,7 +16,9 @@ or not at all, and no file repfx did not write is ever replaced.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import logging
 import os
 import sys
 import warnings
@@ -27,6 +29,7 @@ import torch
 
 from repfx.backends.formats import export_formats
 from repfx.backends.precision import PRECISIONS, precision_dtype
+from repfx.capture.failure import loggers_at
 from repfx.capture.inputs import InputSpec, random_inputs
 from repfx.capture.loading import BadInput, LoadedModel, load_model
 from repfx.cli.memory import check_inputs_fit
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
+THIRD_PARTY_LOGGERS = ("torch", "onnxscript", "onnx_ir", "torchvision")  # silenced below ERROR by --quiet
 
 # What a person can do about the OS errors a run meets most (appended to the one-line message).
 OS_ERROR_HINTS = {
@@ -114,8 +118,12 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")  # TorchScript is deprecated
     progress = PhaseProgress(enabled=not args.quiet)
+    # --quiet: the libraries' own warnings about what they skip (onnxscript's constant folding, torch.onnx's
+    # "torchvision is not installed. Skipping torchvision::nms") are not the user's to act on either.
+    quiet = loggers_at(logging.ERROR, THIRD_PARTY_LOGGERS) if args.quiet else contextlib.nullcontext()
     try:
-        result, triton, benchmark = _run(args, progress)
+        with quiet:
+            result, triton, benchmark = _run(args, progress)
         progress.close()
     except KeyboardInterrupt:
         progress.close(failed=True)

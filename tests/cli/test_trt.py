@@ -507,3 +507,20 @@ def test_tolerance_flags_reach_every_check_and_the_headline_shows_the_tolerance_
                      "--rtol", "1e-3", "--strict", "--quiet"])
     out = capsys.readouterr().out
     assert code == 0 and "within tolerance (tolerance applied" in out and "tolerance applied" in out.split("backend:")[1]
+
+
+def test_quiet_silences_the_libraries_warnings_about_what_they_skip(tmp_path, monkeypatch, capsys):
+    import logging
+
+    from repfx.cli import trt
+
+    real = trt.build_export
+
+    def chatty(*args, **kwargs):
+        logging.getLogger("onnxscript.optimizer").warning("Skipping constant folding for node 'x'")
+        logging.getLogger("torch.onnx").warning("torchvision is not installed. Skipping torchvision::nms")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trt, "build_export", chatty)
+    assert trt.main(["--sample", "repvgg_block", "--out", str(tmp_path / "out"), "--formats", "pt2", "--quiet"]) == 0
+    assert "Skipping" not in capsys.readouterr().err
