@@ -15,7 +15,7 @@ import copy
 import pytest
 import torch
 
-from pass_graphs import GraphBuilder, assert_same_values, op_counts, structure
+from pass_graphs import GraphBuilder, assert_same_values, emitted_conv, op_counts, structure
 from repfx.passes import CODES, PIPELINE, PassSettings, run_pipeline
 from repfx.passes.constants import EXACT_META, ConstantFolder
 from repfx.passes.parameter_subgraphs import fold_parameter_subgraphs
@@ -59,12 +59,6 @@ def conv_bn_on_stored():
     return g.build(g.batch_norm(g.call(aten.conv2d.default, x, g.randn(C, C, 3, 3), None, [1, 1], [1, 1])))
 
 
-def one_conv():
-    g = GraphBuilder()
-    x = g.input("x", 2, C, 8, 8)
-    return g.build(g.call(aten.conv2d.default, x, g.randn(C, C, 3, 3), g.randn(C), [1, 1], [1, 1], [1, 1], 1))
-
-
 @pytest.mark.parametrize("kernel", [pytest.param(kernel, id=name) for name, kernel in COMPUTED.items()])
 def test_computed_weight_becomes_a_stored_weight(kernel):
     before = conv_bn_on(kernel)
@@ -88,7 +82,7 @@ def test_then_the_bn_folds_into_the_conv(kernel):
     original = copy.deepcopy(before)
     rounds = run_pipeline(before)
     assert op_counts(before) == {"conv2d": 1}
-    assert structure(before) == structure(one_conv())
+    assert structure(before) == structure(emitted_conv(C, 3, padding=1))
     assert_same_values(original, before)
     kinds = [rewrite.kind for rewrite in rounds[0].rewrites]
     assert kinds[0].endswith("-> constant [4, 4, 3, 3]") or kernel is do_conv, kinds  # told with the first round
