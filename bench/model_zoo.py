@@ -19,6 +19,7 @@ disagrees with its model (a benchmark of a wrong model is worthless).
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 import warnings
@@ -37,12 +38,18 @@ TIMM = ("repvgg_a0", "repvgg_b0", "mobileone_s0", "fastvit_t8", "fastvit_sa12", 
 TORCHVISION = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "shufflenet_v2_x0_5")
 DETECTORS = ("fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large")
 SAMPLES = ("dbb_net", "acb_net", "replknet_block")
+# blocks written the way the original repositories write them (repfx.samples.ecbsr / .vanillanet)
+WRITTEN_LIKE = {"ECBSR-style/ecbsr_net (eval: kernel computed in forward)": ("ecbsr", "ECBSRNet", (1, 3, 32, 32)),
+                "VanillaNet-style/vanillanet_small (leaky_relu slope 1)": ("vanillanet", "VanillaNetSmall",
+                                                                        (1, 3, 64, 64))}
 QUICK = ("timm/repvgg_a0", "timm/mobileone_s0", "sample/dbb_net")
 
 
 def catalogue() -> dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...]]]:
     """name -> (builder, input shape); families whose library is missing are left out (said in the header)."""
     models = {f"sample/{name}": (lambda name=name: build_sample(name), sample_input_shape(name)) for name in SAMPLES}
+    models |= {name: (lambda module=module, cls=cls: getattr(importlib.import_module(f"repfx.samples.{module}"), cls)(),
+                      shape) for name, (module, cls, shape) in WRITTEN_LIKE.items()}
     try:
         import timm
         models |= {f"timm/{name}": (lambda name=name: timm.create_model(name, pretrained=False), (1, 3, 224, 224))

@@ -10,16 +10,20 @@ lowering pass both call it. Each pass runs once, in order, except that
 * a pass marked ``eager_runtime`` runs only when the result will execute in eager
   PyTorch (``eager_runtime=True``); a compiler re-functionalizes the graph anyway.
 
+What a pass that runs once reports (rewrites, refusals) is told with the first round
+of the fixed-point pass after it, the round a report reads whole.
+
 Layout: ``algebra/`` is pure tensor algebra (kernels, forms); ``regions/`` finds what
 can be merged (the analyzer, and one module of rules per family of ops); ``emit``
 writes a region back as convolutions; ``fold``, ``canonicalize`` and
-``inplace_activations`` are the passes; ``constants`` folds constant subgraphs.
+``inplace_activations`` are the passes; ``constants`` folds constant subgraphs for the
+analysis, and ``parameter_subgraphs`` stores those the graph computes on every call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx
@@ -28,6 +32,7 @@ from repfx.passes.algebra.forms import ConvForm, NotExact
 from repfx.passes.canonicalize import reshape_as_to_static_shape, see_through_value_aliases
 from repfx.passes.fold import AppliedRewrite, Candidate, PassResult, Prover, fold_linear_regions
 from repfx.passes.inplace_activations import inplace_activations
+from repfx.passes.parameter_subgraphs import fold_parameter_subgraphs
 from repfx.passes.refusals import CODES, Refused
 from repfx.passes.regions.analyzer import CostPolicy
 
@@ -65,6 +70,11 @@ def _see_through(gm: fx.GraphModule, settings: PassSettings) -> PassResult:
     return PassResult(see_through_value_aliases(gm))
 
 
+def _parameter_subgraphs(gm: fx.GraphModule, settings: PassSettings) -> PassResult:
+    with torch.no_grad():
+        return fold_parameter_subgraphs(gm)
+
+
 def _fold(gm: fx.GraphModule, settings: PassSettings) -> PassResult:
     with torch.no_grad():  # folding computes new weights from parameters: no autograd history
         return fold_linear_regions(gm, settings.cost, settings.prover)
@@ -79,6 +89,9 @@ PIPELINE: tuple[Pass, ...] = (
          "reshape_as(a, b) reads b only for its shape, yet the edge counts as a second use that stops b folding"),
     Pass("see_through_value_aliases", _see_through,
          "x.detach(), x.clone(), x.to(x.dtype) are x, but branches reading them and x would not count as one input"),
+    Pass("fold_parameter_subgraphs", _parameter_subgraphs,
+         "a weight computed in forward from parameters alone runs on every call, and a conv reading it is no "
+         "plain conv, so it would not merge"),
     Pass("fold_linear_regions", _fold,
          "each linear region becomes the fewest convolutions that compute it exactly; a rewrite can free an op "
          "for the next round", to_fixed_point=True),
@@ -106,17 +119,27 @@ def run_pipeline(gm: fx.GraphModule, cost: CostPolicy = "macs", *, prover: Prove
     """
     settings = PassSettings(cost, prover)
     rounds: list[PassResult] = []
+    told: list[PassResult] = []  # what passes that ran once found, not yet told with a round
     for step in pipeline:
         if step.eager_runtime and not eager_runtime:
             continue  # a compiler re-functionalizes: the rewrite would only be undone
         if not step.to_fixed_point:
-            step.run(gm, settings)
+            outcome = step.run(gm, settings)
+            told += [outcome] if outcome.rewrites or outcome.refusals else []
             continue
+        first = len(rounds)
         for _ in range(max_iterations):
             rounds.append(step.run(gm, settings))
             if not rounds[-1].modified:
                 break  # DBB's nested blocks take one round; ``y * g + y`` after a linear y, two (then y is read once)
-    return rounds
+        rounds[first], told = _told_with(told, rounds[first]), []
+    return rounds + told
+
+
+def _told_with(earlier: list[PassResult], round_: PassResult) -> PassResult:
+    """``round_`` with the rewrites and refusals of the passes that ran once before it, theirs first."""
+    return replace(round_, rewrites=[r for step in earlier for r in step.rewrites] + round_.rewrites,
+                   refusals=[r for step in earlier for r in step.refusals] + round_.refusals)
 
 
 def run_to_fixed_point(gm: fx.GraphModule, cost: CostPolicy = "macs", max_iterations: int = 8,

@@ -8,8 +8,12 @@ all constant; its value is computed once and cached.
 Computed constants are evaluated in float64 (parameters are upcast on the way in),
 like the rest of the folding: DBB's pad value ``bias - mean * scale`` then equals the
 BN shift the fold computes to float64 rounding, not merely to the model's fp32
-rounding, so a float64 proof of the fold can hold it to a float64 bound. Parameters
-themselves are returned as stored (no copies of every weight).
+rounding, so a float64 proof of the fold can hold it to a float64 bound. Ops that make
+a floating tensor of a given dtype (``zeros``, ``full``, a cast) make it in float64 there.
+Parameters themselves are returned as stored (no copies of every weight), except a constant
+that ``parameter_subgraphs`` stored for a subgraph: its ``EXACT_META`` holds the float64
+value the subgraph had, which is returned instead of the rounded one, as before it was stored.
+``upcast=False`` evaluates as the model does, in its own dtypes.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 _NOT_CONSTANT = object()
+EXACT_META = "repfx_exact"  # on a get_attr a pass stored for a computed value: that value in float64
 
 
 class ConstantFolder:
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, upcast: bool = True) -> None:
         self._gm = gm
         self._cache: dict[fx.Node, Any] = {}
+        self._casts = (float64_values, _same) if upcast else (_same,)
 
     def value(self, arg: Any) -> Any:
         """The constant behind ``arg`` (node or literal), or None when it depends on inputs."""
@@ -55,7 +61,8 @@ class ConstantFolder:
         if node.op == "get_attr":
             if any(_writes_into(user, node) for user in node.users):
                 return _NOT_CONSTANT  # state the model updates as it runs (a counter, running stats)
-            return _fetch_attr(self._gm, node.target)
+            exact = node.meta.get(EXACT_META) if len(self._casts) > 1 else None
+            return exact if exact is not None else _fetch_attr(self._gm, node.target)
         if node.op != "call_function" or _is_nondeterministic(node.target):
             return _NOT_CONSTANT
         if not all(self.is_constant(arg) for arg in node.all_input_nodes):
@@ -65,9 +72,9 @@ class ConstantFolder:
         if args is _NOT_CONSTANT or kwargs is _NOT_CONSTANT:
             return _NOT_CONSTANT
         with torch.no_grad():
-            for cast in (float64_values, lambda value: value):
+            for cast in self._casts:
                 try:
-                    return node.target(*cast(args), **cast(kwargs))
+                    return node.target(*cast(args), **_made_in(node, cast(kwargs), cast))
                 except Exception:  # an op without float64 support runs in the model's dtype; failing that,
                     continue       # an op that cannot run eagerly on its constants is simply not folded
             return _NOT_CONSTANT
@@ -86,6 +93,21 @@ def written_attributes(gm: fx.GraphModule) -> list[str]:
 def float64_values(value: Any) -> Any:
     """``value`` with every floating tensor upcast to float64 (the precision folding and its proofs use)."""
     return pytree.tree_map_only(torch.Tensor, lambda t: t.double() if t.is_floating_point() else t, value)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _made_in(node: fx.Node, kwargs: dict, cast: Any) -> dict:
+    """``kwargs``, asking an op that makes a floating tensor of a dtype (``zeros``, ``_to_copy``) for float64
+    when the arguments are upcast: otherwise ``zeros`` would round what is written into it back to float32."""
+    value = node.meta.get("val")
+    arguments = getattr(getattr(node.target, "_schema", None), "arguments", ())
+    if cast is _same or not isinstance(value, torch.Tensor) or not value.is_floating_point() or not any(
+            argument.name == "dtype" and argument.kwarg_only for argument in arguments):
+        return kwargs
+    return {**kwargs, "dtype": torch.float64}
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:

@@ -29,6 +29,7 @@ CODES: dict[str, str] = {
     "dtype": "the dtype changes inside the region (type promotion)",
     "another-tensor": "a cast or layout copy is another tensor than its source",
     "not-constant": "a weight is computed from graph inputs",
+    "parameter-subgraph": "a value of parameters alone that must still run on every call (random, written, returned)",
     "symbolic-shape": "a symbolic channel count or an unknown size",
     "shared-output": "an op's output is also read outside the region",
     "shared-weight": "merging a use of a shared weight would only copy it",

@@ -109,6 +109,14 @@ class GraphBuilder:
         return gm.eval()
 
 
+def emitted_conv(channels: int, kernel: int, padding: int = 0) -> fx.GraphModule:
+    """``x [2, channels, 8, 8]`` -> one conv with a bias and every argument written, as the fold emits it."""
+    g = GraphBuilder()
+    x = g.input("x", 2, channels, 8, 8)
+    weight, bias = g.randn(channels, channels, kernel, kernel), g.randn(channels)
+    return g.build(g.call(aten.conv2d.default, x, weight, bias, [1, 1], [padding] * 2, [1, 1], 1))
+
+
 def structure(gm: fx.GraphModule) -> list[tuple]:
     """Each op in graph order, with its arguments: placeholders by name, constants as ``const[shape]``,
     earlier ops as ``#index``; lists as tuples. The output comes last."""

@@ -23,7 +23,8 @@ aten = torch.ops.aten
 
 def test_pipeline_order():
     assert [step.name for step in PIPELINE] == ["reshape_as_to_static_shape", "see_through_value_aliases",
-                                               "fold_linear_regions", "inplace_activations"]
+                                               "fold_parameter_subgraphs", "fold_linear_regions",
+                                               "inplace_activations"]
 
 
 def test_each_pass_says_why_in_one_line():
@@ -42,7 +43,7 @@ def test_description_lists_the_passes_in_order():
     assert len(lines) == 1 + len(PIPELINE)
     for index, (line, step) in enumerate(zip(lines[1:], PIPELINE), 1):
         assert line.strip().startswith(f"{index}. {step.name}") and line.endswith(step.why)
-    assert "[to a fixed point]" in lines[3] and "[eager runtime only]" in lines[4]
+    assert "[to a fixed point]" in lines[4] and "[eager runtime only]" in lines[5]
 
 
 def test_python_dash_m_prints_the_pipeline(capsys):

@@ -3,12 +3,16 @@
 * ``add``/``sub``: a sum of two branches, or a branch plus a per-channel constant;
 * ``mul``/``div``/``neg``: a branch times a per-channel constant;
 * ``clone``/``alias``/``dropout`` (eval)/``contiguous``/``detach``/``to`` and ``_to_copy``
-  to the same dtype and device: the value unchanged.
+  to the same dtype and device: the value unchanged;
+* ``leaky_relu`` with slope 1, ``prelu`` with every weight 1, ``hardtanh``/``clamp`` bounded
+  by infinities only: activations whose parameters make them the identity.
 
 A product of two activations, a rounding division or a layout change is no region.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import fx
@@ -75,6 +79,26 @@ def scale(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
         raise NotLinear
     form = ConvForm.affine(scale, torch.zeros(shape[0], dtype=torch.float64), len(shape) - 1)
     return an.apply(form, operand(x, cl), node, channel_last=cl)
+
+
+@rule(aten.leaky_relu.default, aten.prelu.default, aten.hardtanh.default, aten.clamp.default)
+def identity_activation(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
+    """An activation that is its input: the linear ops on both sides chain (VanillaNet anneals its
+    ``leaky_relu`` slope to 1, and its converter merges the convs around it). Any other slope,
+    weight or bound is a real nonlinearity."""
+    op = an.arguments(node)
+    if node.target is aten.leaky_relu.default:
+        identity = float(op["negative_slope"]) == 1.0
+    elif node.target is aten.prelu.default:
+        weight = an.constants.tensor(op["weight"])
+        identity = weight is not None and bool(torch.all(weight == 1))
+    else:
+        low, high = (op["min_val"], op["max_val"]) if node.target is aten.hardtanh.default else (op["min"], op["max"])
+        identity = low in (None, -math.inf) and high in (None, math.inf)
+    if not identity:
+        raise NotLinear
+    expr = operand(op["input"], an.channel_last_operands(node))
+    return Expr(expr.terms, expr.ops | {node}, expr.shape)
 
 
 _SAME_VALUE = (aten.clone.default, aten.alias.default, aten.dropout.default, aten.contiguous.default,

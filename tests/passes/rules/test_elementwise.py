@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pass_graphs import GraphBuilder, assert_folds, assert_unchanged
+from pass_graphs import GraphBuilder, assert_folds, assert_unchanged, emitted_conv
 
 aten = torch.ops.aten
 C = 8
@@ -144,3 +144,56 @@ def scale_then_shift():
 ])
 def test_elementwise_must_not_fold(before, reason):
     assert_unchanged(before(), refused=reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# activations that are the identity (VanillaNet anneals its leaky_relu slope to 1): the convs
+# on both sides chain into one; any other slope, weight or bound is a nonlinearity
+# ---------------------------------------------------------------------------------------------
+
+INF = float("inf")
+# y -> the activation of y, between two 1x1 conv + BN
+IDENTITY_ACTIVATIONS = {
+    "leaky_relu-slope-1": lambda g, y: g.call(aten.leaky_relu.default, y, 1.0),
+    "prelu-all-ones": lambda g, y: g.call(aten.prelu.default, y, g.constant(torch.ones(C), name="prelu")),
+    "hardtanh-infinite": lambda g, y: g.call(aten.hardtanh.default, y, -INF, INF),
+    "clamp-min-only-infinite": lambda g, y: g.call(aten.clamp.default, y, -INF),
+    "clamp-both-infinite": lambda g, y: g.call(aten.clamp.default, y, -INF, INF),
+    "times-one": lambda g, y: g.call(aten.mul.Tensor, y, 1),
+    "plus-zero": lambda g, y: g.call(aten.add.Tensor, y, 0),
+    "dropout-eval": lambda g, y: g.call(aten.dropout.default, y, 0.5, False),
+}
+NONLINEAR = {
+    "leaky_relu-slope-0.99": lambda g, y: g.call(aten.leaky_relu.default, y, 0.99),
+    "prelu-one-weight-not-1": lambda g, y: g.call(aten.prelu.default, y, g.constant(
+        torch.tensor([1.0, 1.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]), name="prelu")),
+    "hardtanh-finite": lambda g, y: g.call(aten.hardtanh.default, y, -INF, 6.0),
+    "clamp-finite-bound": lambda g, y: g.call(aten.clamp.default, y, -INF, 6.0),
+    "prelu-weight-from-the-input": lambda g, y: g.call(aten.prelu.default, y, g.call(aten.mean.dim, y, [0, 2, 3])),
+}
+
+
+def pointwise_act_pointwise(activation):
+    """conv1x1 + BN -> activation -> conv1x1 + BN, as VanillaNet's deep-training block writes it."""
+    g = GraphBuilder()
+    y = g.batch_norm(g.conv(g.input("x", 2, C, 8, 8), C, 1))
+    return g.build(g.batch_norm(g.conv(activation(g, y), C, 1)))
+
+
+@pytest.mark.parametrize("activation", [pytest.param(a, id=name) for name, a in IDENTITY_ACTIVATIONS.items()])
+def test_identity_activation_chains_the_convs_around_it(activation):
+    assert_folds(pointwise_act_pointwise(activation), emitted_conv(C, 1))
+
+
+def two_pointwise(activation):
+    """Each conv + BN folded, the activation kept between them."""
+    g = GraphBuilder()
+    x = g.input("x", 2, C, 8, 8)
+    y = g.call(aten.conv2d.default, x, g.randn(C, C, 1, 1), g.randn(C), [1, 1], [0, 0], [1, 1], 1)
+    return g.build(g.call(aten.conv2d.default, activation(g, y), g.randn(C, C, 1, 1), g.randn(C), [1, 1], [0, 0],
+                          [1, 1], 1))
+
+
+@pytest.mark.parametrize("activation", [pytest.param(a, id=name) for name, a in NONLINEAR.items()])
+def test_a_nonlinear_activation_keeps_the_convs_apart(activation):
+    assert_folds(pointwise_act_pointwise(activation), two_pointwise(activation))

@@ -1,0 +1,153 @@
+"""Pass: evaluate once, into plain weights, the subgraphs that read only parameters, buffers and constants.
+
+A weight computed in ``forward`` (ECBSR's Sobel and Laplacian masks written into a zero
+kernel, OREPA's generated kernels, DO-Conv's ``D^T W`` products, weight standardization
+``(w - mean) / std``) is recomputed on every call although no input enters it. Each such
+value that an op on the inputs reads becomes one stored constant (a ``get_attr``): the
+convolution reading it is then a convolution like any other, and merges as one.
+
+The value is computed in float64 and rounded once to the model's dtype; the float64
+value stays on the new node (``constants.EXACT_META``), so the fold and the proof of a
+fold read exactly what they read while it was a subgraph. Where the float64 value
+differs from the model's own arithmetic by more than rounding (a rounding or a
+comparison inside decided differently), the model's own value is stored instead.
+
+Left as written, each named with its reason (code ``parameter-subgraph``): a subgraph with
+a random op, an op with a side effect or an in-place write, a buffer the forward writes, a
+value the graph returns (stored, the output would be the model's own tensor, which a
+caller may write) and one that cannot be evaluated. Not touched: a subgraph of views alone
+(``w.t()`` computes nothing) and a value made from literals alone (``torch.zeros(...)``
+costs less to make than to store).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import fx, nn
+
+from repfx.passes.constants import EXACT_META, ConstantFolder, float64_values, written_attributes
+from repfx.passes.constants import _is_nondeterministic, _writes_into
+from repfx.passes.emit import _unique_attr, remove_dead_code
+from repfx.passes.fold import AppliedRewrite, PassResult, _is_executed, _kind
+from repfx.passes.refusals import Refused
+
+
+def fold_parameter_subgraphs(gm: fx.GraphModule) -> PassResult:
+    """Store every input-free value an input-dependent op (or the output) reads; rewrites ``gm`` in place."""
+    exact, as_written = ConstantFolder(gm), ConstantFolder(gm, upcast=False)
+    written = set(written_attributes(gm))
+    free: set[fx.Node] = set()  # nodes no graph input reaches
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" or (node.op == "call_function" and all(arg in free for arg in node.all_input_nodes)):
+            free.add(node)
+    order = {node: index for index, node in enumerate(gm.graph.nodes)}
+    result = PassResult(False)
+    stored: list[tuple[fx.Node, list[fx.Node], tuple[int, ...]]] = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node not in free or all(user in free for user in node.users):
+            continue  # read by inputs, or read only inside its subgraph (whose reader stores it)
+        node = _below_views(node)  # views stay: free to run, and the fold reads a broadcast constant as one
+        subgraph = _ancestry(node)
+        ops = sorted((op for op in subgraph if op.op == "call_function"), key=order.__getitem__)
+        if not any(op.op == "get_attr" for op in subgraph) or all(_is_view(op) for op in ops):
+            continue  # literals alone, or views alone: nothing a parameter costs on each call
+        reason = _kept_because(node, subgraph, written)
+        value = None if reason else _value(node, exact, as_written)
+        if value is None:
+            result.refusals.append(Refused(node.name, "parameter-subgraph", f"{node.name} reads only parameters "
+                                           f"and constants but is computed on every call: {reason or 'it cannot be evaluated'}"))
+            continue
+        constant = _store(gm, node, *value)
+        node.replace_all_uses_with(constant)
+        stored.append((node, ops, tuple(constant.meta["val"].shape)))
+    if stored:
+        remove_dead_code(gm)
+        result.modified = True
+        result.rewrites = _rewrites(gm, stored)
+    return result
+
+
+def _ancestry(node: fx.Node) -> list[fx.Node]:
+    """``node`` and every node it reads, directly or not (all input-free)."""
+    seen, todo = {node}, [node]
+    while todo:
+        for arg in todo.pop().all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                todo.append(arg)
+    return list(seen)
+
+
+def _below_views(node: fx.Node) -> fx.Node:
+    """The value ``node`` is a view of (``w.view(1, -1, 1, 1).expand(n, ...)`` -> ``w``), when it is computed."""
+    while _is_view(node) and node.args and isinstance(node.args[0], fx.Node) and node.args[0].op == "call_function":
+        node = node.args[0]
+    return node
+
+
+def _is_view(node: fx.Node) -> bool:
+    """The op returns a view of its input (``select``, ``t``, ``view``): it computes nothing."""
+    returns = getattr(getattr(node.target, "_schema", None), "returns", ())
+    return bool(returns) and all(ret.alias_info is not None for ret in returns)
+
+
+def _kept_because(node: fx.Node, subgraph: list[fx.Node], written: set[str]) -> str | None:
+    """Why the subgraph must run on each call (None: it may be evaluated once)."""
+    for op in subgraph:
+        if op.op == "get_attr" and op.target in written:
+            return f"it reads {op.target}, which the forward writes"
+        if op.op != "call_function":
+            continue
+        if _is_nondeterministic(op.target):
+            return f"{op.name} is random (new values on every call)"
+        if op.is_impure() or getattr(getattr(op.target, "_schema", None), "is_mutable", False):
+            return f"{op.name} has a side effect"
+        if any(_writes_into(user, op) for user in op.users):
+            return f"{op.name} is written in place"
+    if any(user.op == "output" for user in node.users):
+        return "the graph returns it (stored, the output would be the model's own tensor, which a caller may write)"
+    return None
+
+
+def _value(node: fx.Node, exact: ConstantFolder, as_written: ConstantFolder) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The value to store (the model's dtype) and its float64 value, or None when it cannot be evaluated."""
+    precise, model = exact.tensor(node), as_written.tensor(node)
+    expected = node.meta.get("val")
+    if precise is None or model is None or not isinstance(expected, torch.Tensor) or model.shape != expected.shape:
+        return None
+    rounded = precise.to(expected.dtype)
+    if not rounded.is_floating_point():
+        return rounded, rounded
+    scale = max(1.0, model.abs().max().item()) if model.numel() else 1.0
+    if model.numel() and (rounded.double() - model.double()).abs().max().item() > torch.finfo(rounded.dtype).eps ** 0.5 * scale:
+        return model, float64_values(model)  # float64 decided a rounding or a comparison otherwise: keep the model's
+    return rounded, float64_values(precise)
+
+
+def _store(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor, value64: torch.Tensor) -> fx.Node:
+    """A ``get_attr`` of a new weight holding ``value``, placed where ``node`` was, its float64 value on it."""
+    name = _unique_attr(gm, f"repfx_{node.name}")
+    gm.register_parameter(name, nn.Parameter(value.to(memory_format=torch.contiguous_format, copy=True),
+                                             requires_grad=False))
+    with gm.graph.inserting_before(node):
+        constant = gm.graph.get_attr(name)
+    constant.meta.update({key: node.meta[key] for key in ("stack_trace", "nn_module_stack") if key in node.meta})
+    constant.meta["val"] = getattr(gm, name)
+    constant.meta[EXACT_META] = value64
+    return constant
+
+
+def _rewrites(gm: fx.GraphModule, stored: list[tuple[fx.Node, list[fx.Node], tuple[int, ...]]]) -> list[AppliedRewrite]:
+    """One rewrite per stored value: the executed ops it removed (an op two stored values shared, by the first)."""
+    remaining, claimed = set(gm.graph.nodes), set()
+    rewrites = []
+    for node, ops, shape in stored:
+        removed = [op for op in ops if op not in remaining and op not in claimed and _is_executed(op)]
+        claimed.update(removed)
+        rewrites.append(AppliedRewrite(root=node.name, replaced_ops=tuple(op.name for op in removed),
+                                       replaced_kinds=dict(Counter(_kind(op) for op in removed)),
+                                       produced=(f"constant {list(shape)}",), kernel_shapes=(),
+                                       ops_before=len(removed), ops_after=0))
+    return rewrites
