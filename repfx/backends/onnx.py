@@ -88,9 +88,14 @@ class OnnxRuntimeModule(torch.nn.Module):
         self.output_template = [None if isinstance(value, torch.fx.Node) else value
                                 for value in pytree.tree_leaves(output.args[0])]
         self.output_is_tensor = [isinstance(value, torch.fx.Node) for value in pytree.tree_leaves(output.args[0])]
+        # Tensors passed positionally, one per ONNX input and nothing baked: feed them as they come (binding
+        # arguments to the signature per call cost more than a small model's session.run).
+        self.plain_call = not self.baked and self.in_spec == pytree.tree_structure(
+            (tuple(range(len(self.input_names))), {}))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        leaves = self._flatten(args, kwargs)
+        as_they_come = self.plain_call and not kwargs and len(args) == len(self.input_names)
+        leaves = args if as_they_come else self._flatten(args, kwargs)
         tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
         if len(tensors) != len(self.input_names):
             raise ValueError(f"the ONNX model takes {len(self.input_names)} tensor inputs, got {len(tensors)}")

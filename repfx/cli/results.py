@@ -33,15 +33,25 @@ def print_result(args: argparse.Namespace, result: ExportResult, triton: ModelEn
     print()
     print(format_range_table(ranges, dtype))
     if benchmark:
-        print("\nlatency on this machine (median):")
+        print("\nlatency on this machine, each runtime running the model as given and the plain graph in turns "
+              "(median ms, 25th-75th percentile, speed-up within the runtime):")
         for row in benchmark:
-            print(f"  {row['what']:<36} {row['ms']:8.2f} ms  {row['speedup']:5.2f}x")
+            print(_benchmark_line(row))
     print("\nwrote:")
     for path in result.files.values():
         print(f"  {path}")
     if triton:
         print(f"  {triton.model_dir / str(triton.version)}/ (Triton model version {triton.version}"
               f"{', new model' if triton.is_new else ''})")
+
+
+def _benchmark_line(row: dict) -> str:
+    """``  onnx        as given   1.23 ms (1.20-1.31)  1.00x``: median, 25th-75th percentile, speed-up within the
+    runtime (the model as given on the same runtime is 1.00x)."""
+    if "skipped" in row:
+        return f"  {row['runtime']:<12} {row['what']:<9} not measured: {row['skipped']}"
+    return (f"  {row['runtime']:<12} {row['what']:<9} {row['ms']:8.3f} ms ({row['p25']:.3f}-{row['p75']:.3f})  "
+            f"{row['speedup']:5.2f}x")
 
 
 def _range_row(row: Any) -> dict:

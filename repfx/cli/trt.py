@@ -32,6 +32,7 @@ from repfx.backends.precision import PRECISIONS, precision_dtype
 from repfx.capture.failure import loggers_at
 from repfx.capture.inputs import InputSpec, random_inputs
 from repfx.capture.loading import BadInput, LoadedModel, load_model
+from repfx.cli.benchmark import benchmark as run_benchmark
 from repfx.cli.memory import check_inputs_fit
 from repfx.cli.planning import add_check_arguments, add_planning_arguments
 from repfx.cli.progress import PhaseProgress
@@ -42,7 +43,6 @@ from repfx.deploy.staging import Transaction
 from repfx.deploy.triton_config import check_model_name
 from repfx.errors import BackendUnavailable, CaptureError, LoweringError, VerificationError, first_line
 from repfx.settings import Settings
-from repfx.targets.clock import median_latency_ms
 
 if TYPE_CHECKING:
     from repfx.deploy.triton import ModelEntry
@@ -163,7 +163,9 @@ def _run(args: argparse.Namespace,
         result = build_export(plan, model, inputs, settings, batch_range=args.dynamic_batch)
         if entry is not None:
             stage_triton(entry, plan, result, args.dynamic_batch)
-        benchmark = _benchmark(model, result, inputs, progress) if args.benchmark else None
+        if args.benchmark:
+            progress("benchmark")  # before the commit, on the staged files: a failed benchmark writes nothing
+        benchmark = run_benchmark(model, result.plain, inputs, args.precision) if args.benchmark else None
         transaction.commit()
     return result, entry, benchmark
 
@@ -206,26 +208,6 @@ def _example_inputs(shapes: list[tuple[int, ...]], seed: int, dtypes: list[torch
     dtypes = dtypes or [torch.float32] * len(shapes)
     check_inputs_fit(shapes, dtypes)
     return random_inputs([InputSpec(tuple(shape), dtype) for shape, dtype in zip(shapes, dtypes)], seed)
-
-
-def _benchmark(model: Any, result: ExportResult, inputs: tuple, progress: PhaseProgress) -> list[dict]:
-    """Latency of the model as given vs the plain graph (eager) and each written artifact that its runtime
-    runs here (the ONNX model: onnxruntime), on this machine.
-
-    Runs before the commit, on the staged files: a failed or interrupted benchmark writes nothing.
-    """
-    progress("benchmark")
-    original = model.module() if isinstance(model, torch.export.ExportedProgram) else model
-    rows = [{"what": "as given (eager, fp32)", "ms": median_latency_ms(original, inputs)},
-            {"what": "repfx plain (eager, fp32)", "ms": median_latency_ms(result.plain, inputs)}]
-    deploy_inputs = tuple(t.to(precision_dtype(result.report.precision)) if t.is_floating_point() else t
-                          for t in inputs)
-    for check in result.checks.values():
-        rows.append({"what": f"repfx plain ({check.runtime}, {result.report.precision})",
-                     "ms": median_latency_ms(check.load(), deploy_inputs)})
-    for row in rows:
-        row["speedup"] = rows[0]["ms"] / row["ms"]
-    return rows
 
 
 def _os_error_line(error: OSError) -> str:

@@ -55,6 +55,9 @@ class DeployedModel(nn.Module):
         self._dtype = precision_dtype(precision)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs and all(isinstance(arg, torch.Tensor) and arg.dtype == self._dtype
+                              and (self.device is None or arg.device == self.device) for arg in args):
+            return self.runner(*args)  # already in the deploy dtype and place: nothing to cast on either side
         caller_dtype = next((leaf.dtype for leaf in pytree.tree_leaves((args, kwargs))
                              if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()), torch.float32)
         args, kwargs = cast_floating((args, kwargs), self._dtype, self.device)

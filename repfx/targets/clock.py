@@ -43,6 +43,13 @@ def interleaved_seconds(runs: list[Callable[[], object]], device: torch.device |
     return [statistics.median(times) for times in samples]
 
 
+def interleaved_samples(runs: list[Callable[[], object]], device: torch.device | str = "cpu", *, rounds: int = 25,
+                        warmup: int = 3) -> list[list[float]]:
+    """Per run, ``rounds`` single-call times in seconds, the runs taking turns each round (for a median and a
+    spread of what one call takes, as ``--benchmark`` reports)."""
+    return _rounds(runs, synchronizer(device), rounds, warmup)
+
+
 def fastest_call_seconds(run: Callable[[], object], device: torch.device | str = "cpu", *,
                          calls: int = 20, warmup: int = 2) -> float:
     """The fastest of ``calls`` single timed calls: what the device attains when nothing else interrupts it.
