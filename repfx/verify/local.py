@@ -21,12 +21,11 @@ cost. A refutation is always stated from the whole maps, with their numbers.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import time
 
 import torch
 from torch import fx

@@ -61,8 +61,9 @@ _ELEMENTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tens
                 aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.neg.default, aten.clone.default,
                 aten.alias.default, aten.detach.default, aten._to_copy.default}
 _BATCH_NORM = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
-_CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
+_CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
 _POOL = {aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default}
+_WINDOWED = _BATCH_NORM | _CONV | _POOL | {aten.constant_pad_nd.default, aten.pad.default}
 _CONSTANT = "constant"  # a value that does not depend on the inputs (weights, BN statistics)
 
 
@@ -178,38 +179,43 @@ class _Reaches:
             return _CONSTANT
         if node.op != "call_function":
             raise _NotLocal(node.op)
-        target, args = node.target, node.args
+        target = node.target
         if target in _ELEMENTWISE:
             return self._elementwise(node)
-        if target is operator.getitem:
-            if args[1] != 0 or getattr(args[0], "target", None) not in _BATCH_NORM:
+        if target is operator.getitem:  # the output of a BatchNorm that returns its statistics too
+            source, index = node.args
+            if index != 0 or getattr(source, "target", None) not in _BATCH_NORM:
                 raise _NotLocal("getitem")
-            return self._arg(args[0])
+            return self._arg(source)
+        if target not in _WINDOWED:
+            raise _NotLocal(str(target))
+        arguments = node.normalized_arguments(node.graph.owning_module, normalize_to_only_use_kwargs=True)
+        if arguments is None:
+            raise _NotLocal(f"{node.name}: arguments that do not match the schema")
+        given = arguments.kwargs
         if target in _BATCH_NORM:
-            if target is aten.batch_norm.default and len(args) > 5 and args[5]:
+            if given.get("training"):
                 raise _NotLocal("a BatchNorm in training mode averages over the whole map")
-            return self._windowed(node, None)
-        if target in _CONV or target is aten.convolution.default:
-            if target is aten.convolution.default and args[6]:
-                raise _NotLocal("transposed convolution")
-            get = _getter(node, ("input", "weight", "bias", "stride", "padding", "dilation"), (None, None, 1, 0, 1))
-            weight = _shape(get("weight"))[-self.rank:]
-            extent = [(k - 1) * d + 1 for k, d in zip(weight, self._per_dim(get("dilation")))]
-            return self._windowed(node, (self._per_dim(get("stride")), extent, self._per_dim(get("padding"))))
-        if target in _POOL:
-            get = _getter(node, ("self", "kernel_size", "stride", "padding"), ([], 0))
-            kernel = self._per_dim(get("kernel_size"))
-            stride = self._per_dim(get("stride")) if get("stride") else kernel
-            return self._windowed(node, (stride, kernel, self._per_dim(get("padding"))))
-        if target is aten.constant_pad_nd.default or target is aten.pad.default:
-            if target is aten.pad.default and _getter(node, ("self", "pad", "mode"), ("constant",))("mode") != "constant":
+            window = None
+        elif target in _CONV:
+            if given.get("transposed"):
+                raise _NotLocal("a transposed convolution")
+            kernel = _shape(given["weight"])[-self.rank:]
+            extent = [(k - 1) * d + 1 for k, d in zip(kernel, self._per_dim(given["dilation"]))]
+            window = (self._per_dim(given["stride"]), extent, self._per_dim(given["padding"]))
+        elif target in _POOL:
+            kernel = self._per_dim(given["kernel_size"])
+            window = (self._per_dim(given["stride"]) if given["stride"] else kernel, kernel,
+                      self._per_dim(given["padding"]))
+        else:  # a constant pad: [low, high] pairs from the last dim back
+            if given.get("mode", "constant") != "constant":
                 raise _NotLocal("a reflecting or replicating pad")  # reads the map, not a constant, past the border
-            pad = list(args[1])
+            pad = list(given["pad"])
             if len(pad) > 2 * self.rank:
                 raise _NotLocal("a pad of the channels")
             pad += [0] * (2 * self.rank - len(pad))
-            return self._windowed(node, ((1,) * self.rank, (1,) * self.rank, tuple(reversed(pad[0::2]))))
-        raise _NotLocal(str(target))
+            window = ((1,) * self.rank, (1,) * self.rank, tuple(reversed(pad[0::2])))
+        return self._windowed(node, given.get("input", given.get("self")), window)
 
     def _elementwise(self, node: fx.Node) -> Any:
         result = _CONSTANT
@@ -228,13 +234,13 @@ class _Reaches:
                 result = reach
         return result
 
-    def _windowed(self, node: fx.Node, window: tuple | None) -> Reach:
-        """An op that reads its first argument through ``window`` (None: position by position); its
-        other operands (weights, statistics) must not depend on the inputs."""
-        reach = self._arg(node.args[0])
+    def _windowed(self, node: fx.Node, source: Any, window: tuple | None) -> Reach:
+        """An op that reads ``source`` through ``window`` (None: position by position); its other
+        operands (weights, statistics) must not depend on the inputs."""
+        reach = self._arg(source)
         if not isinstance(reach, Reach):
             raise _NotLocal(f"{node.name} reads no spatial map")
-        if any(self._arg(arg) is not _CONSTANT for arg in node.all_input_nodes[1:]):
+        if any(self._arg(arg) is not _CONSTANT for arg in node.all_input_nodes if arg is not source):
             raise _NotLocal(f"{node.name} has weights computed from the inputs")
         return reach if window is None else reach.then(*window)
 
@@ -243,18 +249,6 @@ class _Reaches:
         if not all(isinstance(v, int) for v in values) or len(values) not in (1, self.rank):
             raise _NotLocal(f"geometry {value!r}")
         return tuple(values * self.rank if len(values) == 1 else values)
-
-
-def _getter(node: fx.Node, names: Sequence[str], defaults: Sequence[Any]) -> Callable[[str], Any]:
-    """Argument ``name`` of ``node``, positional or keyword; ``defaults`` are those of the trailing names."""
-    def get(name: str) -> Any:
-        index = names.index(name)
-        if index < len(node.args):
-            return node.args[index]
-        if name in node.kwargs:
-            return node.kwargs[name]
-        return defaults[index - (len(names) - len(defaults))]
-    return get
 
 
 def _shape(node: Any) -> tuple[int, ...]:
