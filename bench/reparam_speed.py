@@ -16,6 +16,12 @@
     and 8 of the training form in eval mode, repfx's result, and timm's
     hand-written deploy form (``timm.utils.reparameterize_model``) when timm is
     installed. Target: repfx's result as fast as timm's deploy form (ratio ~1).
+(d) the float64 local proofs on RepVGG-A0 and MobileOne-S0 (samples), RepVGG-B3 and
+    FastViT-SA24 (timm) at 1x3x224x224: seconds spent proving (``LocalProver.seconds``,
+    inside the "rewrite" phase) on whole maps ("before": windows switched off) and on
+    windows ("after", ``repfx.verify.windows``), runs interleaved, medians and spread;
+    prove / (capture + rewrite without proving). Target: <= 1 after, on every model,
+    with the same regions proven and the same refusals as before.
 
 Everything is seeded. Timings on a shared machine are noisy: the load average
 is printed first, latency runs are interleaved so that drift hits every variant
@@ -44,6 +50,8 @@ import repfx
 from _tables import print_environment, table, verdict  # bench/ is on sys.path when a script runs
 from repfx import samples
 from repfx.capture import lean as capture_lean  # its private switch is for this benchmark
+from repfx.pipeline import graph as pipeline_graph  # (d) wraps its LocalProver to read the prove seconds
+from repfx.verify import local as local_proofs  # (d) switches its windows off for the "before"
 from repfx.verify.opcount import count_ops, summarize
 
 try:
@@ -270,13 +278,87 @@ def bench_latency(batches: tuple[int, ...], warmup: int, runs: int) -> tuple[lis
     return out, ok
 
 
+# ----------------------------------------------------------------------------- (d)
+
+PROOF_MODELS = (("RepVGG-A0", "repvgg_a0", False), ("RepVGG-B3 (timm)", "repvgg_b3", True),
+                ("MobileOne-S0", "mobileone_s0", False), ("FastViT-SA24 (timm)", "fastvit_sa24", True))
+PROVE_TARGET = 1.0  # prove / (capture + rewrite without proving)
+
+
+@contextlib.contextmanager
+def _proof_variant(whole_maps: bool):
+    """Record every LocalProver the pipeline makes; ``whole_maps`` proves as before windows existed."""
+    provers, real_prover, real_windows = [], pipeline_graph.LocalProver, local_proofs.windows
+
+    def recorded(*args, **kwargs):
+        provers.append(real_prover(*args, **kwargs))
+        return provers[-1]
+
+    pipeline_graph.LocalProver = recorded
+    if whole_maps:
+        local_proofs.windows = lambda *args: None
+    try:
+        yield provers
+    finally:
+        pipeline_graph.LocalProver, local_proofs.windows = real_prover, real_windows
+
+
+def _proof_run(model: nn.Module, x: torch.Tensor, whole_maps: bool) -> tuple[float, float, tuple]:
+    """(prove s, capture + rewrite without proving s, what was proven and refused)."""
+    gc.collect()
+    with _proof_variant(whole_maps) as provers:
+        report = repfx.reparameterize(model, (x,)).repfx_report
+    prove = sum(prover.seconds for prover in provers)
+    rest = report.seconds["capture"] + report.seconds["rewrite"] - prove
+    proofs = report.local_proofs
+    return prove, rest, (proofs.regions_proven, proofs.regions_failed, tuple(map(str, report.refusals)))
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+
+def bench_proofs(runs: int) -> tuple[list[str], bool | None]:
+    rows, ok = [], True
+    for label, name, from_timm in PROOF_MODELS:
+        if from_timm and timm is None:
+            continue
+        model = build_timm(name) if from_timm else build_sample(name)
+        x = seeded_randn(1, 3, 224, 224, seed=1)
+        _proof_run(model, x, False)  # warm-up: torch.export's first call
+        times: dict[bool, list[tuple]] = {True: [], False: []}
+        for index in range(runs):
+            for whole in ((True, False) if index % 2 == 0 else (False, True)):
+                times[whole].append(_proof_run(model, x, whole))
+        same = len({outcome for runs_ in times.values() for *_, outcome in runs_}) == 1
+        before, after = ([t[0] for t in times[w]] for w in (True, False))
+        rest = [t[1] for t in times[False]]
+        ratio = [p / r for p, r, _ in times[False]]
+        speedup = [b / a for b, a in zip(before, after)]
+        passed = statistics.median(ratio) <= PROVE_TARGET and same
+        ok &= passed
+        regions = times[False][0][2]
+        rows.append([label, _spread(before), _spread(after), _spread(speedup), _spread(rest),
+                     _spread([b / r for (b, r, _) in times[True]]), _spread(ratio),
+                     f"{regions[0]}/{regions[1]}/{len(regions[2])}", "yes" if same else "NO",
+                     verdict(passed)])
+    header = ["model", "prove s before", "after", "before/after", "capture+rewrite s", "prove/rest before",
+              "after", "proven/failed/refusals", "same", "target"]
+    out = [table(header, rows, f"(d) float64 local proofs, 1x3x224x224, {torch.get_num_threads()} threads: "
+                               f"median [min-max] of {runs} interleaved runs per variant "
+                               f"(target prove/rest <= {PROVE_TARGET:g} after, same regions and refusals)")]
+    out.append("    before = whole maps (repfx.verify.windows switched off); after = windows; rest = capture + "
+               "rewrite without proving (the after runs); \"same\": every run proved and refused the same regions.")
+    return out, ok
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced smoke-test version (fewer repetitions)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,d")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -292,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         "b": ("rewrite scaling <= 5x", lambda: bench_rewrite_scaling((10, 40) if args.quick else (40, 160),
                                                                      runs=1 if args.quick else 5)),
         "c": ("latency repfx <= timm deploy", lambda: bench_latency((1, 8), *((1, 3) if args.quick else (5, 20)))),
+        "d": ("prove <= capture + rewrite", lambda: bench_proofs(runs=1 if args.quick else 3)),
     }
     for key, (label, run) in parts.items():
         if key in skip:

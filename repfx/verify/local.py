@@ -11,10 +11,17 @@ taken, upcast to float64, and fed to the region as written and to its replacemen
 rounding to the model's dtype). Folding is exact algebra, so the two agree to float64
 rounding; a difference beyond ``LOCAL_RTOL`` relative to the region's output is a
 wrong rewrite, which the pass then erases instead of committing.
+
+A spatially local region is proven on windows of those activations (the first and
+last inputs of each spatial dim, the stride phase kept; ``repfx.verify.windows``
+argues why that checks every border case and the interior algebra as the whole map
+does) rather than on whole maps: in float64 the whole maps were most of a proof's
+cost. A refutation is always stated from the whole maps, with their numbers.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +35,7 @@ from repfx.passes.constants import ConstantFolder, float64_values, written_attri
 
 from repfx.errors import first_line
 from repfx.verify.numeric import copy_inputs, difference, magnitude
+from repfx.verify.windows import Windows, windows
 
 LOCAL_RTOL = 1e-9  # float64 sums of a few thousand terms stay near 1e-13; folding errors are far above
 
@@ -48,8 +56,16 @@ class LocalProver:
     def __init__(self, input_sets: Sequence[tuple]) -> None:
         self.input_sets = [tuple(inputs) for inputs in input_sets]
         self.summary = ProofSummary(input_sets=len(self.input_sets))
+        self.seconds = 0.0  # spent proving, over every call (the pipeline's "prove" phase)
 
     def __call__(self, gm: fx.GraphModule, candidates: Sequence[Candidate]) -> dict[Candidate, str]:
+        start = time.perf_counter()
+        try:
+            return self._prove(gm, candidates)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _prove(self, gm: fx.GraphModule, candidates: Sequence[Candidate]) -> dict[Candidate, str]:
         try:
             outcomes = _RegionRun(gm, candidates, self.input_sets).outcomes()
         except _GraphFailed:  # say on which input set: run them one at a time
@@ -168,23 +184,53 @@ class _RegionRun:
 
     def _check(self, candidate: Candidate) -> _Outcome:
         region = sorted(candidate.ops, key=self.order.__getitem__)
+        emission = candidate.emission
         constants: dict[fx.Node | str, Any] = {}  # float64 values, shared by the input sets
-        relatives = []
+        crop = windows(region + emission.nodes, (emission.root, emission.result), self.constants.is_constant)
+        if crop is not None:
+            proven = self._check_windows(candidate, region, constants, crop)
+            if proven is not None:
+                return proven
+        relatives = []  # whole maps, set by set: what every refutation is stated from
         for set_index, kept in enumerate(self.kept):
-            relative, reason = self._check_on(candidate, region, self._reader(kept, constants), constants)
+            relative, reason = self._check_on(candidate, region, self._reader(kept.__getitem__, constants), constants)
             relatives.append(relative)
             if reason is not None:
                 return relatives, self._failure(set_index, reason)
         return relatives, None
 
+    def _check_windows(self, candidate: Candidate, region: list[fx.Node], constants: dict,
+                       crop: Windows) -> _Outcome | None:
+        """The relative errors when the windows of every input set, stacked along the batch (the region
+        is computed sample by sample), prove the candidate; None: the whole maps decide."""
+        sets, batch = len(self.kept), set()
+
+        def stacked(node: fx.Node) -> Any:
+            values = [crop.crop(kept[node]) for kept in self.kept]
+            if not all(isinstance(value, torch.Tensor) and value.dim() for value in values):
+                raise ValueError("an activation without a batch dim")
+            batch.update(value.shape[0] for value in values)
+            if len(batch) != 1:
+                raise ValueError("activations of different batch sizes")  # not one sample per batch row
+            return torch.cat(values)
+
+        results = self._evaluate_both(candidate, region, self._reader(stacked, constants), constants)
+        if isinstance(results, str):
+            return None
+        original, rewritten = results
+        if (original.shape != rewritten.shape or original.shape[0] != sets * next(iter(batch), -1)
+                or not crop.fits(original, candidate.emission.root.meta["val"].shape)):
+            return None
+        relatives = [difference(want, got) / magnitude(want)
+                     for want, got in zip(original.chunk(sets), rewritten.chunk(sets))]
+        return (relatives, None) if all(relative <= LOCAL_RTOL for relative in relatives) else None
+
     def _check_on(self, candidate: Candidate, region: list[fx.Node], outside: Callable[[fx.Node], Any],
                   constants: dict) -> tuple[float, str | None]:
-        emission = candidate.emission
-        try:
-            original = _evaluate(region, outside, {}, constants)[emission.root]
-            rewritten = _evaluate(emission.nodes, outside, emission.exact, constants)[emission.result]
-        except Exception as error:
-            return 0.0, f"evaluating the region in float64 failed ({first_line(error, 200)})"
+        results = self._evaluate_both(candidate, region, outside, constants)
+        if isinstance(results, str):
+            return 0.0, results
+        original, rewritten = results
         if original.shape != rewritten.shape:
             return float("inf"), f"replacement has shape {tuple(rewritten.shape)}, region {tuple(original.shape)}"
         scale = magnitude(original)
@@ -194,9 +240,20 @@ class _RegionRun:
                               f"(max|y| {scale:.3g}, bound {LOCAL_RTOL:g} relative)")
         return relative, None
 
-    def _reader(self, kept: dict[fx.Node, Any], constants: dict) -> Callable[[fx.Node], Any]:
+    @staticmethod
+    def _evaluate_both(candidate: Candidate, region: list[fx.Node], outside: Callable[[fx.Node], Any],
+                       constants: dict) -> tuple[torch.Tensor, torch.Tensor] | str:
+        """The region's value and its replacement's in float64, or why they could not be computed."""
+        emission = candidate.emission
+        try:
+            return (_evaluate(region, outside, {}, constants)[emission.root],
+                    _evaluate(emission.nodes, outside, emission.exact, constants)[emission.result])
+        except Exception as error:
+            return f"evaluating the region in float64 failed ({first_line(error, 200)})"
+
+    def _reader(self, activation: Callable[[fx.Node], Any], constants: dict) -> Callable[[fx.Node], Any]:
         """Values read from outside, each upcast once: constants recomputed in float64 (as the fold
-        computed them, shared by the input sets), activations as this set's run produced them."""
+        computed them, shared by the input sets), activations as ``activation`` gives them."""
         activations: dict[fx.Node, Any] = {}
 
         def outside(node: fx.Node) -> Any:
@@ -205,7 +262,7 @@ class _RegionRun:
                     constants[node] = float64_values(self.constants.value(node))
                 return constants[node]
             if node not in activations:
-                activations[node] = float64_values(kept[node])
+                activations[node] = float64_values(activation(node))
             return activations[node]
         return outside
 
