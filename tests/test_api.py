@@ -249,3 +249,8 @@ def test_refusals_and_rewrites_name_the_module_paths_and_the_report_counts_rules
     residual = next(refusal for refusal in report.refusals if refusal.code == "different-inputs")
     assert residual.module == "" and residual.node.startswith("add")  # the add is the model's own forward
     assert report.rule_counts == {"convolution": 1, "batch_norm": 1, "add": 1}  # the add kept x as a term
+
+
+def test_proving_is_a_phase_of_its_own_in_the_report(block, x):
+    seconds = repfx.reparameterize(block, (x,)).repfx_report.seconds
+    assert list(seconds) == ["capture", "rewrite", "prove", "verify"] and seconds["prove"] > 0

@@ -120,6 +120,9 @@ def fold_captured(captured: Captured, input_sets: list[tuple] | None, settings: 
     report.cost_rule = settings.cost.describe()
     report.decisions = [decision.to_dict() for decision in results[0].decisions]  # first round, as refusals
     laps.lap("rewrite")
+    if prover is not None:  # the proofs ran inside the fold's rounds: shown as a phase of their own
+        report.seconds["rewrite"] -= prover.seconds
+        report.seconds["prove"] = prover.seconds
     if example_inputs is None:
         return report
 
