@@ -66,3 +66,26 @@ def test_onnx_backend_binds_keywords_by_name_and_refuses_other_baked_scalars():
     assert got["pair"][1] is None and torch.equal(got["pair"][0], y)
     with pytest.raises(ValueError, match="baked in"):
         deployed(x, y, scale=3.0)
+
+
+def test_a_deployed_onnx_call_hands_the_callers_tensor_to_one_session_run_without_copies(net, x):
+    """The deployed model's call overhead over a bare ``InferenceSession.run`` is only Python glue: tensors already
+    in the deploy dtype go to the session as the same memory, once (timed by bench/deploy_speed.py, not here)."""
+    import numpy as np
+
+    deployed = repfx.compile(net, (x,), backend="onnx")
+    session, calls = deployed.runner.session, []
+
+    class Spy:
+        def run(self, names, feeds):
+            calls.append(feeds)
+            return session.run(names, feeds)
+
+        def __getattr__(self, name):
+            return getattr(session, name)
+
+    deployed.runner.session = Spy()
+    out = deployed(x)
+    assert len(calls) == 1 and np.shares_memory(next(iter(calls[0].values())), x.numpy())
+    assert torch.equal(out, deployed(x))
+    assert_matches(net, deployed, x)
