@@ -84,6 +84,11 @@ class Work:
     def macs(self) -> int:
         return sum(op.macs for op in self.ops)
 
+    @property
+    def kernel_params(self) -> int:
+        """Weight and bias elements of the convolutions and linears (a BatchNorm's scale and shift fold away)."""
+        return sum(op.params for op in self.ops if op.kind != "elementwise")
+
     def describe(self) -> str:
         """``3x3 16->32 + 1x1 16->32 + elementwise x2``: the ops, for the report."""
         return " + ".join(op.describe() for op in self.ops) or "nothing"
