@@ -90,6 +90,14 @@ class Decisions(dict[str, Decision]):
 DEFAULT_MAX_PARAM_GROWTH = 4.0
 
 
+def check_param_growth(bound: float | None) -> float | None:
+    """``bound`` if it can bound a merge's parameter growth: None, or a number >= 1 (a merge keeps what it adds)."""
+    if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound >= 1
+                              or bound == float("inf")):
+        raise ValueError(f"max_param_growth must be a finite number >= 1 or None, got {bound!r}")
+    return bound
+
+
 @dataclass(frozen=True)
 class CostRule:
     """The base every rule shares: compare two works and decide; a contested decision comes back in the verdict."""

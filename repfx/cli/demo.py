@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     model = randomize_bn_(build_sample(args.sample), args.seed).eval()
     (example,) = random_inputs([InputSpec(args.input_shape or sample_input_shape(args.sample))], args.seed)
     try:
-        gm = reparameterize(model, (example,), cost=args.cost, target=args.target, batch=args.batch)
+        gm = reparameterize(model, (example,), cost=args.cost, target=args.target, batch=args.batch,
+                            max_param_growth=args.max_param_growth)
     except (CaptureError, VerificationError) as error:
         print(f"repfx: {type(error).__name__}: {error}", file=sys.stderr)
         return 1

@@ -149,7 +149,7 @@ def _run(args: argparse.Namespace,
         result = build_export(plan, model, inputs, precision=args.precision,
                               dynamic_batch=args.dynamic_batch is not None, batch_range=args.dynamic_batch,
                               verify=not args.no_verify, cost=args.cost, target=args.target, batch=args.batch,
-                              progress=progress)
+                              max_param_growth=args.max_param_growth, progress=progress)
         if entry is not None:
             stage_triton(entry, plan, result, args.dynamic_batch)
         benchmark = _benchmark(model, result, inputs, progress) if args.benchmark else None

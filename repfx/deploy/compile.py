@@ -21,6 +21,7 @@ from repfx.backends.base import BuildRequest
 from repfx.backends.precision import PRECISIONS, PrecisionName, cast_floating, deploy_copy, precision_dtype
 from repfx.backends.registry import get_backend, module_fallback, resolve_backend
 from repfx.capture.export import SupportedModel, keeps_dynamic_batch
+from repfx.passes.cost import DEFAULT_MAX_PARAM_GROWTH
 from repfx.pipeline import is_folded_in_parts, report_of, run, run_whole
 from repfx.report import Report
 from repfx.settings import Settings
@@ -73,6 +74,7 @@ def compile(
     cost: Literal["latency", "measure", "macs", "always"] = "latency",
     target: Target = None,
     batch: int | None = None,
+    max_param_growth: float | None = DEFAULT_MAX_PARAM_GROWTH,
     batch_range: tuple[int, int, int] | None = None,
     progress: Callable[[str], None] | None = None,
     **backend_options: Any,
@@ -87,7 +89,7 @@ def compile(
     TensorRT's optimization profile). ``verify`` checks the rewrite (fp32) and then the backend's
     output against the plain graph with the precision's rtol (``repfx.backends.precision``).
     ``backend_options`` go to the backend (torch_tensorrt.dynamo.compile settings, torch.compile
-    kwargs, ``threads`` for onnxruntime). ``cost``, ``target`` and ``batch`` decide which merges
+    kwargs, ``threads`` for onnxruntime). ``cost``, ``target``, ``batch`` and ``max_param_growth`` decide which merges
     pay (``repfx.reparameterize``); the target defaults to the backend's device (TensorRT: CUDA),
     the precision is the one being built, and ``cost="measure"`` times forms with this backend.
 
@@ -107,7 +109,7 @@ def compile(
     in_parts = backend == "auto" or chosen.runs_modules
     settings = Settings(verify=verify, dynamic_batch=dynamic_batch, progress=progress, cost=cost,
                         target=planned_target(target, chosen.device), batch=batch, precision=precision,
-                        runtime=chosen.runtime)
+                        runtime=chosen.runtime, max_param_growth=max_param_growth)
     plain = (run if in_parts else run_whole)(model, inputs, settings)
     report: Report = report_of(plain)
     if is_folded_in_parts(plain) and not chosen.runs_modules:  # "auto" had chosen a one-graph backend

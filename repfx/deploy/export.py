@@ -35,6 +35,7 @@ from repfx.backends.program import export_program
 from repfx.backends.registry import backends
 from repfx.capture.export import SupportedModel, keeps_dynamic_batch
 from repfx.deploy.compile import DeployedModel, check_against_plain, planned_target
+from repfx.passes.cost import DEFAULT_MAX_PARAM_GROWTH
 from repfx.deploy.staging import Claim, Transaction, repfx_version, reported_as, sha256_of
 from repfx.errors import VerificationError
 from repfx.report import Report
@@ -70,6 +71,7 @@ def export(
     cost: Literal["latency", "measure", "macs", "always"] = "latency",
     target: Target = None,
     batch: int | None = None,
+    max_param_growth: float | None = DEFAULT_MAX_PARAM_GROWTH,
     protected: Sequence[os.PathLike] = (),
     progress: Callable[[str], None] | None = None,
     **tensorrt_options: Any,
@@ -97,7 +99,7 @@ def export(
         plan = plan_export(transaction, out_dir, formats, name=name, precision=precision)
         result = build_export(plan, model, example_inputs, precision=precision, dynamic_batch=dynamic_batch,
                               batch_range=batch_range, verify=verify, cost=cost, target=target, batch=batch,
-                              progress=progress,
+                              max_param_growth=max_param_growth, progress=progress,
                               **tensorrt_options)
         transaction.commit()
     return result
@@ -147,8 +149,8 @@ def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequen
                  precision: PrecisionName = "fp32", dynamic_batch: bool = False,
                  batch_range: tuple[int, int, int] | None = None, verify: bool = True,
                  cost: Literal["latency", "measure", "macs", "always"] = "latency", target: Target = None,
-                 batch: int | None = None, progress: Callable[[str], None] | None = None,
-                 **tensorrt_options: Any) -> ExportResult:
+                 batch: int | None = None, max_param_growth: float | None = DEFAULT_MAX_PARAM_GROWTH,
+                 progress: Callable[[str], None] | None = None, **tensorrt_options: Any) -> ExportResult:
     """The heavy part of ``export``: re-parameterize, lower, check, and write every file of ``plan`` to staging.
 
     The result names the files where they will be once the plan's transaction commits.
@@ -162,7 +164,8 @@ def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequen
     # it and the folded part to export instead.
     device, runtime = planned_for(plan.wanted)  # e.g. a TensorRT engine runs on the GPU it is built on
     settings = Settings(verify=verify, dynamic_batch=dynamic_batch, progress=progress, cost=cost,
-                        target=planned_target(target, device), batch=batch, precision=precision, runtime=runtime)
+                        target=planned_target(target, device), batch=batch, precision=precision, runtime=runtime,
+                        max_param_growth=max_param_growth)
     plain = run_whole(model, inputs, settings)
     report: Report = report_of(plain)
     report.precision = precision

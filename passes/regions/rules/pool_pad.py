@@ -89,7 +89,7 @@ def crop(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     different amounts on the two sides shifts the grid: no convolution pads so.
     """
     op = an.arguments(node)
-    x, step = op["self"], op["step"]
+    x, step = op["input"], op["step"]
     value = x.meta.get("val") if isinstance(x, fx.Node) else None
     if not isinstance(value, torch.Tensor) or not isinstance(op["dim"], int):
         raise NotLinear
