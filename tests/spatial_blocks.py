@@ -1,6 +1,6 @@
 """Blocks written the way RepNeXt, Inception, ACNet, MobileOne and VanillaNet write theirs (our own code).
 
-Shared by ``test_spatial_models.py`` and ``bench/model_zoo.py``. Each is the training
+Shared by ``tests/passes/test_spatial_models.py`` and ``bench/model_zoo.py``. Each is the training
 form as its repository builds it: branches as modules, BatchNorms after convs, the
 crop or the pool written in ``forward`` as the original does.
 """
@@ -20,7 +20,7 @@ class RepNeXtMixer(nn.Module):
     """RepNeXt's multi-scale token mixer: a depthwise kxk beside a depthwise 1xk -> kx1 (one BN after the pair)
     and the identity, under one BN. The pair is a kxk of its own, so the sum is one depthwise kxk."""
 
-    def __init__(self, dim: int, kernel: int = 7) -> None:
+    def __init__(self, dim: int = 16, kernel: int = 7) -> None:
         super().__init__()
         self.square = conv_bn(dim, dim, kernel, kernel // 2, dim)
         self.horizontal = nn.Conv2d(dim, dim, (1, kernel), padding=(0, kernel // 2), groups=dim, bias=False)
