@@ -2,6 +2,7 @@
 
     python bench/model_zoo.py                 # timm families, torchvision classifiers and detectors, samples
     python bench/model_zoo.py --only fastvit  # rows whose name contains the text
+    python bench/model_zoo.py --only written  # blocks written the way their repositories write them
     python bench/model_zoo.py --quick         # three small models
 
 Each model is built with random weights (no hub access), every BatchNorm randomized,
@@ -23,6 +24,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -38,11 +40,19 @@ TORCHVISION = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_40
 DETECTORS = ("fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large")
 SAMPLES = ("dbb_net", "acb_net", "replknet_block")
 QUICK = ("timm/repvgg_a0", "timm/mobileone_s0", "sample/dbb_net")
+# Blocks written the way RepNeXt, ACNet (padding < k // 2: crops), Inception, MobileOne (SE) and VanillaNet write
+# theirs: the tests' own (tests/spatial_blocks.py), class name and input shape.
+WRITTEN = {"RepNeXt-style": ("RepNeXtBlock", (1, 16, 56, 56)), "ACNet crop": ("ACBlockCrop", (1, 8, 56, 56)),
+           "Inception 1x7->7x1": ("FactorizedConv", (1, 16, 17, 17)), "MobileOne SE": ("MobileOneSE", (1, 32, 20, 20)),
+           "VanillaNet dw7x7+1x1": ("VanillaBlock", (1, 32, 28, 28))}
 
 
 def catalogue() -> dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...]]]:
     """name -> (builder, input shape); families whose library is missing are left out (said in the header)."""
     models = {f"sample/{name}": (lambda name=name: build_sample(name), sample_input_shape(name)) for name in SAMPLES}
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import spatial_blocks
+    models |= {f"written/{name}": (getattr(spatial_blocks, block), shape) for name, (block, shape) in WRITTEN.items()}
     try:
         import timm
         models |= {f"timm/{name}": (lambda name=name: timm.create_model(name, pretrained=False), (1, 3, 224, 224))
