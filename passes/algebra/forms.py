@@ -274,7 +274,9 @@ def compose(outer: ConvForm, inner: ConvForm) -> ConvForm:
     if outer.is_pointwise:
         weight, groups = products.channel_maps(outer, inner)
         return ConvForm(weight, bias, inner.stride, padding, inner.dilation, groups)
-    return _compose_spatial(outer, inner, bias, padding)
+    weight, groups, dilation = products.spatial(outer, inner)  # both spatial: their full convolution
+    stride = tuple(si * so for si, so in zip(inner.stride, outer.stride))
+    return ConvForm(weight, bias, stride, padding, dilation, groups)
 
 
 def _check_border(outer: ConvForm, inner: ConvForm) -> None:
@@ -297,27 +299,6 @@ def _check_border(outer: ConvForm, inner: ConvForm) -> None:
     if any(pads) and not negligible(inner.bias):
         raise NotExact("border", "border rule: the inner op adds a non-zero shift and the outer op zero-pads, "
                        "so one zero-padded conv would see the shift where the original sees zeros")
-
-
-def _compose_spatial(outer: ConvForm, inner: ConvForm, bias: Tensor, padding: tuple[int, ...]) -> ConvForm:
-    """Two spatial kernels in a row (the border checked): one kernel on a common tap grid.
-
-    Per dim, outer tap ``u`` and inner tap ``t`` read the input pixel
-    ``si * (so * q - po + do * u) - pi + di * t`` for output ``q``: stride ``si * so``,
-    padding ``si * po + pi``, and taps every ``si * do`` and ``di`` pixels, written on a
-    grid of their gcd (the merged dilation; a dim where one kernel has one tap takes the
-    other's spacing). Output sizes agree for every input size (nested floors compose).
-    """
-    dilation, outer_steps, inner_steps = [], [], []
-    for ko, ki, si, do, di in zip(outer.kernel_size, inner.kernel_size, inner.stride, outer.dilation, inner.dilation):
-        outer_spacing = si * do
-        step = outer_spacing if ki == 1 else di if ko == 1 else math.gcd(outer_spacing, di)
-        dilation.append(step)
-        outer_steps.append(outer_spacing // step if ko > 1 else 1)
-        inner_steps.append(di // step if ki > 1 else 1)
-    weight, groups = products.spatial(outer, inner, tuple(outer_steps), tuple(inner_steps))
-    stride = tuple(si * so for si, so in zip(inner.stride, outer.stride))
-    return ConvForm(weight, bias, stride, padding, tuple(dilation), groups)
 
 
 def pad_output(form: ConvForm, padding: Sequence[int], value: Tensor | None = None) -> ConvForm:

@@ -66,10 +66,22 @@ def channel_maps(outer: ConvForm, inner: ConvForm) -> tuple[Deferred, int]:
                                                             groups)), groups
 
 
-def spatial(outer: ConvForm, inner: ConvForm, outer_steps: tuple[int, ...],
-            inner_steps: tuple[int, ...]) -> tuple[Deferred, int]:
-    """Kernel (deferred) and groups of two spatial kernels in a row: both regrouped to the gcd of their groups
-    (a group of the composition reads the inner groups inside it), then convolved (``kernels.compose_spatial``)."""
+def spatial(outer: ConvForm, inner: ConvForm) -> tuple[Deferred, int, tuple[int, ...]]:
+    """Kernel (deferred), groups and dilation of two spatial kernels in a row: their full convolution.
+
+    Per dim, outer tap ``u`` and inner tap ``t`` read the input pixel
+    ``si * (so * q - po + do * u) - pi + di * t`` for output ``q`` (``forms.compose`` takes
+    the stride ``si * so`` and padding ``si * po + pi`` from this): taps every ``si * do``
+    and ``di`` pixels, written on a grid of their gcd, the merged dilation (a dim where one
+    kernel has one tap takes the other's spacing). Both kernels are regrouped to the gcd of
+    their groups (a group of the composition reads the inner groups inside it).
+    """
+    dilation, outer_steps, inner_steps = [], [], []
+    for ko, ki, si, do, di in zip(outer.kernel_size, inner.kernel_size, inner.stride, outer.dilation, inner.dilation):
+        step = si * do if ki == 1 else di if ko == 1 else math.gcd(si * do, di)
+        dilation.append(step)
+        outer_steps.append(si * do // step if ko > 1 else 1)
+        inner_steps.append(di // step if ki > 1 else 1)
     f64 = kernels.float64
     groups = math.gcd(outer.groups, inner.groups)
     size = tuple((ko - 1) * a + (ki - 1) * b + 1
@@ -77,4 +89,4 @@ def spatial(outer: ConvForm, inner: ConvForm, outer_steps: tuple[int, ...],
     shape = (outer.out_channels, inner.in_channels // groups) + size
     return Deferred(shape, lambda: kernels.compose_spatial(f64(kernels.regroup(outer.weight, outer.groups, groups)),
                                                            f64(kernels.regroup(inner.weight, inner.groups, groups)),
-                                                           groups, outer_steps, inner_steps)), groups
+                                                           groups, outer_steps, inner_steps)), groups, tuple(dilation)
