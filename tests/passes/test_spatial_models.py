@@ -89,3 +89,13 @@ def test_explain_takes_the_bound_too():
     import repfx
     report = repfx.explain(build(VanillaBlock), (rand(1, 32, 14, 14),), target=LAUNCH_BOUND, max_param_growth=None)
     assert "param-growth" not in codes(report)
+
+
+@pytest.mark.parametrize("bound, convs", [(4.0, 2), (None, 1)])
+def test_compile_and_export_take_the_bound(bound, convs, tmp_path):
+    import repfx
+    model, x = build(VanillaBlock), rand(1, 32, 14, 14)
+    deployed = repfx.compile(model, (x,), backend="eager", target=LAUNCH_BOUND, max_param_growth=bound)
+    assert_ops(deployed.plain, x, convolution=convs)
+    result = repfx.export(model, (x,), tmp_path, formats=["pt2"], target=LAUNCH_BOUND, max_param_growth=bound)
+    assert result.report.ops_after["convolution"] == convs
