@@ -91,8 +91,8 @@ def crop(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     op = an.arguments(node)
     x, step = op["input"], op["step"]
     value = x.meta.get("val") if isinstance(x, fx.Node) else None
-    if not isinstance(value, torch.Tensor) or not isinstance(op["dim"], int):
-        raise NotLinear
+    if not isinstance(value, torch.Tensor) or value.dim() < 4 or not isinstance(op["dim"], int):
+        raise NotLinear  # [B, N, C] tokens are sliced to split tokens or channels, not cropped
     dim = op["dim"] % value.dim()
     if dim < 2 or step != 1 or all(user.target is aten.copy.default for user in node.users):
         raise NotLinear  # a batch or channel slice, a strided one, or a border strip DBB writes: no crop
