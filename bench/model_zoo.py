@@ -2,6 +2,7 @@
 
     python bench/model_zoo.py                 # timm families, torchvision classifiers and detectors, samples
     python bench/model_zoo.py --only fastvit  # rows whose name contains the text
+    python bench/model_zoo.py --only written  # blocks written the way their repositories write them
     python bench/model_zoo.py --quick         # three small models
 
 Each model is built with random weights (no hub access), every BatchNorm randomized,
@@ -24,6 +25,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -43,6 +45,11 @@ WRITTEN_LIKE = {"ECBSR-style/ecbsr_net (eval: kernel computed in forward)": ("ec
                 "VanillaNet-style/vanillanet_small (leaky_relu slope 1)": ("vanillanet", "VanillaNetSmall",
                                                                         (1, 3, 64, 64))}
 QUICK = ("timm/repvgg_a0", "timm/mobileone_s0", "sample/dbb_net")
+# Blocks written the way RepNeXt, ACNet (padding < k // 2: crops), Inception, MobileOne (SE) and VanillaNet write
+# theirs: the tests' own (tests/spatial_blocks.py), class name and input shape.
+WRITTEN = {"RepNeXt-style": ("RepNeXtBlock", (1, 16, 56, 56)), "ACNet crop": ("ACBlockCrop", (1, 8, 56, 56)),
+           "Inception 1x7->7x1": ("FactorizedConv", (1, 16, 17, 17)), "MobileOne SE": ("MobileOneSE", (1, 32, 20, 20)),
+           "VanillaNet dw7x7+1x1": ("VanillaBlock", (1, 32, 28, 28))}
 
 
 def catalogue() -> dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...]]]:
@@ -50,6 +57,9 @@ def catalogue() -> dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...
     models = {f"sample/{name}": (lambda name=name: build_sample(name), sample_input_shape(name)) for name in SAMPLES}
     models |= {name: (lambda module=module, cls=cls: getattr(importlib.import_module(f"repfx.samples.{module}"), cls)(),
                       shape) for name, (module, cls, shape) in WRITTEN_LIKE.items()}
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import spatial_blocks
+    models |= {f"written/{name}": (getattr(spatial_blocks, block), shape) for name, (block, shape) in WRITTEN.items()}
     try:
         import timm
         models |= {f"timm/{name}": (lambda name=name: timm.create_model(name, pretrained=False), (1, 3, 224, 224))

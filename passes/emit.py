@@ -44,11 +44,16 @@ class Plan:
         return not self.convs and not self.scales and len(self.identities) == 1 and not self.bias_needs_add
 
     @property
+    def crops(self) -> int:
+        """Slices emitted before convs whose form crops (negative padding: ``torch`` convs pad, never crop)."""
+        return sum(p < 0 for term in self.convs for p in term.form.padding)
+
+    @property
     def op_count(self) -> int:
         if self.is_plain_copy:
             return 1
         parts = len(self.convs) + len(self.scales) + len(self.identities)
-        return len(self.convs) + len(self.scales) + max(parts - 1, 0) + int(self.bias_needs_add)
+        return len(self.convs) + len(self.scales) + max(parts - 1, 0) + int(self.bias_needs_add) + self.crops
 
 
 def plan(expr: Expr) -> Plan:
@@ -133,11 +138,18 @@ class Emitter:
             weight_node = self._constant(out, "weight", regroup(form.weight, form.groups, 1), dtype)
             return self._call(out, aten.linear.default, source, weight_node, bias_node)
         weight_node = self._constant(out, "weight", form.weight, dtype)
+        padding = list(form.padding)
+        for dim, crop in enumerate(padding):
+            if crop < 0:  # a crop the merge left (a cropped branch alone): slice the source, pad no more
+                cropped = self._call(out, aten.slice.Tensor, source, dim + 2, -crop, crop)
+                cropped.meta["val"] = aten.slice.Tensor(source.meta["val"], dim + 2, -crop, crop)
+                source = cropped
+                padding[dim] = 0
         if form.transposed:  # a ``TransposedConvForm``: the op's own argument order (groups before dilation)
             return self._call(out, _CONV_TRANSPOSE[form.rank], source, weight_node, bias_node, list(form.stride),
                               list(form.padding), list(form.output_padding), form.groups, list(form.dilation))
         return self._call(out, _CONV[form.rank], source, weight_node, bias_node,
-                          list(form.stride), list(form.padding), list(form.dilation), form.groups)
+                          list(form.stride), padding, list(form.dilation), form.groups)
 
     def _call(self, out: Emission, target, *args) -> fx.Node:
         node = self.gm.graph.call_function(target, tuple(args))

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from operator import attrgetter
 from typing import Protocol
 
-from torch import fx
+from torch import Tensor, fx
 
 from repfx.passes import partition
 from repfx.passes import cost as cost_rule
 from repfx.passes.constants import ConstantFolder
-from repfx.passes.cost import CostRule, Decision, Decisions
+from repfx.passes.cost import CostRule, Decision, Decisions, Verdict
 from repfx.passes.cost.work import NOTHING, Work
 from repfx.passes.emit import Emission, Emitter, Plan, plan, remove_dead_code
 from repfx.passes.refusals import Refused
@@ -42,6 +43,9 @@ class AppliedRewrite:
     ops_before: int
     ops_after: int
     copied: tuple[str, ...] = ()  # shared weights this rewrite folded into new ones while other ops still read them
+    params_before: int = 0  # floating elements of the constants the replaced ops read
+    params_after: int = 0  # floating elements of the weights emitted for them
+    growth_note: str = ""  # set when parameters more than double: what the merge bought (``growth_note``)
 
     @property
     def kind(self) -> str:
@@ -66,6 +70,7 @@ class Choice:
     refusals: list[Refused]
     decisions: Decisions  # the contested cost decisions the regions follow
     rules: dict[fx.Node, str]  # node -> the rule that gave its expression (the analysis that merges all it can)
+    written: Analysis  # that analysis: what each op costs as written (``Analysis.region_cost``)
 
 
 def _is_executed(node: fx.Node) -> bool:
@@ -95,7 +100,7 @@ def choose_regions(gm: fx.GraphModule, cost: CostPolicy | CostRule) -> Choice:
         chosen, refusals, eager = _choose(gm, cost_rule.resolve(cost), boundaries, constants, decisions)
         copies = sharing.copy_only_uses(chosen) - boundaries
         if not copies:
-            return Choice(chosen, refusals, decisions, eager.rules)
+            return Choice(chosen, refusals, decisions, eager.rules, eager)
         boundaries |= copies
 
 
@@ -139,7 +144,9 @@ def _choose(gm: fx.GraphModule, rule: CostRule, boundaries: frozenset[fx.Node], 
             # What a refusal gives the graph: the region cut where each merge pays (its BatchNorms folded
             # too). Against the region as written, a merge would be credited with folds any cut makes.
             alternative, against = _careful_plan(*careful_analysis(), eager, expr), "cut where each merge pays"
-        verdict = decisions.note(rule.pays(merged, alternative, root.name))
+        verdict = rule.pays(merged, alternative, root.name)
+        growth = verdict.won and rule.param_growth(merged, eager.region_cost(expr))  # against the ops as written
+        verdict = Verdict(False) if growth else decisions.note(verdict)
         if verdict.won:
             chosen.append((root, expr))
             # A region the careful analysis merged just as far was decided by its single merges.
@@ -149,7 +156,8 @@ def _choose(gm: fx.GraphModule, rule: CostRule, boundaries: frozenset[fx.Node], 
         refused[root] = (expr, decisions.get(root.name))
         careful, careful_roots = careful_analysis()
         fallback_ops |= {op.name for op in expr.ops}
-        refusals.append(Refused(root.name, "cost", rule.region_refused(len(expr.terms), merged, alternative, against)))
+        refusals.append(Refused(root.name, "param-growth", growth) if growth else
+                        Refused(root.name, "cost", rule.region_refused(len(expr.terms), merged, alternative, against)))
         chosen += [(node, careful.exprs[node]) for node in expr.ops if node in careful_roots]
     refusals += [refusal for refusal in eager.refusals if refusal.node not in fallback_ops]
     if careful is not None:
@@ -243,7 +251,8 @@ def fold_linear_regions(gm: fx.GraphModule, cost: CostPolicy | CostRule = "macs"
     wired in; a replacement that fails its proof is erased and the region stays as
     written (reported as a ``local-proof`` refusal with the prover's reason).
     """
-    choice = choose_regions(gm, cost_rule.resolve(cost))
+    rule = cost_rule.resolve(cost)
+    choice = choose_regions(gm, rule)
     order = {node: index for index, node in enumerate(gm.graph.nodes)}
     regions = sorted(choice.regions, key=lambda region: order[region[0]])
     emitter = Emitter(gm)
@@ -257,11 +266,13 @@ def fold_linear_regions(gm: fx.GraphModule, cost: CostPolicy | CostRule = "macs"
         planned = plan(expr)
         sources = tuple(dict.fromkeys(term.source for term in expr.terms))
         read = sharing.constants_read(expr.ops, constant)
-        candidates.append((Candidate(expr.ops, sources, emitter.emit(root, planned)), executed, planned, read))
+        bought = (choice.written.region_cost(expr), expr.cost, choice.decisions.get(root.name))
+        candidates.append((Candidate(expr.ops, sources, emitter.emit(root, planned)), executed, planned, read,
+                           (_floating_numel(gm, read), bought)))
     failed = prover(gm, [candidate for candidate, *_ in candidates]) if prover and candidates else {}
     committed = []
     counts: Counter[str] = Counter()
-    for candidate, executed, planned, read in candidates:
+    for candidate, executed, planned, read, growth in candidates:
         if candidate in failed:
             emitter.discard(candidate.emission)
             result.refusals.append(Refused(candidate.emission.root.name, "local-proof", failed[candidate]))
@@ -273,17 +284,38 @@ def fold_linear_regions(gm: fx.GraphModule, cost: CostPolicy | CostRule = "macs"
             if not op.users:
                 gm.graph.erase_node(op)
         result.modified = True
-        committed.append((candidate.emission, executed, planned, read))
+        committed.append((candidate.emission, executed, planned, read, growth))
     if candidates:
         remove_dead_code(gm)
-    for emission, executed, planned, read in committed:
+    for emission, executed, planned, read, (before, bought) in committed:
         copied = sharing.copied_weights(gm, read)
-        result.rewrites.append(_applied(emission.root, executed, planned, tuple(copied)))
+        parameters = sum(value.numel() for value in emission.exact.values())
+        note = growth_note(rule, before, parameters, *bought)
+        result.rewrites.append(replace(_applied(emission.root, executed, planned, tuple(copied)), params_before=before,
+                                       params_after=parameters, growth_note=note))
         if copied:
-            parameters = sum(value.numel() for value in emission.exact.values())
             result.refusals.append(Refused(emission.root.name, "weight-copied", sharing.copy_note(copied, parameters)))
     result.rule_counts = dict(counts)
     return result
+
+
+def _floating_numel(gm: fx.GraphModule, names: set[str]) -> int:
+    values = (attrgetter(name)(gm) for name in names)
+    return sum(value.numel() for value in values if isinstance(value, Tensor) and value.is_floating_point())
+
+
+def growth_note(rule: CostRule, before: int, after: int, written: Work, merged: Work,
+                decision: Decision | None) -> str:
+    """What a merge that more than doubles its parameters bought, for the report ("" when it does not).
+
+    Priced by the rule that decided (modeled seconds, or MACs); a contested decision adds what was compared
+    then, measured where the rule times forms.
+    """
+    if after <= 2 * before:
+        return ""
+    note = (f"parameters {before:,} -> {after:,} ({after / max(before, 1):.1f}x) for {rule.amount(written)} as "
+            f"written -> {rule.amount(merged)} merged ({rule.describe()})")
+    return note if decision is None else f"{note}; decided: {decision}"
 
 
 def _applied(root: fx.Node, executed: list[fx.Node], planned: Plan, copied: tuple[str, ...]) -> AppliedRewrite:

@@ -4,8 +4,8 @@ The per-region cost rule (``fold.choose_regions``) merges a region whole when th
 pays, else merges only where each single step pays. Along a *chain* (ops ``o1..on``,
 each the only reader of the one before, no nonlinearity: dw3x3 -> 1x1 -> 3x3) that
 misses cuts that pay only together, and it cannot move a cut across the border
-between two regions that exactness drew (two spatial kernels never merge, so the
-chain above is two regions, and merging the 1x1 into the 3x3 belongs to neither).
+between two regions that exactness drew (a padded 3x3 after a 3x3 is not one conv at the
+border, so the chain above is two regions, and merging the 1x1 into the 3x3 belongs to neither).
 
 Here every segment ``oj..ok`` is priced by re-running its rules on the segment's own
 expression (``Analyzer.reapply``: exact or refused, as in the walk), and one pass of
@@ -21,6 +21,7 @@ part of a larger region and left to the region rule.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -95,7 +96,9 @@ def cheapest(analyzer: Analyzer, analysis: Analysis, chain: Sequence[fx.Node], e
             if end > start and emittable(chain[end], merged):
                 segments[start, end] = Segment(tuple(chain[start:end + 1]), merged, merged.cost)
     whole = segments.get((0, len(chain) - 1))
-    price = {span: rule.key(segment.cost) for span, segment in segments.items()}
+    price = {span: math.inf if segment.expr is not None and rule.param_growth(
+        segment.cost, analysis.region_cost(segment.expr)) else rule.key(segment.cost)
+        for span, segment in segments.items()}  # a segment holding too many parameters is never cut
     best: list[tuple[float, int, int]] = [(0.0, 0, -1)]  # per prefix length: (cost, segments, start of the last one)
     for end in range(len(chain)):
         best.append(min((best[start][0] + price[start, end], best[start][1] + 1, start)

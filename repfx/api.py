@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from repfx.capture.export import SupportedModel
-from repfx.passes.cost import CostRule
+from repfx.passes.cost import DEFAULT_MAX_PARAM_GROWTH, CostRule
 from repfx.pipeline import report_of, run
 from repfx.report import Report
 from repfx.settings import CostName, Settings
@@ -26,6 +26,7 @@ def reparameterize(
     cost: CostName | CostRule = "latency",
     target: Target = None,
     batch: int | None = None,
+    max_param_growth: float | None = DEFAULT_MAX_PARAM_GROWTH,
     strict: bool = False,
     partial: bool = True,
     progress: Callable[[str], None] | None = None,
@@ -42,7 +43,9 @@ def reparameterize(
     inputs' batch). ``cost="measure"`` times the contested forms on the device
     instead; ``cost="macs"`` counts multiply-accumulates; ``cost="always"`` merges
     everything exact. The report lists each contested decision (a merge that adds
-    MACs) with both forms' costs. ``model`` is never modified.
+    MACs) with both forms' costs. ``max_param_growth`` (default 4): a merge whose convolutions
+    would hold more than that many times the parameters of the ops they replace is refused,
+    whatever time it saves (None: no bound; ``cost="always"`` has none). ``model`` is never modified.
 
     With ``verify``, each rewrite is first proven locally: the region and its
     replacement are evaluated in float64 on the activations that reach it (example
@@ -63,13 +66,14 @@ def reparameterize(
     """
     return run(model, example_inputs, Settings(verify=verify, rtol=rtol, atol=atol, dynamic_batch=dynamic_batch,
                                                cost=cost, target=target, batch=batch, strict=strict, partial=partial,
-                                               progress=progress))
+                                               max_param_growth=max_param_growth, progress=progress))
 
 
 def explain(model: SupportedModel, example_inputs: Sequence[Any], *, cost: CostName | CostRule = "latency",
-            target: Target = None, batch: int | None = None, partial: bool = True) -> Report:
+            target: Target = None, batch: int | None = None, partial: bool = True,
+            max_param_growth: float | None = DEFAULT_MAX_PARAM_GROWTH) -> Report:
     """What ``reparameterize`` would merge and refuse (and op counts, and each contested decision with its
     costs), without verification; for a model folded in parts, part by part (``report.parts``,
     ``report.kept_parts``)."""
     return report_of(run(model, example_inputs, Settings(verify=False, cost=cost, target=target, batch=batch,
-                                                         partial=partial)))
+                                                         partial=partial, max_param_growth=max_param_growth)))

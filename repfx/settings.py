@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from repfx.passes.cost import CostRule
+from repfx.passes.cost import DEFAULT_MAX_PARAM_GROWTH, CostRule, check_param_growth
 from repfx.verify.numeric import check_tolerances
 
 CostName = Literal["latency", "measure", "macs", "always"]
@@ -40,6 +40,7 @@ class Settings:
     cost: CostName | CostRule = "latency"
     target: Any = None  # repfx.targets.Target: "cpu", "cuda", "cuda:h200", a DeviceProfile; None: the inputs'
     batch: int | None = None  # None: the example inputs' batch
+    max_param_growth: float | None = DEFAULT_MAX_PARAM_GROWTH  # most parameters a merge may hold per one replaced
     precision: str | None = None  # the deploy precision the cost rule plans for (None: the inputs' dtype)
     runtime: Any = None  # repfx.targets.runtime.Runtime deployed to: it times forms and picks the profile (None: eager)
     eager_runtime: bool = True  # the result runs in eager PyTorch (False: a compiler takes the graph)
@@ -47,6 +48,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         check_tolerances(self.rtol, self.atol)
+        check_param_growth(self.max_param_growth)
         if self.progress is None:
             object.__setattr__(self, "progress", _silent)
 
@@ -62,4 +64,5 @@ class Settings:
         planning = {name: value for name, value in (("target", self.target), ("batch", self.batch),
                                                     ("precision", self.precision), ("runtime", self.runtime))
                     if value is not None}
-        return self.replace(cost=cost_rule(self.cost, example_inputs=example_inputs, **planning))
+        return self.replace(cost=cost_rule(self.cost, example_inputs=example_inputs,
+                                           max_param_growth=self.max_param_growth, **planning))

@@ -6,7 +6,7 @@ of the tensor it reads. Regions collapse by combining forms:
 
 * ``merge_parallel``: sum of forms of the same input (RepVGG, ACB, DBB branches);
 * ``stack_outputs``: channel concat of forms of the same input;
-* ``compose``: one form applied to the output of another (conv->BN, 1x1->kxk, ...).
+* ``compose``: one form applied to the output of another (conv->BN, 1x1->kxk, 1xk->kx1, ...).
 
 Each combination either returns an exactly equivalent form or raises ``NotExact``
 with a sentence saying why; the caller records it. Forms hold exact values: what
@@ -250,10 +250,12 @@ def compose(outer: ConvForm, inner: ConvForm) -> ConvForm:
     """``outer(inner(x))`` as one form, when that is exact.
 
     Border rule: a zero-padding ``outer`` reads zeros around ``inner``'s output, but a
-    merged conv would read ``inner``'s bias there. So when ``outer`` pads, ``inner``
-    must be pointwise (so its padded output is itself a padded input) and bias-free.
-    Two spatial kernels in a row are not merged (the kernel would grow). A transposed
-    form composes by its own rules (``then``: ops after it, ``after``: ops before it).
+    merged conv would read what ``inner`` computes there. So where ``outer`` pads, ``inner``'s
+    output just outside its border must read only zero padding (a pointwise op, or a
+    kernel padded by its full reach) and ``inner`` must add no shift (``_check_border``).
+    Two spatial kernels become their full convolution (the kernel grows: whether that
+    pays is the cost rule's question). A transposed form composes by its own rules
+    (``then``: ops after it, ``after``: ops before it).
     """
     if inner.transposed:
         return inner.then(outer)
@@ -263,23 +265,40 @@ def compose(outer: ConvForm, inner: ConvForm) -> ConvForm:
         raise NotExact("channels", f"channel mismatch: {inner.out_channels} channels into an op expecting {outer.in_channels}")
     if inner.is_identity:
         return outer  # what the general rule computes (times ones, plus a zero shift), without copying the kernel
+    _check_border(outer, inner)
+    bias = products.shifted_bias(outer, inner.bias)
+    padding = tuple(si * po + pi for si, po, pi in zip(inner.stride, outer.padding, inner.padding))
     if inner.is_pointwise:
-        if any(outer.padding) and not negligible(inner.bias):
-            raise NotExact("border", "border rule: the inner op adds a non-zero shift and the outer op zero-pads, "
-                           "so one zero-padded conv would see the shift where the original sees zeros")
         weight, groups = products.channel_maps(outer, inner)
-        bias = products.shifted_bias(outer, inner.bias)
-        padding = tuple(po + pi for po, pi in zip(outer.padding, inner.padding))
         return ConvForm(weight, bias, outer.stride, padding, outer.dilation, groups)
     if outer.is_pointwise:
-        if any(outer.padding):
-            raise NotExact("border", "the outer op pads the output of a spatial convolution; "
-                           "a single convolution would read real pixels there instead of zeros")
         weight, groups = products.channel_maps(outer, inner)
-        bias = products.shifted_bias(outer, inner.bias)
-        return ConvForm(weight, bias, inner.stride, inner.padding, inner.dilation, groups)
-    raise NotExact("kernel-growth", f"{outer.describe()} after {inner.describe()}: composing two spatial kernels "
-                   "grows the kernel; not merged")
+        return ConvForm(weight, bias, inner.stride, padding, inner.dilation, groups)
+    weight, groups, dilation = products.spatial(outer, inner)  # both spatial: their full convolution
+    stride = tuple(si * so for si, so in zip(inner.stride, outer.stride))
+    return ConvForm(weight, bias, stride, padding, dilation, groups)
+
+
+def _check_border(outer: ConvForm, inner: ConvForm) -> None:
+    """Raise where ``outer``'s zero padding would not read zeros in one merged conv (see ``compose``).
+
+    Per dim, ``inner``'s output just outside its border reads input pixels up to
+    ``dilation * (k - 1) - padding`` inside the input: real pixels unless that is
+    negative or zero (a pointwise op, a kernel padded by its full reach). A crop
+    (negative padding) there reads pixels the original cropped away. A crop by ``outer``
+    reads fewer of ``inner``'s outputs, which is always exact.
+    """
+    pads = [po > 0 for po in outer.padding]
+    reach = [d * (k - 1) - p for k, p, d in zip(inner.kernel_size, inner.padding, inner.dilation)]
+    if any(pad and p < 0 for pad, p in zip(pads, inner.padding)):
+        raise NotExact("border", "the outer op zero-pads a crop; a single convolution would read the cropped "
+                       "pixels there instead of zeros")
+    if any(pad and r > 0 for pad, r in zip(pads, reach)):
+        raise NotExact("border", "the outer op pads the output of a spatial convolution; "
+                       "a single convolution would read real pixels there instead of zeros")
+    if any(pads) and not negligible(inner.bias):
+        raise NotExact("border", "border rule: the inner op adds a non-zero shift and the outer op zero-pads, "
+                       "so one zero-padded conv would see the shift where the original sees zeros")
 
 
 def pad_output(form: ConvForm, padding: Sequence[int], value: Tensor | None = None) -> ConvForm:
@@ -291,6 +310,8 @@ def pad_output(form: ConvForm, padding: Sequence[int], value: Tensor | None = No
     """
     if not form.is_pointwise:
         raise NotExact("border", "padding the output of a spatial convolution: border pixels would differ")
+    if any(q > 0 and p < 0 for p, q in zip(form.padding, padding)):
+        raise NotExact("border", "padding a crop: the border would hold zeros where one conv reads the cropped pixels")
     border = torch.zeros_like(form.bias) if value is None else value.to(torch.float64).expand_as(form.bias)
     if not negligible(border - form.bias, border):
         raise NotExact("border", "the pad value differs from the padded op's output on zeros (its shift), "

@@ -12,6 +12,7 @@ Weight layout is PyTorch's: ``[C_out, C_in / groups, *kernel]``. A rank-0 weight
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -160,6 +161,27 @@ def compose_channels(outer: Tensor, inner: Tensor, groups: int) -> Tensor:
         taps = torch.einsum("gomk,gmi->goik", outer_g, inner_g[..., 0])
         spatial = outer.shape[2:]
     return taps.reshape((outer.shape[0], inner.shape[1]) + tuple(spatial))
+
+
+def compose_spatial(outer: Tensor, inner: Tensor, groups: int,
+                    outer_steps: Sequence[int], inner_steps: Sequence[int]) -> Tensor:
+    """Kernel of ``outer(inner(x))`` for two spatial kernels sharing ``groups``: their full convolution.
+
+    Outer tap ``u`` reads the inner output that inner tap ``t`` computed from the input
+    pixel ``u * outer_steps + t * inner_steps`` taps away (steps on the merged tap grid:
+    ``forms.compose`` works them out from strides and dilations), so each pair of taps
+    adds the product of their channel maps there. A 1xk after a kx1 is one kxk.
+    """
+    outer_g, inner_g = grouped_view(outer, groups), grouped_view(inner, groups)  # g, o, m, *ko / g, m, i, *ki
+    inner_size = inner.shape[2:]
+    size = tuple((ko - 1) * a + (ki - 1) * b + 1
+                 for ko, ki, a, b in zip(outer.shape[2:], inner_size, outer_steps, inner_steps))
+    result = inner.new_zeros(tuple(outer_g.shape[:2]) + (inner.shape[1],) + size)
+    for tap in itertools.product(*(range(k) for k in outer.shape[2:])):
+        window = tuple(slice(u * a, u * a + (ki - 1) * b + 1, b)
+                       for u, ki, a, b in zip(tap, inner_size, outer_steps, inner_steps))
+        result[(slice(None),) * 3 + window] += torch.einsum("gom,gmi...->goi...", outer_g[(...,) + tap], inner_g)
+    return result.reshape((outer.shape[0], inner.shape[1]) + size)
 
 
 def kernel_response_to_constant(weight: Tensor, groups: int, value: Tensor) -> Tensor:

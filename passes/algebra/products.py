@@ -1,9 +1,10 @@
 """The kernel of one form applied after another (``forms.compose``), and the bias it adds.
 
-One of the two is pointwise, so per group the channel maps compose as a matrix
+When one of the two is pointwise, per group the channel maps compose as a matrix
 product while the spatial taps come from the other; a per-channel scale or a
-depthwise kernel only rescales rows or columns. The kernel is ``Deferred``: a
-composition is priced first, and computed only if it is kept.
+depthwise kernel only rescales rows or columns. Two spatial kernels compose into
+their full convolution (``spatial``). The kernel is ``Deferred``: a composition is
+priced first, and computed only if it is kept.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def channel_maps(outer: ConvForm, inner: ConvForm) -> tuple[Deferred, int]:
     factors of a larger product are upcast first.
     """
     f64 = kernels.float64
-    if outer.is_diagonal and not any(outer.padding):
+    if outer.is_diagonal:  # a per-channel scale, or a crop (its padding is the form's, not the kernel's)
         scale = f64(outer.weight).reshape((-1,) + (1,) * (inner.rank + 1))
         return Deferred(inner.kernel.shape, lambda: inner.fresh_weight().mul_(scale)), inner.groups
     if inner.is_diagonal:
@@ -63,3 +64,29 @@ def channel_maps(outer: ConvForm, inner: ConvForm) -> tuple[Deferred, int]:
     return Deferred(shape, lambda: kernels.compose_channels(f64(kernels.regroup(outer.weight, outer.groups, groups)),
                                                             f64(kernels.regroup(inner.weight, inner.groups, groups)),
                                                             groups)), groups
+
+
+def spatial(outer: ConvForm, inner: ConvForm) -> tuple[Deferred, int, tuple[int, ...]]:
+    """Kernel (deferred), groups and dilation of two spatial kernels in a row: their full convolution.
+
+    Per dim, outer tap ``u`` and inner tap ``t`` read the input pixel
+    ``si * (so * q - po + do * u) - pi + di * t`` for output ``q`` (``forms.compose`` takes
+    the stride ``si * so`` and padding ``si * po + pi`` from this): taps every ``si * do``
+    and ``di`` pixels, written on a grid of their gcd, the merged dilation (a dim where one
+    kernel has one tap takes the other's spacing). Both kernels are regrouped to the gcd of
+    their groups (a group of the composition reads the inner groups inside it).
+    """
+    dilation, outer_steps, inner_steps = [], [], []
+    for ko, ki, si, do, di in zip(outer.kernel_size, inner.kernel_size, inner.stride, outer.dilation, inner.dilation):
+        step = si * do if ki == 1 else di if ko == 1 else math.gcd(si * do, di)
+        dilation.append(step)
+        outer_steps.append(si * do // step if ko > 1 else 1)
+        inner_steps.append(di // step if ki > 1 else 1)
+    f64 = kernels.float64
+    groups = math.gcd(outer.groups, inner.groups)
+    size = tuple((ko - 1) * a + (ki - 1) * b + 1
+                 for ko, ki, a, b in zip(outer.kernel_size, inner.kernel_size, outer_steps, inner_steps))
+    shape = (outer.out_channels, inner.in_channels // groups) + size
+    return Deferred(shape, lambda: kernels.compose_spatial(f64(kernels.regroup(outer.weight, outer.groups, groups)),
+                                                           f64(kernels.regroup(inner.weight, inner.groups, groups)),
+                                                           groups, outer_steps, inner_steps)), groups, tuple(dilation)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Literal, Union
 
 from repfx.passes.cost.profile import DTYPE_BYTES, DeviceProfile, roofline_seconds
-from repfx.passes.cost.rules import (AlwaysMerge, CostRule, Decision, Decisions, LatencyCost, MacsCost, MeasuredCost,
-                                     Timer, Verdict, amount_text)
+from repfx.passes.cost.rules import (DEFAULT_MAX_PARAM_GROWTH, AlwaysMerge, CostRule, Decision, Decisions, LatencyCost,
+                                     MacsCost, MeasuredCost, Timer, Verdict, amount_text, check_param_growth)
 from repfx.passes.cost.work import NOTHING, Op, Work, elementwise, of_form
 
 CostPolicy = Union[Literal["macs", "always"], CostRule]
@@ -30,6 +30,6 @@ def resolve(cost: CostPolicy) -> CostRule:
                      "('latency' and 'measure' need a device: build them with repfx.targets.cost_rule)")
 
 
-__all__ = ["DTYPE_BYTES", "NOTHING", "AlwaysMerge", "amount_text", "CostPolicy", "CostRule", "Decision", "Decisions",
-           "DeviceProfile", "LatencyCost", "MacsCost", "MeasuredCost", "Op", "Timer", "Verdict", "Work", "elementwise",
-           "of_form", "resolve", "roofline_seconds"]
+__all__ = ["DEFAULT_MAX_PARAM_GROWTH", "DTYPE_BYTES", "NOTHING", "AlwaysMerge", "amount_text", "CostPolicy", "CostRule",
+           "Decision", "Decisions", "DeviceProfile", "LatencyCost", "MacsCost", "MeasuredCost", "Op", "Timer", "Verdict",
+           "Work", "check_param_growth", "elementwise", "of_form", "resolve", "roofline_seconds"]

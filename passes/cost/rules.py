@@ -12,6 +12,10 @@ merge in the analyzer, a whole region in ``fold``, a partition of a chain in
   the device) is settled by timing both forms with the timer it is given.
 * ``AlwaysMerge``: every exact merge is done.
 
+Model size is a cost too: a rule with ``max_param_growth`` refuses any merge whose
+convolutions hold more than that many times the parameters of the ops they replace
+(``param_growth``), whatever time it saves (``AlwaysMerge`` has no such bound).
+
 A rule holds no state: ``pays`` and ``cheaper`` return a ``Verdict``, which carries the
 ``Decision`` (the forms compared, their costs and the winner, for the report) when the
 comparison was contested; the caller keeps the decisions of its round (``Decisions``).
@@ -21,7 +25,7 @@ Costs are ``Work``s, priced on demand.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from repfx.passes.cost.profile import DeviceProfile, roofline_seconds
 from repfx.passes.cost.work import Work
@@ -79,12 +83,39 @@ class Decisions(dict[str, Decision]):
             self.note(Verdict(decision.merged_won, decision))
 
 
+# A merge may hold at most this many times the parameters of the ops it replaces. The merges the training-form
+# blocks are built for never grow them (branch kernels add into the largest one: RepVGG, ACNet, DBB, RepLKNet),
+# a factorized 1xk -> kx1 grows them k/2 times (3.5 at Inception's 1x7); beyond 4 a merge turns a depthwise or
+# pooling kernel dense (dw kxk + 1x1: about k*k times at 64 channels), trading model size for fewer launches.
+DEFAULT_MAX_PARAM_GROWTH = 4.0
+
+
+def check_param_growth(bound: float | None) -> float | None:
+    """``bound`` if it can bound a merge's parameter growth: None, or a number >= 1 (a merge keeps what it adds)."""
+    if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound >= 1
+                              or bound == float("inf")):
+        raise ValueError(f"max_param_growth must be a finite number >= 1 or None, got {bound!r}")
+    return bound
+
+
 @dataclass(frozen=True)
 class CostRule:
     """The base every rule shares: compare two works and decide; a contested decision comes back in the verdict."""
 
     unit = "MACs per sample"
     merges_everything = False  # ``AlwaysMerge``: the analysis skips pricing altogether
+    max_param_growth: float | None = field(default=DEFAULT_MAX_PARAM_GROWTH, kw_only=True)  # None: no bound
+
+    def param_growth(self, merged: Work, apart: Work) -> str | None:
+        """Why ``merged`` holds too many parameters for ``apart``, the ops it replaces (None: within the bound).
+
+        Only convolutions and linears count (BatchNorms fold away); ops with none (adds, pads) bound nothing.
+        """
+        before, after = apart.kernel_params, merged.kernel_params
+        if self.max_param_growth is None or not before or after <= self.max_param_growth * before:
+            return None
+        return (f"merged op holds {after:,} parameters for the {before:,} of the ops it replaces "
+                f"({after / before:.1f}x > max_param_growth={self.max_param_growth:g}); kept separate")
 
     def price(self, work: Work) -> float:
         raise NotImplementedError
@@ -160,6 +191,7 @@ class AlwaysMerge(MacsCost):
     """Every exact merge (``cost="always"``): what the per-block converters do."""
 
     merges_everything = True
+    max_param_growth: float | None = field(default=None, kw_only=True)
 
     def pays(self, merged: Work, apart: Work, where: str = "") -> Verdict:
         return Verdict(True)

@@ -84,6 +84,11 @@ class Work:
     def macs(self) -> int:
         return sum(op.macs for op in self.ops)
 
+    @property
+    def kernel_params(self) -> int:
+        """Weight and bias elements of the convolutions and linears (a BatchNorm's scale and shift fold away)."""
+        return sum(op.params for op in self.ops if op.kind != "elementwise")
+
     def describe(self) -> str:
         """``3x3 16->32 + 1x1 16->32 + elementwise x2``: the ops, for the report."""
         return " + ".join(op.describe() for op in self.ops) or "nothing"
@@ -122,10 +127,11 @@ def conv_layout(form: Any, out_shape: Sequence[int]) -> ConvLayout:
     """The geometry of ``form`` producing ``out_shape``.
 
     The input's spatial size is the smallest that yields ``out_shape`` (a strided
-    conv may in truth read up to stride-1 more pixels: immaterial to a cost).
+    conv may in truth read up to stride-1 more pixels: immaterial to a cost); a crop's,
+    the cropped one.
     """
     kernel, stride, dilation = form.kernel_size, form.stride, form.dilation
-    padding = tuple(form.padding)
+    padding = tuple(max(p, 0) for p in form.padding)  # a crop (negative padding) is emitted as a slice, then the conv
     if form.transposed:
         spatial = tuple(max(1, (size + 2 * p - d * (k - 1) - 1 - op) // s + 1) for size, k, s, p, d, op
                         in zip(out_shape[1:], kernel, stride, padding, dilation, form.output_padding))

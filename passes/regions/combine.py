@@ -121,9 +121,15 @@ class Combinators:
         return Expr((Term(exprs[0].terms[0].source, form, merged_cost),), ops, shape)
 
     def _check_cost(self, node: fx.Node, merged: Work, separate: Work) -> None:
-        """Refuse the merge at ``node`` unless the rule says it pays (``AlwaysMerge`` never asks);
-        a contested decision is kept with the analysis."""
+        """Refuse the merge at ``node`` unless the rule says it pays and it stays within the rule's parameter
+        bound (``AlwaysMerge`` never asks); a contested decision is kept with the analysis."""
         if self.cost.merges_everything:
             return
-        if not self.result.decisions.note(self.cost.pays(merged, separate, node.name)).won:
+        verdict = self.cost.pays(merged, separate, node.name)
+        if not verdict.won:
+            self.result.decisions.note(verdict)
             raise NotExact("cost", self.cost.merge_refused(merged, separate))
+        growth = self.cost.param_growth(merged, separate)
+        if growth:  # a merge that pays in time but not in size: the decision it won is not the one the graph follows
+            raise NotExact("param-growth", growth)
+        self.result.decisions.note(verdict)

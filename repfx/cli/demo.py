@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     (example,) = random_inputs([InputSpec(args.input_shape or sample_input_shape(args.sample))], args.seed)
     try:
         gm = reparameterize(model, (example,), cost=args.cost, target=args.target, batch=args.batch, rtol=args.rtol,
-                            atol=args.atol, strict=args.strict)
+                            atol=args.atol, strict=args.strict, max_param_growth=args.max_param_growth)
     except (CaptureError, VerificationError) as error:
         print(f"repfx: {type(error).__name__}: {error}", file=sys.stderr)
         return 1

@@ -1,5 +1,5 @@
 """Command-line arguments shared by both CLIs: what the merge decisions plan for (``--cost``, ``--target``,
-``--batch``) and how a difference is judged (``--rtol``, ``--atol``, ``--strict``).
+``--batch``, ``--max-param-growth``) and how a difference is judged (``--rtol``, ``--atol``, ``--strict``).
 
 Checked while the arguments are parsed, so a misspelt GPU is one argparse line
 naming the known ones, before any model is loaded.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from repfx.passes.cost import DEFAULT_MAX_PARAM_GROWTH, check_param_growth
 from repfx.targets import COSTS, check_target
 
 
@@ -20,6 +21,9 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
                              "cuda:l4, ...); default: where it is built (the engine: cuda)")
     parser.add_argument("--batch", type=positive_int, metavar="N",
                         help="batch size the merge decisions plan for (default: the example input's)")
+    parser.add_argument("--max-param-growth", type=param_growth, metavar="X", default=DEFAULT_MAX_PARAM_GROWTH,
+                        help="refuse a merge holding more than X times the parameters of the ops it replaces "
+                             f"(default {DEFAULT_MAX_PARAM_GROWTH:g}; 'none': no bound)")
 
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +52,13 @@ def target_argument(text: str) -> str:
         return check_target(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def param_growth(text: str) -> float | None:
+    try:
+        return None if text.lower() == "none" else check_param_growth(float(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'none', got {text!r}") from error
 
 
 def positive_int(text: str) -> int:

@@ -159,7 +159,8 @@ def _run(args: argparse.Namespace,
         model, inputs = _resolve_model(args, progress)
         settings = Settings(verify=not args.no_verify, rtol=args.rtol, atol=args.atol, strict=args.strict,
                             dynamic_batch=args.dynamic_batch is not None, cost=args.cost, target=args.target,
-                            batch=args.batch, precision=args.precision, progress=progress)
+                            batch=args.batch, precision=args.precision, max_param_growth=args.max_param_growth,
+                            progress=progress)
         result = build_export(plan, model, inputs, settings, batch_range=args.dynamic_batch)
         if entry is not None:
             stage_triton(entry, plan, result, args.dynamic_batch)

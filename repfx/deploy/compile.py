@@ -21,6 +21,7 @@ from repfx.backends.base import BuildRequest
 from repfx.backends.precision import PRECISIONS, PrecisionName, cast_floating, deploy_copy, precision_dtype
 from repfx.backends.registry import get_backend, module_fallback, resolve_backend
 from repfx.capture.export import SupportedModel, keeps_dynamic_batch
+from repfx.passes.cost import DEFAULT_MAX_PARAM_GROWTH
 from repfx.pipeline import is_folded_in_parts, report_of, run, run_whole
 from repfx.report import Report
 from repfx.settings import Settings
@@ -79,6 +80,7 @@ def compile(
     cost: Literal["latency", "measure", "macs", "always"] = "latency",
     target: Target = None,
     batch: int | None = None,
+    max_param_growth: float | None = DEFAULT_MAX_PARAM_GROWTH,
     batch_range: tuple[int, int, int] | None = None,
     progress: Callable[[str], None] | None = None,
     **backend_options: Any,
@@ -95,7 +97,7 @@ def compile(
     ``rtol``/``atol``, where given, are the tolerance of both checks, and both judge a difference
     alike: accepted with a note where discontinuous ops explain it, refused under ``strict``.
     ``backend_options`` go to the backend (torch_tensorrt.dynamo.compile settings, torch.compile
-    kwargs, ``threads`` for onnxruntime). ``cost``, ``target`` and ``batch`` decide which merges
+    kwargs, ``threads`` for onnxruntime). ``cost``, ``target``, ``batch`` and ``max_param_growth`` decide which merges
     pay (``repfx.reparameterize``); the target defaults to the backend's device (TensorRT: CUDA),
     the precision is the one being built, and ``cost="measure"`` times forms with this backend.
 
@@ -116,7 +118,7 @@ def compile(
     in_parts = backend == "auto" or chosen.runs_modules
     settings = Settings(verify=verify, rtol=rtol, atol=atol, strict=strict, dynamic_batch=dynamic_batch,
                         progress=progress, cost=cost, target=planned_target(target, chosen.device), batch=batch,
-                        precision=precision, runtime=chosen.runtime)
+                        precision=precision, runtime=chosen.runtime, max_param_growth=max_param_growth)
     plain = (run if in_parts else run_whole)(model, sets, settings)
     report: Report = report_of(plain)
     if is_folded_in_parts(plain) and not chosen.runs_modules:  # "auto" had chosen a one-graph backend

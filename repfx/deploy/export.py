@@ -35,6 +35,7 @@ from repfx.backends.program import export_program
 from repfx.backends.registry import backends
 from repfx.capture.export import SupportedModel, keeps_dynamic_batch
 from repfx.deploy.compile import DeployedModel, check_against_plain, planned_target
+from repfx.passes.cost import DEFAULT_MAX_PARAM_GROWTH
 from repfx.deploy.staging import Claim, Transaction, repfx_version, reported_as, sha256_of
 from repfx.report import Report
 from repfx.targets import Target
@@ -72,6 +73,7 @@ def export(
     cost: Literal["latency", "measure", "macs", "always"] = "latency",
     target: Target = None,
     batch: int | None = None,
+    max_param_growth: float | None = DEFAULT_MAX_PARAM_GROWTH,
     protected: Sequence[os.PathLike] = (),
     progress: Callable[[str], None] | None = None,
     **tensorrt_options: Any,
@@ -98,7 +100,8 @@ def export(
     with Transaction(protected) as transaction:
         plan = plan_export(transaction, out_dir, formats, name=name, precision=precision)
         settings = Settings(verify=verify, rtol=rtol, atol=atol, strict=strict, dynamic_batch=dynamic_batch,
-                            cost=cost, target=target, batch=batch, precision=precision, progress=progress)
+                            cost=cost, target=target, batch=batch, precision=precision,
+                            max_param_growth=max_param_growth, progress=progress)
         result = build_export(plan, model, example_inputs, settings, batch_range=batch_range, **tensorrt_options)
         transaction.commit()
     return result

@@ -23,7 +23,8 @@ from typing import Any, Union
 import torch
 from torch.utils import _pytree as pytree
 
-from repfx.passes.cost import AlwaysMerge, CostRule, DeviceProfile, LatencyCost, MacsCost, MeasuredCost
+from repfx.passes.cost import (DEFAULT_MAX_PARAM_GROWTH, AlwaysMerge, CostRule, DeviceProfile, LatencyCost, MacsCost,
+                              MeasuredCost, check_param_growth)
 from repfx.targets.cache import cached_profile
 from repfx.targets.gpus import known_gpus, published_profile
 from repfx.targets.microbench import cache_key, measure_profile
@@ -90,17 +91,20 @@ def remeasure(target: str = "cpu", runtime: Runtime | None = None) -> DeviceProf
 
 def cost_rule(cost: str | CostRule = "latency", *, target: Target = None, batch: int | None = None,
               precision: str | None = None, example_inputs: Sequence[Any] = (),
-              runtime: Runtime | None = None) -> CostRule:
+              runtime: Runtime | None = None,
+              max_param_growth: float | None = DEFAULT_MAX_PARAM_GROWTH) -> CostRule:
     """The rule for ``cost``; ``target``, ``batch`` and ``precision`` default to what the example inputs show.
 
     ``runtime`` is the one the model is deployed to (a backend's ``runtime``; None: eager PyTorch):
-    it picks the profile and what ``cost="measure"`` times forms with."""
+    it picks the profile and what ``cost="measure"`` times forms with. ``max_param_growth`` bounds
+    the parameters a merge may hold per parameter it replaces (None: no bound; ``"always"`` has none)."""
     if isinstance(cost, CostRule):
         return cost
     if cost not in COSTS:
         raise ValueError(f"cost must be one of {', '.join(repr(name) for name in COSTS)}, got {cost!r}")
+    bound = {"max_param_growth": check_param_growth(max_param_growth)}
     if cost == "macs":
-        return MacsCost()
+        return MacsCost(**bound)
     if cost == "always":
         return AlwaysMerge()
     if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
@@ -111,12 +115,12 @@ def cost_rule(cost: str | CostRule = "latency", *, target: Target = None, batch:
     batch = batch or (int(first.shape[0]) if first is not None and first.dim() > 0 else 1)
     dtype = _dtype_name(precision, first)
     if cost == "latency":
-        return LatencyCost(profile=profile, batch=batch, dtype=dtype)
+        return LatencyCost(profile=profile, batch=batch, dtype=dtype, **bound)
     if profile.source.startswith("published"):
         raise ValueError(f"cost='measure' times forms on the device itself, and {profile.name} is not here; "
                          "use cost='latency' to plan for it")
     timer = WorkTimer(device_target(torch.device(profile.device)), batch, dtype, runtime)
-    return MeasuredCost(profile=profile, batch=batch, dtype=dtype, timer=timer)
+    return MeasuredCost(profile=profile, batch=batch, dtype=dtype, timer=timer, **bound)
 
 
 def _first_tensor(example_inputs: Sequence[Any]) -> torch.Tensor | None:

@@ -177,11 +177,6 @@ def test_compose_border_rule_refuses_shift_before_zero_padding(gen):
         compose(outer, inner)
 
 
-def test_compose_refuses_two_spatial_kernels(gen):
-    with pytest.raises(NotExact, match="spatial"):
-        compose(random_conv(gen, 2, 4, 4, 3, padding=0), random_conv(gen, 2, 4, 4, 3))
-
-
 def test_pad_output_with_the_shift_value_is_a_padded_pointwise_conv(gen):
     """DBB's BN-and-pad: padding with what the op outputs on zeros equals padding its input."""
     inner = random_conv(gen, 2, 4, 4, 1, padding=0)

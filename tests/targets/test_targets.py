@@ -8,6 +8,8 @@ table), so none can flake on a busy machine. The one real measurement
 
 from __future__ import annotations
 
+import argparse
+
 import json
 
 import pytest
@@ -31,8 +33,9 @@ def block(channels: int = 16):
     pytest.param(COMPUTE_BOUND, 2, id="compute-bound-keeps-apart"),
 ])
 def test_latency_decision_per_regime(profile, convolutions):
+    """Time alone decides here: the merged dense 3x3 holds 5.8x the parameters, beyond the default bound."""
     model, x = block(), rand(2, 16, 8, 8)
-    gm, report = reparam(model, x, target=profile)
+    gm, report = reparam(model, x, target=profile, max_param_growth=None)
     assert_matches(model, gm, x)
     assert_ops(gm, x, convolution=convolutions, batch_norm=0)
     (decision,) = report.decisions
@@ -59,8 +62,8 @@ def test_batch_moves_the_decision_for_a_gpu_this_machine_lacks():
             return self.pw(self.bn(self.dw(x)))
 
     model, x = build(DepthwiseThenPointwise), rand(1, 128, 28, 28)
-    merged = repfx.explain(model, (x,), target="cuda:h200", batch=1)
-    apart = repfx.explain(model, (x,), target="cuda:h200", batch=128)
+    merged = repfx.explain(model, (x,), target="cuda:h200", batch=1, max_param_growth=None)  # 35x the parameters
+    apart = repfx.explain(model, (x,), target="cuda:h200", batch=128, max_param_growth=None)
     assert merged.ops_after["convolution"] == 1 and apart.ops_after["convolution"] == 2
     assert "cuda:h200" in merged.cost_rule and "batch 128" in apart.cost_rule
     assert any(not d["merged_won"] for d in apart.decisions)
@@ -136,6 +139,7 @@ def test_the_default_target_is_the_inputs_device_and_batch_and_dtype():
     ({"target": "tpu"}, "target must be"),
     ({"batch": 0}, "batch must be a positive int"),
     ({"cost": "measure", "target": "cuda:a100"}, "use cost='latency' to plan for it"),
+    ({"max_param_growth": 0.5}, "max_param_growth must be a finite number >= 1 or None"),
 ])
 def test_bad_planning_arguments_are_one_line(kwargs, message):
     with pytest.raises(ValueError, match=message) as error:
@@ -237,6 +241,7 @@ def test_remeasuring_replaces_the_cached_profile(tmp_path, monkeypatch):
     (["--rtol", "nan"], "expected a finite number >= 0"),
     (["--atol", "-1"], "expected a finite number >= 0"),
     (["--rtol", "tight"], "expected a number >= 0"),
+    (["--max-param-growth", "0.5"], "expected a number >= 1 or 'none'"),
 ])
 def test_cli_planning_arguments_are_checked_before_any_work(argv, message, capsys):
     from repfx.cli import demo, trt
@@ -245,6 +250,20 @@ def test_cli_planning_arguments_are_checked_before_any_work(argv, message, capsy
         with pytest.raises(SystemExit) as exit_:
             main(argv + (["--sample", "repvgg_a0", "--out", "never-written"] if main is trt.main else []))
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_every_rule_but_always_carries_the_parameter_bound():
+    from repfx.cli.planning import add_planning_arguments
+
+    assert cost_rule("latency", target=LAUNCH_BOUND).max_param_growth == 4.0
+    assert cost_rule("macs", max_param_growth=2).max_param_growth == 2
+    assert cost_rule("latency", target=LAUNCH_BOUND, max_param_growth=None).max_param_growth is None
+    assert cost_rule("always", max_param_growth=2).max_param_growth is None  # every exact merge, whatever its size
+    parser = argparse.ArgumentParser()
+    add_planning_arguments(parser)
+    assert parser.parse_args([]).max_param_growth == 4.0
+    assert parser.parse_args(["--max-param-growth", "none"]).max_param_growth is None
+    assert parser.parse_args(["--max-param-growth", "8"]).max_param_growth == 8.0
 
 
 class DepthwiseThenPointwiseBN(nn.Module):
@@ -331,7 +350,7 @@ def test_a_region_merged_step_by_step_reports_every_step():
     """Launch-bound, the careful analysis merges the region as far as the whole merge does, so the merge
     itself compares nothing: the single merges decided it, and all of them are reported."""
     model, x = build(lambda: ParallelThenPointwise(8)), rand(2, 8, 8, 8)
-    gm, report = reparam(model, x, target=LAUNCH_BOUND)
+    gm, report = reparam(model, x, target=LAUNCH_BOUND, max_param_growth=None)  # time alone decides here
     assert_matches(model, gm, x)
     assert_ops(gm, x, convolution=1, batch_norm=0, add=0)
     assert len(report.decisions) == 2 and all(d["merged_won"] for d in report.decisions)

@@ -1,13 +1,17 @@
-"""Rules: average pooling, zero padding, and DBB's border fill (padding with a per-channel value).
+"""Rules: average pooling, zero padding, crops (a spatial slice), and DBB's border fill (padding with a value).
 
-Each is a convolution with a fixed kernel or a change of the output border. Pooling
+Each is a convolution with a fixed kernel or a change of the output border: a crop is
+negative padding, so a branch that reads ``x[:, :, 1:-1]`` reads ``x`` (ACNet). Pooling
 with partial or unevenly divided windows (``ceil_mode``, ``count_include_pad=False``,
-``divisor_override``), non-zero padding modes and asymmetric padding have no exact
-convolution form and are refused with that reason.
+``divisor_override``), non-zero padding modes and asymmetric padding or crops have no
+exact convolution form and are refused with that reason. A pool whose window spans the
+whole feature map (an SE block's squeeze) is refused too: folded into a kernel, the
+graph would hold only at the one resolution it was captured at.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +45,10 @@ def avg_pool(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
         raise NotExact("pool-window", f"{node.name}: count_include_pad=False divides border windows by fewer pixels")
     if op.get("divisor_override") is not None:  # avg_pool1d has none
         raise NotExact("pool-window", f"{node.name}: divisor_override is not a plain average")
+    spatial = an.sample_shape(op["input"])[1:]
+    if math.prod(kernel_size) > 1 and all(k >= n + 2 * p for k, n, p in zip(kernel_size, spatial, padding)):
+        raise NotExact("whole-map-pool", f"{node.name}: the {'x'.join(map(str, kernel_size))} window spans the whole "
+                       f"{'x'.join(map(str, spatial))} feature map; as a kernel it would hold only at this resolution")
     kernel = kernels.avgpool_kernel(shape[0], kernel_size)
     form = ConvForm.convolution(kernel, None, stride, padding, (1,) * rank, shape[0])
     return an.apply(form, operand(op["input"]), node)
@@ -70,6 +78,36 @@ def pad(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     padding = _symmetric_padding(node, op["pad"], len(shape) - 1)
     value_vec = None if not value else torch.full((shape[0],), float(value), dtype=torch.float64)
     return an.pad(node, operand(op["input"]), padding, value_vec)
+
+
+@rule(aten.slice.Tensor)
+def crop(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
+    """``x[..., c:-c, ...]`` on a spatial dim: the identity with padding ``-c`` there (it reads fewer pixels).
+
+    A conv of the crop is then a conv of ``x`` with less padding, on the same output
+    grid as its unpadded siblings (ACNet's ``padding < k // 2`` branches). A crop by
+    different amounts on the two sides shifts the grid: no convolution pads so.
+    """
+    op = an.arguments(node)
+    x, step = op["input"], op["step"]
+    value = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if not isinstance(value, torch.Tensor) or value.dim() < 4 or not isinstance(op["dim"], int):
+        raise NotLinear  # [B, N, C] tokens are sliced to split tokens or channels, not cropped
+    dim = op["dim"] % value.dim()
+    if dim < 2 or step != 1 or all(user.target is aten.copy.default for user in node.users):
+        raise NotLinear  # a batch or channel slice, a strided one, or a border strip DBB writes: no crop
+    start, end = op["start"] or 0, op["end"]
+    if not isinstance(start, int) or not isinstance(end, (int, type(None))) or start < 0:
+        raise NotLinear
+    if not isinstance(value.shape[dim], int) and end is not None and end >= 0:
+        raise NotLinear  # an end counted from the start of a symbolic size: symmetric at one size only
+    size = an.sample_shape(x)[dim - 1]
+    end = size if end is None or end > size else (end + size if end < 0 else end)
+    if start != size - end:
+        raise NotExact("padding", f"{node.name}: crops {start} pixel(s) before and {size - end} after along dim "
+                       f"{dim}: not on a convolution's output grid")
+    padding = tuple(-start if d == dim - 2 else 0 for d in range(value.dim() - 2))
+    return an.apply(ConvForm.zero_pad(an.sample_shape(x)[0], padding), operand(x), node, view=True)
 
 
 def _fill_value(an: Analyzer, src: Any, shape: tuple[int, ...]) -> Tensor:
