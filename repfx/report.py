@@ -18,6 +18,9 @@ class Rewrite:
     ops_before: int
     ops_after: int
     module: str = ""  # the innermost module holding every replaced node ("" where torch recorded none)
+    params_before: int = 0  # floating elements of the constants the replaced ops read
+    params_after: int = 0  # elements of the emitted weights
+    growth_note: str = ""  # parameters more than doubled: by how much, and what the merge bought
 
 
 @dataclass(frozen=True)
@@ -221,10 +224,20 @@ class Report:
                      + ", ".join(f"{phase} {secs:.2f}s" for phase, secs in self.seconds.items()))
         lines += ["", f"merged ({len(self.rewrites)}):"]
         lines += _table(["rewrite", "ops", "count"], _grouped_rewrites(self.rewrites)) if self.rewrites else ["  none"]
+        lines += _growth_lines(self)
         lines += _decision_lines(self)
         lines += ["", f"refused ({len(self.refusals)}):"]
         lines += _grouped_refusals(self.refusals) or ["  none"]
         return "\n".join(lines)
+
+
+def _growth_lines(report: Report) -> list[str]:
+    """Each merge that more than doubled its parameters, with what it bought: model size is a cost too."""
+    grown = [rewrite for rewrite in report.rewrites if rewrite.growth_note]
+    if not grown:
+        return []
+    return ["", f"merges that more than double their parameters ({len(grown)}):"] + [
+        f"  {rewrite.module or rewrite.nodes[0]}: {rewrite.growth_note}" for rewrite in grown]
 
 
 def _decision_lines(report: Report) -> list[str]:

@@ -254,3 +254,13 @@ def test_refusals_and_rewrites_name_the_module_paths_and_the_report_counts_rules
 def test_proving_is_a_phase_of_its_own_in_the_report(block, x):
     seconds = repfx.reparameterize(block, (x,)).repfx_report.seconds
     assert list(seconds) == ["capture", "rewrite", "prove", "verify"] and seconds["prove"] > 0
+
+
+def test_a_merge_that_more_than_doubles_its_parameters_says_what_it_bought():
+    from spatial_blocks import RepNeXtBlock
+
+    report = repfx.explain(randomize_bn_(RepNeXtBlock(), 0).eval(), (torch.randn(1, 16, 56, 56),), cost="always")
+    (grown,) = [rewrite for rewrite in report.rewrites if rewrite.growth_note]
+    assert grown.params_after > 2 * grown.params_before > 0
+    assert f"merges that more than double their parameters (1):\n  {grown.module or grown.nodes[0]}: parameters" \
+        in str(report)

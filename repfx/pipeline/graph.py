@@ -27,7 +27,8 @@ from repfx.verify.mismatch import discontinuous_after_rewrites, judge
 from repfx.verify.numeric import copy_inputs, input_sets as seeded_sets, verify
 from repfx.verify.opcount import count_ops, summarize
 
-REPORT_ATTRIBUTE = "repfx_report"  # the one home of a result's Report, whole or folded in parts
+REPORT_ATTRIBUTE = "repfx_report"
+LATER_ROUND_CODES = ("local-proof", "param-growth")  # refusals a round after the first can add  # the one home of a result's Report, whole or folded in parts
 
 
 class Laps:
@@ -107,13 +108,15 @@ def fold_captured(captured: Captured, input_sets: list[tuple] | None, settings: 
     modules = module_paths(reference)
     report.iterations = len(results)
     report.rewrites = [Rewrite(r.kind, r.replaced_ops, r.kernel_shapes, r.ops_before, r.ops_after,
-                               _module_of(modules, r.replaced_ops)) for step in results for r in step.rewrites]
+                               _module_of(modules, r.replaced_ops), r.params_before, r.params_after, r.growth_note)
+                       for step in results for r in step.rewrites]
     # The first round sees the graph as captured (the user's node names) and is complete:
-    # later rounds only confirm the fixed point and would repeat its refusals.
-    # Failed local proofs of later rounds are new; a region that failed stays as written and
-    # fails again in each round, so each refusal is reported once.
+    # later rounds only confirm the fixed point and would repeat its refusals. Two kinds are
+    # new there: failed local proofs, and a parameter bound met by a chain that only forms
+    # once round one has folded its BatchNorms (FastViT's dw7x7 -> 1x1). A region refused
+    # stays as written and is refused again in each round, so each refusal is reported once.
     refusals = list(results[0].refusals) + [refusal for step in results[1:] for refusal in step.refusals
-                                            if refusal.code == "local-proof"]
+                                            if refusal.code in LATER_ROUND_CODES]
     report.refusals = [Refusal(refusal.node, refusal.reason, refusal.code, modules.get(refusal.node, ""))
                        for refusal in dict.fromkeys(refusals)]
     report.rule_counts = dict(sum((Counter(step.rule_counts) for step in results), Counter()))
