@@ -192,7 +192,8 @@ def test_the_cli_writes_measures_and_benchmarks_a_registered_backend(toy, tmp_pa
     assert code == cli.EXIT_OK
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["block.f64.pt2", "block.pt2", "block.report.json"]
     assert toy.timed_forms == 2 and "measured on" in out
-    assert "repfx plain (toy runtime, fp32)" in out
+    table = out.split("speed-up within the runtime):\n")[1].split("\n\n")[0].splitlines()
+    assert [line.split()[:2] for line in table if line.split()[0] == "toy"] == [["toy", "as"], ["toy", "repfx"]]
 
 
 # --- supports(): today's refusal texts, from the one rule ------------------------------------------------------
