@@ -67,7 +67,7 @@ def _fix(error: BaseException, module: Any, inputs: tuple) -> str:
 
 def dtype_mismatch(module: Any, inputs: tuple) -> str | None:
     """Float inputs of another dtype than every float parameter: the usual cause of dtype errors in export."""
-    weights = module.state_dict().values() if isinstance(module, torch.export.ExportedProgram) else [
+    weights = module.state_dict.values() if isinstance(module, torch.export.ExportedProgram) else [
         *getattr(module, "parameters", lambda: [])(), *getattr(module, "buffers", lambda: [])()]
     parameters = {t.dtype for t in weights if isinstance(t, torch.Tensor) and t.is_floating_point()}
     given = {leaf.dtype for leaf in pytree.tree_leaves(inputs)
