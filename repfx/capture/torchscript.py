@@ -1,8 +1,8 @@
 """TorchScript -> the ExportedProgram torch.export gives for the same model, so both fold alike.
 
 torch's ``TS2EPConverter`` replays the TorchScript graph as aten calls in an fx graph,
-then re-traces that graph with ``torch.export``. Three things it does differently from
-``torch.export`` of the model the TorchScript came from, each of which repfx undoes:
+then re-traces that graph with ``torch.export``. What comes out differs from
+``torch.export`` of the model the TorchScript came from in four ways, each undone here:
 
 * The re-trace marks every dimension ``Dim.AUTO``, so spatial sizes stay symbolic and
   shape reads (``x.view(x.shape)``) stay ``sym_size`` nodes. The model was traced (or is
@@ -123,7 +123,7 @@ def numbers_as_scalars(gm: fx.GraphModule, own_state: set[str]) -> bool:
 
 
 def _traced_number(gm: fx.GraphModule, node: Any, own_state: set[str]) -> int | float | bool | None:
-    if not isinstance(node, fx.Node) or node.op != "get_attr" or node.target in own_state or "." in node.target:
+    if not isinstance(node, fx.Node) or node.op != "get_attr" or node.target in own_state:
         return None  # a value, or the module's own tensor
     constant = getattr(gm, node.target, None)
     if not isinstance(constant, torch.Tensor) or constant.dim() != 0 or constant.is_complex():
