@@ -9,8 +9,6 @@ and parameters are ``get_attr`` nodes whose values the passes can fold.
 from __future__ import annotations
 
 import copy
-import logging
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,9 +21,10 @@ from repfx.passes.constants import written_attributes
 
 from repfx.capture.inputs import as_input_tuple, example_batch_size, is_batched, user_input_nodes, with_batch
 from repfx.errors import CaptureError, first_line, warn_user
-from repfx.capture.failure import dtype_mismatch, export_failure_message, loggers_at, quiet_torch_logs
+from repfx.capture.failure import dtype_mismatch, export_failure_message, quiet_torch_logs
 from repfx.capture.lean import lean_tracing
 from repfx.capture.model_state import ModeChange, describe_mode_changes, train_mode_changes
+from repfx.capture.torchscript import convert_torchscript, full_slices_dropped, numbers_as_scalars
 
 SupportedModel = nn.Module | fx.GraphModule | torch.export.ExportedProgram | torch.jit.ScriptModule
 
@@ -56,6 +55,9 @@ def capture(model: SupportedModel, example_inputs: Sequence[Any], *, dynamic_bat
             except Exception as error:
                 raise CaptureError(f"functionalizing the exported graph failed: {first_line(error)}") from error
     graph = _plain_graph_module(program.module())
+    if isinstance(model, torch.jit.ScriptModule):
+        numbers_as_scalars(graph, set(model.state_dict()))
+        full_slices_dropped(graph)
     return Captured(graph, mode_changes, written_attributes(graph))
 
 
@@ -128,11 +130,11 @@ def _export(model: SupportedModel, inputs: tuple, dynamic_batch: bool) -> torch.
             raise CaptureError(f"{first_line(error, limit=None)} (the ExportedProgram was exported with a static batch "
                                "size; export it with a dynamic batch dimension to use dynamic_batch)") from error
     if isinstance(model, torch.jit.ScriptModule):
-        if dynamic_batch:
-            # Convert at the widened batch: the converted program guards the batch it was converted at.
-            inputs, _ = dynamic_batch_spec(model, inputs, shapes=False)
-        program = _convert_torchscript(model, inputs)
-        return _export_module(program.module(), inputs, dynamic_batch, "TorchScript module") if dynamic_batch else program
+        if not dynamic_batch:
+            return convert_torchscript(model, inputs)
+        # Convert at the widened batch: the converted graph may hold the batch it was converted at.
+        inputs, _ = dynamic_batch_spec(model, inputs, shapes=False)
+        return convert_torchscript(model, inputs, lambda graph, args: dynamic_batch_spec(graph, args)[1])
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected nn.Module, GraphModule, ExportedProgram or ScriptModule, got {type(model).__name__}")
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: capture the model it wraps
@@ -215,23 +217,6 @@ def dynamic_batch_spec(module: nn.Module, inputs: tuple, *, shapes: bool = True,
         if is_batched(leaf, size):
             collection[leaf] = {0: batch}
     return inputs, collection.dynamic_shapes(module, inputs)
-
-
-def _convert_torchscript(module: torch.jit.ScriptModule, inputs: tuple) -> torch.export.ExportedProgram:
-    if module.training:
-        raise CaptureError("the TorchScript module is in training mode; call .eval() before torch.jit.save "
-                           "(repfx cannot switch a scripted module without modifying it)")
-    try:
-        from torch._export.converter import TS2EPConverter
-
-        # The converter warns about every BatchNorm's num_batches_tracked and logs each
-        # specialized dim; none of it is actionable for the user.
-        with warnings.catch_warnings(), loggers_at(logging.ERROR, ["torch._export.non_strict_utils"]):
-            warnings.simplefilter("ignore", UserWarning)
-            return TS2EPConverter(module, inputs).convert()
-    except Exception as error:
-        raise CaptureError(f"converting the TorchScript module to an ExportedProgram failed: {first_line(error)}\n"
-                           "Fix: export the original nn.Module with torch.export instead.") from error
 
 
 def _updates_running_stats(node: fx.Node) -> bool:
