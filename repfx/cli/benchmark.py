@@ -34,8 +34,8 @@ def benchmark(model: Any, plain: torch.fx.GraphModule, inputs: tuple, precision:
     of the plain graph over the model as given on the same runtime."""
     busy = _busy_before()
     as_given = capture(model, inputs).graph  # the model as given, as the runtimes take it (one graph, eval mode)
-    runs, rows = [], []
-    for backend in _runtimes_here():
+    runs, rows, here = [], [], _runtimes_here()
+    for backend in here:
         for variant, graph in (("as given", as_given), ("repfx", plain)):
             graph_in, inputs_in = deploy_copy(graph, inputs, precision, backend.device)
             try:
@@ -46,7 +46,7 @@ def benchmark(model: Any, plain: torch.fx.GraphModule, inputs: tuple, precision:
             runs.append(lambda runner=runner, inputs_in=inputs_in: runner(*inputs_in))
             rows.append({"what": variant, "runtime": backend.name, "precision": precision})
     timed = [row for row in rows if "skipped" not in row]
-    device = next((backend.device for backend in _runtimes_here() if backend.device is not None), _device_of(inputs))
+    device = next((backend.device for backend in here if backend.device is not None), _device_of(inputs))
     for row, samples in zip(timed, interleaved_samples(runs, device, rounds=ROUNDS, warmup=WARMUP)):
         quartiles = statistics.quantiles(samples, n=4)
         row.update(ms=statistics.median(samples) * 1e3, p25=quartiles[0] * 1e3, p75=quartiles[2] * 1e3)

@@ -9,6 +9,7 @@ so the report of each is built the same way, field by field, in one place.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections import Counter
 from typing import Any
@@ -168,14 +169,7 @@ def module_paths(gm: fx.GraphModule) -> dict[str, str]:
 def _module_of(modules: dict[str, str], nodes: tuple[str, ...]) -> str:
     """The innermost module holding every node of a rewrite (``stages.0.block``), or "" when they share none."""
     found = [modules[node].split(".") for node in nodes if modules.get(node)]
-    if not found:
-        return ""
-    common = []
-    for parts in zip(*found):
-        if len(set(parts)) > 1:
-            break
-        common.append(parts[0])
-    return ".".join(common)
+    return ".".join(os.path.commonprefix(found)) if found else ""  # commonprefix compares any sequences
 
 
 def model_name(model: Any, gm: fx.GraphModule) -> str:
