@@ -60,8 +60,7 @@ def judge(stats: ErrorStats, reference: Callable, rewritten: Callable, example_i
     """
     result = "the model folded in parts" if in_parts else "the rewritten graph"
     not_returned = f"{result[0].upper()}{result[1:]} was not returned."
-    others = f" ({len(stats.mismatches) - 1} more mismatch(es))" if len(stats.mismatches) > 1 else ""
-    mismatch = stats.mismatches[0] + others
+    mismatch = _first_mismatch(stats)
     if proofs is None or proofs.regions_proven == 0:
         raise VerificationError(f"{mismatch}. {not_returned}")
     if selection is not None:
@@ -75,12 +74,9 @@ def judge(stats: ErrorStats, reference: Callable, rewritten: Callable, example_i
     note = (f"end-to-end check: {mismatch}, while each of the {proofs.regions_proven} rewritten "
             f"region(s) matched the original in float64 (worst {proofs.worst_relative_error:.1e} relative); "
             f"{cause}")
-    if settings.strict:
-        raise VerificationError(f"{note}. Refused because strict=True.")
     subject = "the model folded in parts differs" if in_parts else "outputs differ"
-    warn_user(f"repfx: {subject} from the original beyond tolerance although every rewrite is exact: "
-              f"{note}. Accepted (strict=True refuses).")
-    return f"{note}. Accepted (strict=True refuses)."
+    return _accept_or_refuse(note, f"repfx: {subject} from the original beyond tolerance although every rewrite is "
+                                   "exact: ", strict=settings.strict)
 
 
 def judge_backend(stats: ErrorStats, plain: fx.GraphModule, what: str, *, strict: bool) -> str:
@@ -93,18 +89,26 @@ def judge_backend(stats: ErrorStats, plain: fx.GraphModule, what: str, *, strict
     and the original; that is accepted the same way, with a warning and a note
     (``strict`` refuses it). Without such an op the backend computes something else: an error.
     """
-    others = f" ({len(stats.mismatches) - 1} more mismatch(es))" if len(stats.mismatches) > 1 else ""
-    mismatch = stats.mismatches[0] + others
-    selecting = [f"{node.name} ({_op_name(node)})" for node in plain.graph.nodes
-                 if node.op == "call_function" and _selects(node, set(plain.graph.nodes))]
+    mismatch = _first_mismatch(stats)
+    selecting = _selecting_ops(plain, set(plain.graph.nodes))
     if not selecting:
         raise VerificationError(f"{what}: {mismatch}")
-    note = (f"{what}: {mismatch}; the plain graph selects with discontinuous ops "
-            f"({', '.join(selecting[:8])}{' ...' if len(selecting) > 8 else ''}), where the backend's own fp32 "
-            "rounding turns near-ties into different selections")
+    note = (f"{what}: {mismatch}; the plain graph selects with discontinuous ops ({selecting}), where the "
+            "backend's own fp32 rounding turns near-ties into different selections")
+    return _accept_or_refuse(note, "repfx: ", strict=strict)
+
+
+def _first_mismatch(stats: ErrorStats) -> str:
+    others = f" ({len(stats.mismatches) - 1} more mismatch(es))" if len(stats.mismatches) > 1 else ""
+    return stats.mismatches[0] + others
+
+
+def _accept_or_refuse(note: str, warning: str, *, strict: bool) -> str:
+    """The policy's last step for a difference rounding explains: refused under ``strict``, else said loudly
+    (``warning`` opens the warning) and returned as the note."""
     if strict:
         raise VerificationError(f"{note}. Refused because strict=True.")
-    warn_user(f"repfx: {note}. Accepted (strict=True refuses).")
+    warn_user(f"{warning}{note}. Accepted (strict=True refuses).")
     return f"{note}. Accepted (strict=True refuses)."
 
 
@@ -140,12 +144,18 @@ def _as_float64(value: Any) -> Any:
 def discontinuous_after_rewrites(gm: fx.GraphModule) -> str | None:
     """Which discontinuous ops read, where they select, a value a rewrite computed (None: none do)."""
     downstream = _reachable(node for node in gm.graph.nodes if REWRITE_META in node.meta)
-    found = [f"{node.name} ({_op_name(node)})" for node in gm.graph.nodes
-             if node.op == "call_function" and node in downstream and _selects(node, downstream)]
+    found = _selecting_ops(gm, downstream)
     if not found:
         return None
-    return (f"discontinuous ops after the rewritten regions turn fp32 rounding into different selections: "
-            f"{', '.join(found[:8])}{' ...' if len(found) > 8 else ''}")
+    return f"discontinuous ops after the rewritten regions turn fp32 rounding into different selections: {found}"
+
+
+def _selecting_ops(gm: fx.GraphModule, among: set[fx.Node]) -> str:
+    """``"name (op), ..."`` (eight at most) for each op of ``among`` that selects, where it selects, by a value of
+    ``among``; "" where none does."""
+    found = [f"{node.name} ({_op_name(node)})" for node in gm.graph.nodes
+             if node.op == "call_function" and node in among and _selects(node, among)]
+    return f"{', '.join(found[:8])}{' ...' if len(found) > 8 else ''}"
 
 
 def _reachable(starts: Iterable[fx.Node]) -> set[fx.Node]:
