@@ -10,17 +10,44 @@ same pipeline into torch.compile and torch-tensorrt; ``cli`` holds the commands.
     fast = repfx.compile(model, (x,))         # plain graph lowered to TensorRT / inductor / ONNX Runtime
     repfx.export(model, (x,), "deploy/")      # .pt2 + .onnx (+ TensorRT .engine where TensorRT exists)
     torch.compile(model, backend="repfx")     # re-parameterize inside torch.compile, then inductor
+
+The names above are imported on first use (PEP 562): ``import repfx`` itself imports no
+torch, so ``python -m repfx.trt`` (which imports this package before its own code runs)
+imports torch inside the command, where a Ctrl-C is one line like anywhere else.
 """
 
-from repfx.api import explain, reparameterize
-from repfx.deploy.compile import DeployedModel, compile
-from repfx.deploy.export import ExportResult, export
-from repfx.errors import BackendUnavailable, CaptureError, LoweringError, VerificationError
-from repfx.integrations import dynamo
-from repfx.report import Refusal, Report, Rewrite
+import importlib
+import importlib.util
 
-dynamo.register()
+from repfx.integrations import register_dynamo_backend
 
-__all__ = ["BackendUnavailable", "CaptureError", "DeployedModel", "ExportResult", "LoweringError", "Refusal",
-           "Report", "Rewrite", "VerificationError", "compile", "explain", "export", "reparameterize"]
+# public name -> the module that defines it
+_PUBLIC = {
+    "explain": "repfx.api", "reparameterize": "repfx.api",
+    "DeployedModel": "repfx.deploy.compile", "compile": "repfx.deploy.compile",
+    "ExportResult": "repfx.deploy.export", "export": "repfx.deploy.export",
+    "BackendUnavailable": "repfx.errors", "CaptureError": "repfx.errors", "LoweringError": "repfx.errors",
+    "VerificationError": "repfx.errors",
+    "Refusal": "repfx.report", "Report": "repfx.report", "Rewrite": "repfx.report",
+}
+
+register_dynamo_backend()
+
+__all__ = sorted(_PUBLIC)
 __version__ = "0.2.0"
+
+
+def __getattr__(name: str) -> object:
+    """A public name or a subpackage (``repfx.capture``), imported when first read."""
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

@@ -107,15 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; returns the exit code. Ctrl-C anywhere is exit 130 with one line, nothing left behind."""
+    """Run the command; returns the exit code. Ctrl-C anywhere is exit 130 with one line: before the files are
+    published nothing is left behind; after, the line names them and says they are complete."""
+    runs: list[Transaction] = []  # the run's transaction, once it exists
     try:
-        return _main(build_parser().parse_args(_joined_shapes(sys.argv[1:] if argv is None else argv)))
-    except KeyboardInterrupt:  # the transaction has already removed what it staged
-        print("repfx.trt: interrupted", file=sys.stderr)
+        return _main(build_parser().parse_args(_joined_shapes(sys.argv[1:] if argv is None else argv)), runs)
+    except KeyboardInterrupt:  # an uncommitted transaction has already removed what it staged
+        print(_interrupted_line(runs), file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
-def _main(args: argparse.Namespace) -> int:
+def _interrupted_line(runs: list[Transaction]) -> str:
+    if not runs or not runs[0].committed:
+        return "repfx.trt: interrupted"  # nothing was written
+    written = ", ".join(str(path) for path in runs[0].published)
+    return f"repfx.trt: interrupted after writing {written}: the files are complete"
+
+
+def _main(args: argparse.Namespace, runs: list[Transaction]) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")  # TorchScript is deprecated
     progress = PhaseProgress(enabled=not args.quiet)
     # --quiet: the libraries' own warnings about what they skip (onnxscript's constant folding, torch.onnx's
@@ -123,7 +132,7 @@ def _main(args: argparse.Namespace) -> int:
     quiet = loggers_at(logging.ERROR, THIRD_PARTY_LOGGERS) if args.quiet else contextlib.nullcontext()
     try:
         with quiet:
-            result, triton, benchmark = _run(args, progress)
+            result, triton, benchmark = _run(args, progress, runs)
         progress.close()
     except KeyboardInterrupt:
         progress.close(failed=True)
@@ -148,12 +157,13 @@ def _main(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run(args: argparse.Namespace,
-         progress: PhaseProgress) -> tuple[ExportResult, ModelEntry | None, list[dict] | None]:
-    """Everything the command writes, in one transaction: claimed (and so checked) before the model is
-    even loaded, staged while it is rewritten, published together at the end or not at all."""
+def _run(args: argparse.Namespace, progress: PhaseProgress,
+         runs: list[Transaction]) -> tuple[ExportResult, ModelEntry | None, list[dict] | None]:
+    """Everything the command writes, in one transaction (appended to ``runs``): claimed (and so checked) before
+    the model is even loaded, staged while it is rewritten, published together at the end or not at all."""
     name = _output_name(args)
     with Transaction(protected=[args.model] if args.model else []) as transaction:
+        runs.append(transaction)
         plan = plan_export(transaction, args.out, args.formats, name=name, precision=args.precision)
         entry = plan_triton(transaction, args.triton_repo, plan) if args.triton_repo else None
         model, inputs = _resolve_model(args, progress)

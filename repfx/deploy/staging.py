@@ -19,6 +19,10 @@ way, and when one run writes both they succeed or fail together:
 4. **close**: the temporary directories are removed, and so are the directories the
    transaction created when nothing was committed.
 
+A Ctrl-C during commit or close is held until they end (``interrupts_held``): the run
+is then either not committed (nothing is left) or committed whole (``published`` names
+what is in place, complete), never in between, and no temporary directory is left.
+
 Nothing is ever deleted but repfx's own temporary directories (after a commit, they
 hold the earlier copies of files repfx wrote itself and has now replaced).
 """
@@ -28,7 +32,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -83,6 +89,7 @@ class Transaction:
         self._created: list[Path] = []  # directories this transaction made, outermost first
         self._moves: list[tuple[Path, Path, Path]] = []  # (target, source, destination) of each commit move
         self._committed = False
+        self.published: list[Path] = []  # what the commit put in place, in claim order
         self._keep_staging = False  # a rollback left a previous file in a temporary directory
 
     def __enter__(self) -> Transaction:
@@ -134,18 +141,25 @@ class Transaction:
             return f"{target} is a directory in the way: move it away, or choose another output directory or name"
         return claim.may_replace(target)
 
+    @property
+    def committed(self) -> bool:
+        """Whether ``commit`` succeeded: every entry in ``published`` is in place and complete."""
+        return self._committed
+
     def commit(self) -> None:
-        """Move every staged entry into place, or, if anything fails, none."""
+        """Move every staged entry into place, or, if anything fails, none. A Ctrl-C meanwhile is raised after."""
         for claim in self.claims:  # all of them, before the first move
             self._check(claim)
-        try:
-            for claim in self.claims:
-                if os.path.lexists(claim.staged):  # else a condition only, checked above
+        with interrupts_held():
+            staged = [claim for claim in self.claims if os.path.lexists(claim.staged)]  # else a condition only
+            try:
+                for claim in staged:
                     self._publish(claim)
-        except BaseException:
-            self._roll_back()
-            raise
-        self._committed = True
+            except BaseException:
+                self._roll_back()
+                raise
+            self.published = [claim.target for claim in staged]
+            self._committed = True
 
     def _publish(self, claim: Claim) -> None:
         """Move ``claim`` into place; an existing target (which its rule accepted) is first moved aside."""
@@ -185,6 +199,10 @@ class Transaction:
         """Remove the temporary directories; without a commit, also the directories this transaction created."""
         if self._keep_staging:
             return  # the only copy of a previous file may be in there (see _roll_back)
+        with interrupts_held():
+            self._remove_temporaries()
+
+    def _remove_temporaries(self) -> None:
         for staging in self._staging.values():
             shutil.rmtree(staging, ignore_errors=True)
         self._staging.clear()
@@ -215,6 +233,27 @@ class Transaction:
             except OSError as error:
                 raise _naming(error, path) from error
             self._created.append(path)
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """A Ctrl-C (SIGINT) inside the block is raised as ``KeyboardInterrupt`` when the block ends, not inside it.
+
+    Only where Python's own handler is in place and in the main thread (the only one
+    signals reach): a program that handles SIGINT itself keeps its handling.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if received:
+            raise KeyboardInterrupt
 
 
 def repfx_version() -> str:

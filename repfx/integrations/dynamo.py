@@ -13,8 +13,6 @@ the graph is compiled by inductor unchanged, with a warning that says why.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.metadata
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,8 +21,6 @@ import torch
 from torch import fx
 
 from repfx.errors import first_line, warn_user
-
-BACKEND_NAME = "repfx"
 
 
 def repfx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
@@ -181,19 +177,3 @@ def _bind_module_state(gm: fx.GraphModule, state: dict[int, torch.Tensor]) -> fx
     for name, parameter in gm.named_parameters(recurse=False):
         holder.register_parameter(name, parameter)
     return fx.GraphModule(holder, graph).eval()
-
-
-def register() -> None:
-    """Make ``backend="repfx"`` resolvable after ``import repfx``.
-
-    An installed repfx declares the backend as a ``torch_dynamo_backends`` entry
-    point, which torch loads on lookup; registering it again would make torch's
-    registry assert on a duplicate name, so this only registers when that entry
-    point is absent (a checkout on ``sys.path``).
-    """
-    if importlib.metadata.entry_points(group="torch_dynamo_backends", name=BACKEND_NAME):
-        return
-    from torch._dynamo.backends.registry import register_backend
-
-    with contextlib.suppress(AssertionError):  # already registered in this process
-        register_backend(repfx_backend, name=BACKEND_NAME)

@@ -1,7 +1,7 @@
-"""``python -m repfx.trt``: the deploy command (``repfx.cli.trt``)."""
+"""``python -m repfx.trt``: the deploy command (``repfx.cli.trt``), started by ``repfx.trt.run``."""
 
 import sys
 
-from repfx.cli.trt import main
+from repfx.trt import run
 
-sys.exit(main())
+sys.exit(run())
