@@ -10,6 +10,21 @@ class CaptureError(RuntimeError):
     """The model could not be captured into an aten graph (trace/export failed)."""
 
 
+class InputMismatch(CaptureError):
+    """The example inputs do not fit the model: ``problem`` says how, ``shapes`` (one per input, where they can
+    be told) or ``names`` (forward's arguments) what would. A command states the fix in its own options."""
+
+    def __init__(self, problem: str, *, shapes: list[str] | None = None, names: list[str] | None = None) -> None:
+        self.problem, self.shapes, self.names = problem, shapes, names
+        if shapes:
+            fix = f"pass example inputs of shape {', '.join(shapes)}"
+        elif names:
+            fix = f"pass one example input per argument, in this order: {', '.join(names)}"
+        else:
+            fix = "pass example inputs the model takes"
+        super().__init__(f"{problem}: {fix}")
+
+
 class VerificationError(RuntimeError):
     """The rewritten graph does not reproduce the original outputs within tolerance."""
 

@@ -22,6 +22,7 @@ from repfx.passes.constants import written_attributes
 from repfx.capture.inputs import as_input_tuple, example_batch_size, is_batched, user_input_nodes, with_batch
 from repfx.errors import CaptureError, first_line, warn_user
 from repfx.capture.failure import dtype_mismatch, export_failure_message, quiet_torch_logs
+from repfx.capture.input_fit import check_input_count, input_mismatch
 from repfx.capture.lean import lean_tracing
 from repfx.capture.model_state import ModeChange, describe_mode_changes, train_mode_changes
 from repfx.capture.torchscript import convert_torchscript, full_slices_dropped, numbers_as_scalars
@@ -42,9 +43,16 @@ def capture(model: SupportedModel, example_inputs: Sequence[Any], *, dynamic_bat
     """Aten GraphModule with eval semantics for ``model``; the model itself is never modified."""
     example_inputs = as_input_tuple(example_inputs)
     check_input_dtypes(model, example_inputs)
+    check_input_count(getattr(model, "_orig_mod", model), example_inputs)
     mode_changes = _warn_about_train_mode(model) if _is_plain_module(model) else []
     with lean_tracing():  # no stack traces or code regenerated per pass: nothing downstream reads them
-        program = _export(model, example_inputs, dynamic_batch)
+        try:
+            program = _export(model, example_inputs, dynamic_batch)
+        except CaptureError as error:  # an input that does not fit the model says what would
+            mismatch = input_mismatch(getattr(model, "_orig_mod", model), example_inputs)
+            if mismatch is None:
+                raise
+            raise mismatch from error
         if program is model or isinstance(model, torch.jit.ScriptModule):
             # The program's module would share the user's tensors (and advance any state it updates).
             program = copy.deepcopy(program)

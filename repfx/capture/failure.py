@@ -30,6 +30,7 @@ from repfx.errors import first_line
 FIRST_LINE_LIMIT = 200  # the first line stays under this many characters
 _RAISED_AT = re.compile(r'The following call raised this error:\s*File "(?P<file>[^"<][^"]*)", line (?P<line>\d+), '
                         r'in \w+[ \t]*\n[ \t]*(?P<code>[^\n]*)')
+_SYMBOL = re.compile(r"(?<![\w.])s\d+(?![\w.])")  # torch's name for a symbolic size: s48
 _NOT_USER_CODE = tuple(str(Path(path).resolve()) for path in (
     Path(torch.__file__).parent, Path(__file__).parent, sysconfig.get_paths()["stdlib"]))
 
@@ -39,10 +40,16 @@ def export_failure_message(name: str, error: BaseException, module: Any, inputs:
     where = _user_frame(error)
     location = f" at {where[0]}:{where[1]} (`{where[2]}`)" if where else ""
     head = f"torch.export could not capture {name}{location}: "
-    reason = first_line(error)
+    reason = torch_reason(error)
     if len(head) + len(reason) >= FIRST_LINE_LIMIT:
         reason = reason[:max(FIRST_LINE_LIMIT - 1 - len(head) - 3, 20)] + "..."
     return f"{head}{reason}\nFix: {_fix(error, module, inputs)}"
+
+
+def torch_reason(error: BaseException) -> str:
+    """The first line of torch's message, symbolic sizes (``s48``, a batch made dynamic) written as ``?``:
+    they are torch's names for sizes the user never gave."""
+    return _SYMBOL.sub("?", first_line(error))
 
 
 def _user_frame(error: BaseException) -> tuple[str, int, str] | None:

@@ -31,8 +31,8 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
-from repfx.capture.failure import loggers_at
-from repfx.errors import CaptureError, first_line
+from repfx.capture.failure import loggers_at, quiet_torch_logs, torch_reason
+from repfx.errors import CaptureError
 
 aten = torch.ops.aten
 # The ops jit.trace records with a number operand as a tensor (``x + 0``, ``y * 0.5``); torch.export writes the number.
@@ -52,13 +52,15 @@ def convert_torchscript(module: torch.jit.ScriptModule, inputs: tuple,
 
         # The converter warns about every BatchNorm's num_batches_tracked and logs each
         # specialized dim; none of it is actionable for the user.
-        with warnings.catch_warnings(), loggers_at(logging.ERROR, ["torch._export.non_strict_utils"]):
+        # A failed replay logs the meta kernel's traceback (torch._subclasses.fake_tensor): held back too.
+        with warnings.catch_warnings(), loggers_at(logging.ERROR, ["torch._export.non_strict_utils"]), \
+                quiet_torch_logs():
             warnings.simplefilter("ignore", UserWarning)
             converter = TS2EPConverter(module, inputs)
             converter.retrace_as_exported_program = lambda gm, _: _retrace(gm, module, inputs, dynamic_shapes)
             return converter.convert()
     except Exception as error:
-        raise CaptureError(f"converting the TorchScript module to an ExportedProgram failed: {first_line(error)}\n"
+        raise CaptureError(f"converting the TorchScript module to an ExportedProgram failed: {torch_reason(error)}\n"
                            "Fix: export the original nn.Module with torch.export instead.") from error
 
 

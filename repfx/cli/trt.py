@@ -41,7 +41,8 @@ from repfx.cli.triton_entry import plan_triton, stage_triton
 from repfx.deploy.export import ExportResult, build_export, plan_export
 from repfx.deploy.staging import Transaction
 from repfx.deploy.triton_config import check_model_name
-from repfx.errors import BackendUnavailable, CaptureError, LoweringError, VerificationError, first_line
+from repfx.errors import (BackendUnavailable, CaptureError, InputMismatch, LoweringError, VerificationError,
+                          first_line)
 from repfx.settings import Settings
 
 if TYPE_CHECKING:
@@ -141,6 +142,9 @@ def _main(args: argparse.Namespace, runs: list[Transaction]) -> int:
         progress.close(failed=True)
         print(f"repfx.trt: verification failed: {error}", file=sys.stderr)  # all the numbers, not one line
         return EXIT_VERIFICATION_FAILED
+    except InputMismatch as error:
+        progress.close(failed=True)
+        return _fail(_input_shape_fix(error), EXIT_BAD_INPUT)
     except (BadInput, CaptureError, BackendUnavailable, LoweringError, ValueError) as error:
         progress.close(failed=True)
         return _fail(str(error), EXIT_BAD_INPUT)
@@ -219,6 +223,16 @@ def _example_inputs(shapes: list[tuple[int, ...]], seed: int, dtypes: list[torch
     dtypes = dtypes or [torch.float32] * len(shapes)
     check_inputs_fit(shapes, dtypes)
     return random_inputs([InputSpec(tuple(shape), dtype) for shape, dtype in zip(shapes, dtypes)], seed)
+
+
+def _input_shape_fix(error: InputMismatch) -> str:
+    """The mismatch with its fix said in this command's option: ``--input-shape``, once per input."""
+    if error.shapes:
+        return f"{error.problem}: pass {' '.join(f'--input-shape {shape}' for shape in error.shapes)}"
+    if error.names:
+        return (f"{error.problem}: pass --input-shape once per input, in this order: {', '.join(error.names)} "
+                "(e.g. --input-shape 1x3x224x224 --input-shape ...)")
+    return f"{error.problem}: pass --input-shape with the shape the model takes"
 
 
 def _os_error_line(error: OSError) -> str:
