@@ -47,6 +47,10 @@ class Layer:
             return f"...x{self.features}"
         return "x".join(["N", str(self.features), *_SPATIAL.get(len(self.weight) - 2, ["..."])])
 
+    def reads(self) -> str:
+        """``3 channels (Nx3xHxW)``: what the layer reads, in words and as a shape."""
+        return f"{self.features} {'features' if self.kind == 'linear' else 'channels'} ({self.expected()})"
+
     def fits(self, shape: Sequence[int]) -> bool:
         if self.kind == "linear":
             return len(shape) >= 1 and shape[-1] == self.features
@@ -107,7 +111,7 @@ def input_mismatch(model: Any, inputs: tuple) -> InputMismatch | None:
     names = (forward_parameters(model) or ([], []))[1]
     label = f"input {index}" + (f" ({names[index]})" if index < len(names) else "")
     problem = (f"{label} has shape {_shape(shape)}, but the model's first {layer.kind} `{layer.name}` "
-               f"(weight {_shape(layer.weight)}) reads {layer.expected()}")
+               f"(weight {_shape(layer.weight)}) reads {layer.reads()}")
     fitting = _shape(suggestion) if suggestion is not None else layer.expected()  # a rank too far off: the pattern
     shapes = [fitting if i == index else _shape(t.shape) for i, t in enumerate(inputs)]
     return InputMismatch(problem, shapes=shapes, names=names or None)
