@@ -11,6 +11,7 @@ made on any machine (a full disk; memory sizes differ).
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -28,6 +29,7 @@ from torch import nn
 import repfx.cli.memory as memory
 import repfx.cli.trt as cli
 from repfx.samples import RepVGGBlock
+from repfx.deploy.staging import sha256_of
 from repfx.deploy.triton import mark
 
 from helpers import build, rand
@@ -138,6 +140,115 @@ def test_ctrl_c_in_any_phase_is_caught(tmp_path, model, monkeypatch, capsys):
     assert code == 130
     assert err.strip().splitlines() == ["repfx.trt: interrupted"], err
     assert tree(tmp_path) == {"net.pt2": model.read_bytes()}
+
+
+# A Ctrl-C at the other moments, each made certain the same way: the step announces itself and waits. After the
+# files are published (the report being printed) they are complete and the line says so; one that arrives while
+# they are renamed into place is held until all are; one during the imports is the same one line.
+MOMENTS = {
+    "printing the report": """
+        import repfx.cli.trt
+        repfx.cli.trt.print_result = lambda *args: wait(600)
+    """,
+    "publishing the files": """
+        from repfx.deploy.staging import Transaction
+        publish = Transaction._publish
+        def waiting_publish(self, claim):  # the Ctrl-C comes after the first file is in place
+            publish(self, claim)
+            wait(3) if not READY.exists() else None
+        Transaction._publish = waiting_publish
+    """,
+    "importing the command": """
+        class Waiting:  # the command's module is being imported when the Ctrl-C comes
+            def find_spec(self, name, path=None, target=None):
+                wait(600) if name == "repfx.cli.trt" else None
+        sys.meta_path.insert(0, Waiting())
+    """,
+}
+AT_A_MOMENT = textwrap.dedent("""
+    import faulthandler, signal, sys, time
+    from pathlib import Path
+    faulthandler.dump_traceback_later(45)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see INTERRUPTIBLE)
+
+    READY = Path(sys.argv[1])
+
+    def wait(seconds):
+        READY.write_text("waiting")
+        time.sleep(seconds)
+    {moment}
+    import repfx.trt
+    sys.argv[1:] = sys.argv[2:]
+    sys.exit(repfx.trt.run())
+""")
+COMPLETE = ": the files are complete"
+
+
+def interrupted_at(tmp_path: Path, ready: Path, moment: str, *args: str) -> tuple[int, str, str]:
+    """Run the command (as ``repfx.trt.run``, what ``python -m repfx.trt`` runs), SIGINT it at ``moment``."""
+    script = AT_A_MOMENT.format(moment=textwrap.dedent(MOMENTS[moment]))
+    process = subprocess.Popen([sys.executable, "-c", script, str(ready), *args], cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), f"the run never reached {moment}: {process.communicate(timeout=30)}"
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    return process.returncode, stdout, stderr
+
+
+@pytest.mark.parametrize("moment", ["printing the report", "publishing the files"])
+def test_ctrl_c_after_the_files_are_published_says_they_are_complete(tmp_path, tmp_path_factory, model, moment):
+    ready = tmp_path_factory.mktemp("signal") / "ready"
+    code, _, stderr = interrupted_at(tmp_path, ready, moment, "net.pt2", "--out", "out", "--triton-repo", "triton",
+                                     "--quiet")
+
+    assert code == 130, stderr
+    line = the_line(stderr, prefix="repfx.trt: interrupted after writing ")
+    assert line.endswith(COMPLETE), line
+    written = line.removeprefix("repfx.trt: interrupted after writing ").removesuffix(COMPLETE).split(", ")
+    assert written == ["out/net.pt2", "out/net.onnx", "out/net.report.json", "triton/net"]  # a new model: its folder
+    assert all((tmp_path / path).exists() for path in written), written
+    assert not [path for path in tmp_path.rglob(".*")], "no staging directory is left"
+    record = json.loads((tmp_path / "out" / "net.report.json").read_text())  # complete: every file as recorded
+    assert {name: sha256_of(tmp_path / "out" / name) for name in record["files"]} == record["files"]
+    assert torch.export.load(str(tmp_path / "out" / "net.pt2")) is not None
+
+
+def test_ctrl_c_during_the_imports_is_one_line(tmp_path, tmp_path_factory, model):
+    ready = tmp_path_factory.mktemp("signal") / "ready"
+    code, stdout, stderr = interrupted_at(tmp_path, ready, "importing the command", "net.pt2", "--out", "out")
+
+    assert code == 130, stderr
+    assert stderr.strip().splitlines() == ["repfx.trt: interrupted"], stderr
+    assert stdout == "" and tree(tmp_path) == {"net.pt2": model.read_bytes()}
+
+
+def test_the_command_imports_torch_inside_its_handler():
+    """``python -m repfx.trt`` imports the packages above the command before any code of it runs: none imports
+    torch (seconds), so a Ctrl-C while torch loads reaches the handler in ``repfx.trt.run``."""
+    probe = "import sys, repfx.trt; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'onnx'}))"
+    completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=WAIT_S)
+    assert completed.stdout.strip() == "[]", completed
+
+
+def test_ctrl_c_in_the_teardown_after_the_command_exits_with_its_code():
+    script = textwrap.dedent("""
+        import os, signal, sys
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        from repfx.trt import _exit_at_once_on_interrupt
+        print("report")
+        _exit_at_once_on_interrupt(0)
+        os.kill(os.getpid(), signal.SIGINT)
+        signal.pause() if hasattr(signal, "pause") else None
+        print("not reached")
+    """)
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=WAIT_S)
+    assert (completed.returncode, completed.stdout, completed.stderr) == (0, "report\n", "")
 
 
 # --- usage errors -----------------------------------------------------------------------------------------------
