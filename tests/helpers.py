@@ -184,3 +184,32 @@ class DepthwiseBesideDense(nn.Module):
 
     def forward(self, x):
         return torch.relu(self.dw(x) + self.pw(x))
+
+
+# --- models whose inputs or forward make capture fail ----------------------------------------------------------------
+
+class TwoInputs(nn.Module):
+    """forward(image, mask): given one input, TorchScript's conversion hit a torch INTERNAL ASSERT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(image)) * mask
+
+
+class DataDependent(nn.Module):
+    """How often the loop runs depends on the values: capture fails, for a reason that is not the input's shape
+    (and TorchScript -> ExportedProgram conversion fails too: a data-dependent ``if`` converts, to ``torch.cond``;
+    a data-dependent loop count does not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        for _ in range(int(y.abs().sum().item()) % 3):
+            y = y + 1
+        return y

@@ -17,7 +17,7 @@ from torch import nn
 from repfx.capture.export import capture
 from repfx.errors import CaptureError, InputMismatch
 
-from helpers import build, rand
+from helpers import DataDependent, TwoInputs, build, rand
 
 SYMBOL = re.compile(r"(?<![\w.])s\d+(?![\w.])")
 
@@ -33,29 +33,6 @@ class Stem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.bn(self.stem(x)).mean((2, 3)))
-
-
-class TwoInputs(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
-
-    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(image)) * mask
-
-
-class DataDependent(nn.Module):
-    """Fails to capture for a reason that is not the input's shape (a loop count read from the values)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn(self.conv(x))
-        for _ in range(int(y.abs().sum().item()) % 3):
-            y = y + 1
-        return y
 
 
 def as_kind(model: nn.Module, kind: str, *example: torch.Tensor) -> nn.Module:

@@ -41,7 +41,7 @@ from tritonclient.grpc import model_config_pb2
 # `repfx.samples`: the pickled model must name its classes by that module path.
 from repfx.samples import RepVGGBlock
 
-from helpers import build, max_error, rand
+from helpers import DataDependent, TwoInputs, build, max_error, rand
 
 BLOCKS = 2  # RepVGGBlock 3->8 stride 2 (3x3 + 1x1) and 8->8 (3x3 + 1x1 + identity BN): one conv each
 BATCH_NORMS = 5  # 2 + 3 branches
@@ -60,34 +60,6 @@ def repvgg_net() -> nn.Module:
 def mlp() -> nn.Module:
     """Linear -> ReLU -> Linear: the nonlinearity sits between the linears, so nothing can merge."""
     return nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, 5))
-
-
-class TwoInputs(nn.Module):
-    """forward(image, mask): given one --input-shape, TorchScript's conversion hit a torch INTERNAL ASSERT."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
-
-    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(image)) * mask
-
-
-class DataDependent(nn.Module):
-    """How often the loop runs depends on the values: TorchScript -> ExportedProgram conversion fails.
-
-    (A data-dependent ``if`` converts, to ``torch.cond``; a data-dependent loop count does not.)
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn(self.conv(x))
-        for _ in range(int(y.abs().sum().item()) % 3):
-            y = y + 1
-        return y
 
 
 # --- the model files ----------------------------------------------------------------------------------------------
