@@ -32,6 +32,7 @@ from repfx.backends.precision import PRECISIONS, precision_dtype
 from repfx.capture.failure import loggers_at
 from repfx.capture.inputs import InputSpec, random_inputs
 from repfx.capture.loading import BadInput, LoadedModel, load_model
+from repfx.cli import interrupts
 from repfx.cli.benchmark import benchmark as run_benchmark
 from repfx.cli.memory import check_inputs_fit
 from repfx.cli.planning import add_check_arguments, add_planning_arguments
@@ -181,6 +182,7 @@ def _run(args: argparse.Namespace, progress: PhaseProgress,
         if args.benchmark:
             progress("benchmark")  # before the commit, on the staged files: a failed benchmark writes nothing
         benchmark = run_benchmark(model, result.plain, inputs, args.precision) if args.benchmark else None
+        interrupts.check()  # a Ctrl-C Python lost on the way (in a finalizer) still stops the run here
         transaction.commit()
     return result, entry, benchmark
 

@@ -237,13 +237,14 @@ class Transaction:
 
 @contextmanager
 def interrupts_held() -> Iterator[None]:
-    """A Ctrl-C (SIGINT) inside the block is raised as ``KeyboardInterrupt`` when the block ends, not inside it.
+    """A Ctrl-C (SIGINT) inside the block is handed to the handler in place when the block ends, not inside it
+    (Python's own raises ``KeyboardInterrupt`` then).
 
-    Only where Python's own handler is in place and in the main thread (the only one
-    signals reach): a program that handles SIGINT itself keeps its handling.
+    Only in the main thread (the only one signals reach) and where a Python function
+    handles SIGINT; ignored or left to the OS, it stays so.
     """
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    handler = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(handler):
         yield
         return
     received: list[int] = []
@@ -251,9 +252,9 @@ def interrupts_held() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, handler)
         if received:
-            raise KeyboardInterrupt
+            handler(signal.SIGINT, None)
 
 
 def repfx_version() -> str:

@@ -236,13 +236,50 @@ def test_the_command_imports_torch_inside_its_handler():
     assert completed.stdout.strip() == "[]", completed
 
 
+def test_a_ctrl_c_python_loses_is_still_seen():
+    """Raised inside a finalizer, KeyboardInterrupt is printed as "Exception ignored" and lost (it happened in
+    importlib's module-lock callback, and the run went on to write its files with exit 0)."""
+    script = textwrap.dedent("""
+        import os, signal, sys
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        from repfx.cli import interrupts
+        interrupts.remember()
+
+        class Finalized:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGINT)
+                sum(range(100000))  # the handler runs here, inside the finalizer
+
+        Finalized()
+        print("went on")
+        try:
+            interrupts.check()
+        except KeyboardInterrupt:
+            print("stopped")
+    """)
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=WAIT_S)
+    assert completed.stdout.splitlines() == ["went on", "stopped"], completed
+    assert "Exception ignored" in completed.stderr, "the interrupt really was lost on the way"
+
+
+def test_a_lost_ctrl_c_stops_the_run_before_it_publishes(tmp_path, model, monkeypatch, capsys):
+    from repfx.cli import interrupts
+
+    monkeypatch.setattr(interrupts, "_received", 1)
+    code, err = run(tmp_path, monkeypatch, capsys, "net.pt2", "--out", "out", "--quiet")
+
+    assert code == 130
+    assert err.strip().splitlines() == ["repfx.trt: interrupted"], err
+    assert tree(tmp_path) == {"net.pt2": model.read_bytes()}
+
+
 def test_ctrl_c_in_the_teardown_after_the_command_exits_with_its_code():
     script = textwrap.dedent("""
         import os, signal, sys
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        from repfx.trt import _exit_at_once_on_interrupt
+        from repfx.cli.interrupts import exit_at_once
         print("report")
-        _exit_at_once_on_interrupt(0)
+        exit_at_once(0)
         os.kill(os.getpid(), signal.SIGINT)
         signal.pause() if hasattr(signal, "pause") else None
         print("not reached")
