@@ -38,6 +38,7 @@ _AFFINE = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, a
 _STATISTICS = {"mean", "var", "std", "var_mean", "std_mean", "sum", "amax", "amin", "logsumexp"}
 _ON_STATISTICS = {"add", "sub", "rsub", "mul", "div", "sqrt", "rsqrt", "reciprocal", "pow", "clamp", "clamp_min",
                   "neg", "exp", "log", "getitem", "expand", "_to_copy"}  # what carries a statistic on (``var + eps``)
+_NOTES = {"chain-partition", "weight-copied"}  # refusal codes that note a choice, weaker than a failed merge
 _LINEAR_OPS = {"convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                "conv_transpose3d", "linear", "addmm", "mm", "bmm", "matmul"}
 
@@ -125,11 +126,17 @@ class _Walk:
         if node in self.normalization or self._normalizes(node):
             return Kept(node.name, kind, "normalization", f"{node.name} is part of a normalization by its input's "
                         "own statistics (a LayerNorm or GroupNorm written out), which is not linear")
-        for place in self._places(node):
-            refusal = self.refused.get(place.name)
-            if refusal is not None:
-                return Kept(node.name, kind, refusal.code, refusal.reason, refusal.node)
+        refusals = [refusal for place in self._places(node) if (refusal := self.refused.get(place.name))]
+        failures = [refusal for refusal in refusals if refusal.code not in _NOTES]
+        if failures:
+            return Kept(node.name, kind, failures[0].code, failures[0].reason, failures[0].node)
         root = self.region.get(node)
+        if root is not None and self.analysis.exprs[root].channel_last and not _keeps_leading_shape(
+                root, self.analysis.exprs[root]):
+            return Kept(node.name, kind, "layout", f"{node.name} is in a channel-last region a reshape runs through "
+                        f"({root.name}); no single linear emits it in its layout")
+        if refusals:  # how a chain was cut: the cost rule kept the ops apart
+            return Kept(node.name, kind, refusals[0].code, refusals[0].reason, refusals[0].node)
         if root is None:
             return self._outside_any_region(node, kind)
         return self._region_not_rewritten(node, kind, root, self.analysis.exprs[root])
@@ -157,9 +164,6 @@ class _Walk:
 
     def _region_not_rewritten(self, node: fx.Node, kind: str, root: fx.Node, expr: Expr) -> Kept:
         """A region the fold found exact but did not write back, and no refusal says why: it would not run fewer ops."""
-        if expr.channel_last and not _keeps_leading_shape(root, expr):
-            return Kept(node.name, kind, "layout", f"{node.name} is in a channel-last region a reshape runs through "
-                        f"({root.name}); no single linear emits it in its layout")
         if any(op_name(op) in _LINEAR_OPS for op in expr.ops):
             return self._unexplained(node, kind, f"its region ({root.name}) holds a conv or linear yet was not "
                                      "rewritten, and no refusal says why")
