@@ -25,7 +25,9 @@ import torch
 from torch import fx
 
 from repfx.passes.constants import ConstantFolder
+from repfx.passes.dataflow import ancestry, input_free, is_view
 from repfx.passes.fold import _is_executed, _keeps_leading_shape
+from repfx.passes.normalizations import normalizations, op_name
 from repfx.passes.refusals import CODES, LEFT_AS_WRITTEN, Refused
 from repfx.passes.regions.analyzer import Analysis, Analyzer, Expr
 from repfx.passes.regions.values import per_channel
@@ -34,10 +36,6 @@ aten = torch.ops.aten
 
 _AFFINE = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Tensor, aten.rsub.Scalar,
            aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
-# Reductions whose result, broadcast back onto the tensor they reduce, normalizes it (LayerNorm, GroupNorm, softmax).
-_STATISTICS = {"mean", "var", "std", "var_mean", "std_mean", "sum", "amax", "amin", "logsumexp"}
-_ON_STATISTICS = {"add", "sub", "rsub", "mul", "div", "sqrt", "rsqrt", "reciprocal", "pow", "clamp", "clamp_min",
-                  "neg", "exp", "log", "getitem", "expand", "_to_copy"}  # what carries a statistic on (``var + eps``)
 _NOTES = {"chain-partition", "weight-copied"}  # refusal codes that note a choice, weaker than a failed merge
 _LINEAR_OPS = {"convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                "conv_transpose3d", "linear", "addmm", "mm", "bmm", "matmul"}
@@ -60,12 +58,6 @@ class Accounting:
     # Ops of normalizations by the input's statistics, and the scales and shifts of their output kept as written:
     # their refusals ("channel mismatch") are noise, the ``Kept`` entries say why they stay.
     normalization: frozenset[str]
-
-
-def op_name(node: fx.Node) -> str:
-    """``aten.batch_norm.default`` -> ``batch_norm``; ``aten.relu_.default`` -> ``relu`` (in place or not)."""
-    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-    return name[:-1] if name.endswith("_") and not name.endswith("__") else name
 
 
 def account(gm: fx.GraphModule, analysis: Analysis | None, refusals: Sequence[Refused]) -> Accounting:
@@ -92,15 +84,15 @@ class _Walk:
         for refusal in refusals:
             self.refused.setdefault(refusal.node, refusal)
         self.region: dict[fx.Node, fx.Node] = {op: root for root in analysis.roots() for op in analysis.exprs[root].ops}
-        self.free = _input_free(gm)
-        self.statistics, self.normalization = _normalizations(gm, self.free)
+        self.free = input_free(gm)
+        self.normalization = normalizations(gm, self.free)
 
     # -- which ops are accounted for ---------------------------------------------------------
     def kind(self, node: fx.Node) -> str | None:
         if not _is_executed(node) or not _is_floating(node):
             return None
         if node in self.free:
-            return "parameter-subgraph" if not _is_view(node) and self._reads_parameters(node) else None
+            return "parameter-subgraph" if not is_view(node) and self._reads_parameters(node) else None
         name = op_name(node)
         if "batch_norm" in name:
             return "batch_norm"
@@ -117,7 +109,7 @@ class _Walk:
         return [arg for arg in node.args[:2] if isinstance(arg, fx.Node) and not self.constants.is_constant(arg)]
 
     def _reads_parameters(self, node: fx.Node) -> bool:
-        return any(op.op == "get_attr" for op in _ancestry(node))
+        return any(op.op == "get_attr" for op in ancestry(node))
 
     # -- why each stays ------------------------------------------------------------------------
     def explain(self, node: fx.Node, kind: str) -> Kept:
@@ -242,15 +234,9 @@ def _is_floating(node: fx.Node) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
-def _is_view(node: fx.Node) -> bool:
-    """The op returns a view of its input (``view``, ``unsqueeze``, ``permute``): it computes nothing."""
-    returns = getattr(getattr(node.target, "_schema", None), "returns", ())
-    return bool(returns) and all(ret.alias_info is not None for ret in returns)
-
-
 def _below_views(node: fx.Node) -> fx.Node:
     """The tensor ``node`` is a view (or a chain of views) of."""
-    while _is_view(node) and node.args and isinstance(node.args[0], fx.Node):
+    while is_view(node) and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
 
@@ -258,25 +244,6 @@ def _below_views(node: fx.Node) -> fx.Node:
 def _to_one_pixel(node: fx.Node) -> bool:
     size = node.args[1] if len(node.args) > 1 else None
     return isinstance(size, (list, tuple)) and all(s == 1 for s in size)
-
-
-def _input_free(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes no graph input reaches (parameters, buffers, constants and what the graph computes from them)."""
-    free: set[fx.Node] = set()
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" or (node.op == "call_function" and all(arg in free for arg in node.all_input_nodes)):
-            free.add(node)
-    return free
-
-
-def _ancestry(node: fx.Node) -> set[fx.Node]:
-    seen, todo = {node}, [node]
-    while todo:
-        for arg in todo.pop().all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                todo.append(arg)
-    return seen
 
 
 def _free_descendants(node: fx.Node, free: set[fx.Node]) -> list[fx.Node]:
@@ -288,59 +255,6 @@ def _free_descendants(node: fx.Node, free: set[fx.Node]) -> list[fx.Node]:
                 seen.add(user)
                 todo.append(user)
     return sorted(seen)
-
-
-def _normalizations(gm: fx.GraphModule, free: set[fx.Node]) -> tuple[set[fx.Node], set[fx.Node]]:
-    """(statistics, the ops of every normalization by its input's statistics).
-
-    A statistic is a reduction of a tensor (``mean``, ``var``, ``amax``...), or an
-    elementwise op or view of statistics and constants alone (``var + eps``, ``sqrt``). A
-    normalizer combines a tensor with a statistic computed from that tensor, or from
-    what a normalizer made of it (``x - mean(x)``, ``(x - u) / sqrt(var + eps)``). The
-    ops of a normalization are its normalizers and the statistics they read.
-    """
-    order = {node: index for index, node in enumerate(gm.graph.nodes)}
-    statistics: set[fx.Node] = set()
-    ops: set[fx.Node] = set()
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node in free:
-            continue
-        varying = [arg for arg in node.all_input_nodes if arg not in free]
-        name = op_name(node)
-        if name in _STATISTICS or (varying and (name in _ON_STATISTICS or _is_view(node))
-                                   and all(arg in statistics for arg in varying)):
-            statistics.add(node)
-            continue
-        stats = [arg for arg in varying if arg in statistics]
-        tensors = [arg for arg in varying if arg not in statistics]
-        if stats and any(tensor in ops or _computed_from(stat, tensor, order) for tensor in tensors for stat in stats):
-            ops.add(node)
-            ops |= _statistics_above(stats, statistics)
-    return statistics, ops
-
-
-def _computed_from(node: fx.Node, tensor: fx.Node, order: dict[fx.Node, int]) -> bool:
-    """Whether ``node`` reads ``tensor``, directly or not (walking back no further than ``tensor``)."""
-    seen, todo = {node}, [node]
-    while todo:
-        for arg in todo.pop().all_input_nodes:
-            if arg is tensor:
-                return True
-            if arg not in seen and order.get(arg, -1) > order[tensor]:
-                seen.add(arg)
-                todo.append(arg)
-    return False
-
-
-def _statistics_above(stats: list[fx.Node], statistics: set[fx.Node]) -> set[fx.Node]:
-    """``stats`` and the statistics they are computed from (``sqrt(var + eps)``: the sqrt, the add, the var)."""
-    seen, todo = set(stats), list(stats)
-    while todo:
-        for arg in todo.pop().all_input_nodes:
-            if arg in statistics and arg not in seen:
-                seen.add(arg)
-                todo.append(arg)
-    return seen
 
 
 __all__ = ["CODES", "LEFT_AS_WRITTEN", "Accounting", "Kept", "account", "op_name"]
