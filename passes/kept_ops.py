@@ -28,7 +28,7 @@ from repfx.passes.constants import ConstantFolder
 from repfx.passes.dataflow import ancestry, input_free, is_view
 from repfx.passes.fold import _is_executed, _keeps_leading_shape
 from repfx.passes.normalizations import normalizations, op_name
-from repfx.passes.refusals import CODES, LEFT_AS_WRITTEN, Refused
+from repfx.passes.refusals import Refused
 from repfx.passes.regions.analyzer import Analysis, Analyzer, Expr
 from repfx.passes.regions.values import per_channel
 
@@ -65,7 +65,7 @@ def account(gm: fx.GraphModule, analysis: Analysis | None, refusals: Sequence[Re
 
     ``analysis``: the analysis that merges everything exact (``"always"``) of ``gm`` as it
     stands, as the fold's last round left it (None: built here). ``refusals``: those of the
-    fold, the rounds that read ``gm`` as it stands first (the first one per node is used).
+    fold, the rounds that read ``gm`` as it stands first (a node's refusals are read in that order).
     """
     analysis = analysis if analysis is not None else Analyzer(gm, "always").run()
     walk = _Walk(gm, analysis, refusals)
@@ -80,9 +80,9 @@ class _Walk:
     def __init__(self, gm: fx.GraphModule, analysis: Analysis, refusals: Sequence[Refused]) -> None:
         self.analysis = analysis
         self.constants = ConstantFolder(gm, upcast=False)
-        self.refused: dict[str, Refused] = {}
+        self.refused: dict[str, list[Refused]] = {}
         for refusal in refusals:
-            self.refused.setdefault(refusal.node, refusal)
+            self.refused.setdefault(refusal.node, []).append(refusal)
         self.region: dict[fx.Node, fx.Node] = {op: root for root in analysis.roots() for op in analysis.exprs[root].ops}
         self.free = input_free(gm)
         self.normalization = normalizations(gm, self.free)
@@ -118,7 +118,7 @@ class _Walk:
         if node in self.normalization or self._normalizes(node):
             return Kept(node.name, kind, "normalization", f"{node.name} is part of a normalization by its input's "
                         "own statistics (a LayerNorm or GroupNorm written out), which is not linear")
-        refusals = [refusal for place in self._places(node) if (refusal := self.refused.get(place.name))]
+        refusals = [refusal for place in self._places(node) for refusal in self.refused.get(place.name, ())]
         failures = [refusal for refusal in refusals if refusal.code not in _NOTES]
         if failures:
             return Kept(node.name, kind, failures[0].code, failures[0].reason, failures[0].node)
@@ -173,7 +173,7 @@ class _Walk:
         if kind == "pool" and "adaptive" in name:
             return Kept(node.name, kind, "adaptive-pool", f"{node.name}: its windows follow the input size, so no "
                         "fixed kernel computes it" + (" (a pool over the whole map)" if _to_one_pixel(node) else ""))
-        value = node.meta["val"]
+        value = _output(node)
         if value.dim() < 2:
             return Kept(node.name, kind, "no-channel-dim", f"{node.name} computes a {value.dim()}-d tensor: no "
                         "channel dim for a convolution to act on")
@@ -195,7 +195,7 @@ class _Walk:
         return next((self.constants.value(arg) for arg in node.args[:2] if arg not in tensors), None)
 
     def _per_channel(self, node: fx.Node) -> bool:
-        shape = tuple(node.meta["val"].shape[1:])
+        shape = tuple(_output(node).shape[1:])
         return all(isinstance(size, int) for size in shape) and per_channel(self._constant(node), shape) is not None
 
     def _constant_shape(self, node: fx.Node) -> tuple[int, ...]:
@@ -205,7 +205,8 @@ class _Walk:
     def _nothing_to_fold(self, node: fx.Node, kind: str, sources: list[fx.Node], readers: list[fx.Node]) -> Kept:
         """No conv or linear on either side: say what the op reads and what reads it."""
         def named(nodes: list[fx.Node]) -> str:
-            return ", ".join(f"{n.name} ({op_name(n) if n.op == 'call_function' else n.op})" for n in nodes[:3]) or "none"
+            shown = (f"{n.name} ({op_name(n) if n.op == 'call_function' else n.op})" for n in nodes[:3])
+            return ", ".join(shown) or "nothing"
 
         if sources and all(source.op == "placeholder" for source in sources):
             return Kept(node.name, kind, "reads-input", f"{node.name} reads the model input {named(sources)} and "
@@ -216,9 +217,9 @@ class _Walk:
     def _parameter_subgraph(self, node: fx.Node) -> Kept:
         """A value of parameters alone, still computed on every call: the refusal of the subgraph it is part of."""
         for reader in _free_descendants(node, self.free):
-            refusal = self.refused.get(reader.name)
-            if refusal is not None and refusal.code == "parameter-subgraph":
-                return Kept(node.name, "parameter-subgraph", refusal.code, refusal.reason, refusal.node)
+            for refusal in self.refused.get(reader.name, ()):
+                if refusal.code == "parameter-subgraph":
+                    return Kept(node.name, "parameter-subgraph", refusal.code, refusal.reason, refusal.node)
         return self._unexplained(node, "parameter-subgraph", "it reads only parameters and constants, yet was "
                                  "neither stored nor refused")
 
@@ -227,10 +228,14 @@ class _Walk:
         return Kept(node.name, kind, "unexplained", f"{node.name}: {why}")
 
 
-def _is_floating(node: fx.Node) -> bool:
+def _output(node: fx.Node) -> object:
+    """The tensor an op computes (a functional BatchNorm returns (out, mean, invstd): its out)."""
     value = node.meta.get("val")
-    if isinstance(value, (tuple, list)):  # a functional BatchNorm returns (out, mean, invstd)
-        value = value[0] if value else None
+    return (value[0] if value else None) if isinstance(value, (tuple, list)) else value
+
+
+def _is_floating(node: fx.Node) -> bool:
+    value = _output(node)
     return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
@@ -257,4 +262,4 @@ def _free_descendants(node: fx.Node, free: set[fx.Node]) -> list[fx.Node]:
     return sorted(seen)
 
 
-__all__ = ["CODES", "LEFT_AS_WRITTEN", "Accounting", "Kept", "account", "op_name"]
+__all__ = ["Accounting", "Kept", "account"]
