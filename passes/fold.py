@@ -60,6 +60,9 @@ class PassResult:
     refusals: list[Refused] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)  # contested cost decisions of this round
     rule_counts: dict[str, int] = field(default_factory=dict)  # rule name -> forms it gave the regions rewritten
+    # The analysis merging all that is exact of the graph a round left as it found it (the last round): what
+    # ``kept_ops`` reads to explain each op that stays. None in a round that rewrote the graph.
+    final: Analysis | None = None
 
 
 @dataclass
@@ -296,6 +299,7 @@ def fold_linear_regions(gm: fx.GraphModule, cost: CostPolicy | CostRule = "macs"
         if copied:
             result.refusals.append(Refused(emission.root.name, "weight-copied", sharing.copy_note(copied, parameters)))
     result.rule_counts = dict(counts)
+    result.final = None if result.modified else choice.written
     return result
 
 

@@ -29,6 +29,7 @@ from torch import fx, nn
 
 from repfx.passes.constants import EXACT_META, ConstantFolder, float64_values, written_attributes
 from repfx.passes.constants import _is_nondeterministic, _writes_into
+from repfx.passes.dataflow import ancestry, input_free, is_view
 from repfx.passes.emit import _unique_attr, remove_dead_code
 from repfx.passes.fold import AppliedRewrite, PassResult, _is_executed, _kind
 from repfx.passes.refusals import Refused
@@ -38,10 +39,7 @@ def fold_parameter_subgraphs(gm: fx.GraphModule) -> PassResult:
     """Store every input-free value an input-dependent op (or the output) reads; rewrites ``gm`` in place."""
     exact, as_written = ConstantFolder(gm), ConstantFolder(gm, upcast=False)
     written = set(written_attributes(gm))
-    free: set[fx.Node] = set()  # nodes no graph input reaches
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" or (node.op == "call_function" and all(arg in free for arg in node.all_input_nodes)):
-            free.add(node)
+    free = input_free(gm)
     order = {node: index for index, node in enumerate(gm.graph.nodes)}
     result = PassResult(False)
     stored: list[tuple[fx.Node, list[fx.Node], tuple[int, ...]]] = []
@@ -49,9 +47,9 @@ def fold_parameter_subgraphs(gm: fx.GraphModule) -> PassResult:
         if node.op != "call_function" or node not in free or all(user in free for user in node.users):
             continue  # read by inputs, or read only inside its subgraph (whose reader stores it)
         node = _below_views(node)  # views stay: free to run, and the fold reads a broadcast constant as one
-        subgraph = _ancestry(node)
+        subgraph = list(ancestry(node))
         ops = sorted((op for op in subgraph if op.op == "call_function"), key=order.__getitem__)
-        if not any(op.op == "get_attr" for op in subgraph) or all(_is_view(op) for op in ops):
+        if not any(op.op == "get_attr" for op in subgraph) or all(is_view(op) for op in ops):
             continue  # literals alone, or views alone: nothing a parameter costs on each call
         reason = _kept_because(node, subgraph, written)
         value = None if reason else _value(node, exact, as_written)
@@ -69,28 +67,11 @@ def fold_parameter_subgraphs(gm: fx.GraphModule) -> PassResult:
     return result
 
 
-def _ancestry(node: fx.Node) -> list[fx.Node]:
-    """``node`` and every node it reads, directly or not (all input-free)."""
-    seen, todo = {node}, [node]
-    while todo:
-        for arg in todo.pop().all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                todo.append(arg)
-    return list(seen)
-
-
 def _below_views(node: fx.Node) -> fx.Node:
     """The value ``node`` is a view of (``w.view(1, -1, 1, 1).expand(n, ...)`` -> ``w``), when it is computed."""
-    while _is_view(node) and node.args and isinstance(node.args[0], fx.Node) and node.args[0].op == "call_function":
+    while is_view(node) and node.args and isinstance(node.args[0], fx.Node) and node.args[0].op == "call_function":
         node = node.args[0]
     return node
-
-
-def _is_view(node: fx.Node) -> bool:
-    """The op returns a view of its input (``select``, ``t``, ``view``): it computes nothing."""
-    returns = getattr(getattr(node.target, "_schema", None), "returns", ())
-    return bool(returns) and all(ret.alias_info is not None for ret in returns)
 
 
 def _kept_because(node: fx.Node, subgraph: list[fx.Node], written: set[str]) -> str | None:

@@ -42,6 +42,22 @@ CODES: dict[str, str] = {
     "local-proof": "the float64 proof of the rewritten region failed; the region stays as written",
 }
 
+# Why an op stays as written where no merge was refused (``kept_ops``): the report groups these under
+# "left as written", apart from the refused merges. ``unexplained`` is a gap in that accounting.
+LEFT_AS_WRITTEN: dict[str, str] = {
+    "nothing-to-fold": "no conv or linear on either side to fold into (it reads and feeds ops outside the algebra)",
+    "reads-input": "reads a model input directly, and nothing it feeds can absorb it",
+    "normalization": "part of a normalization by the input's own statistics (LayerNorm/GroupNorm internals), "
+                     "which is not linear",
+    "batch-statistics": "a BatchNorm normalizing with the batch's own statistics (training mode, no running stats)",
+    "not-per-channel": "its constant varies along more than the channel dim: no per-channel form",
+    "no-channel-dim": "a tensor without a channel dim (fewer than 2 dims) for a convolution to act on",
+    "max-pool": "max pooling is not linear",
+    "adaptive-pool": "an adaptive pool: its windows follow the input size, so no fixed kernel computes it",
+    "layout": "a reshape inside a channel-last region: no single linear emits it in its layout",
+    "unexplained": "no known reason: a gap in repfx's accounting of what stays (please report it)",
+}
+
 
 class NotExact(Exception):
     """A combination of forms would not compute the same function (or not cheaper); ``str`` says why."""

@@ -7,7 +7,7 @@ from typing import Any
 
 from repfx.capture.model_state import ModeChange, grouped_mode_changes
 from repfx.passes.cost.rules import amount_text
-from repfx.passes.refusals import CODES
+from repfx.report_groups import grouped_refusals, kept_lines
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,18 @@ class Refusal:
     reason: str
     code: str = ""  # repfx.passes.refusals.CODES: what groups refusals in the printed report
     module: str = ""  # the path of the module that ran the node (``stages.2.conv_kxk``), where torch recorded it
+
+
+@dataclass(frozen=True)
+class KeptOp:
+    """A BatchNorm, affine, pad, pool or parameter-only op the plain graph still executes, and why it stays."""
+
+    node: str
+    kind: str  # "batch_norm", "affine", "pad", "pool" or "parameter-subgraph"
+    code: str  # a refusal code (repfx.passes.refusals.CODES: a refused merge) or a LEFT_AS_WRITTEN code
+    reason: str
+    module: str = ""  # the path of the module that ran it, where torch recorded it
+    refused_at: str = ""  # the node whose refusal explains it ("" when left as written)
 
 
 @dataclass(frozen=True)
@@ -65,18 +77,20 @@ def _whole() -> dict:
     return {PARTS: lambda whole, report, name, part: None}
 
 
-def _with_nodes(attribute: str) -> dict:
+def _with_nodes(*attributes: str) -> dict:
     """Entries naming graph nodes name them inside the part (``backbone/convolution_3``), and their module in
     the model (``backbone.conv``)."""
     def absorb(whole: Report, report: Report, name: str, part: str) -> None:
         getattr(whole, name).extend(
-            replace(item, **{attribute: _in_part(getattr(item, attribute), part)},
+            replace(item, **{attribute: _in_part(getattr(item, attribute), part) for attribute in attributes},
                     module=f"{part}.{item.module}" if item.module else part) for item in getattr(report, name))
     return {PARTS: absorb}
 
 
 def _in_part(nodes: Any, part: str) -> Any:
-    return tuple(f"{part}/{node}" for node in nodes) if isinstance(nodes, tuple) else f"{part}/{nodes}"
+    if isinstance(nodes, tuple):
+        return tuple(f"{part}/{node}" for node in nodes)
+    return f"{part}/{nodes}" if nodes else nodes  # "" names no node
 
 
 def _decisions() -> dict:
@@ -119,6 +133,8 @@ class Report:
     model: str = field(metadata=_whole())
     rewrites: list[Rewrite] = field(default_factory=list, metadata=_with_nodes("nodes"))
     refusals: list[Refusal] = field(default_factory=list, metadata=_with_nodes("node"))
+    # Every BatchNorm, affine, pad, pool and parameter-only op still executed, with the one reason it stays.
+    kept_ops: list[KeptOp] = field(default_factory=list, metadata=_with_nodes("node", "refused_at"))
     # Executed ops: convolution, batch_norm, add, total; of the model as a whole (a part's are in ``parts``).
     ops_before: dict[str, int] = field(default_factory=dict, metadata=_whole())
     ops_after: dict[str, int] = field(default_factory=dict, metadata=_whole())
@@ -189,12 +205,12 @@ class Report:
             # that rounding through discontinuous ops explains was accepted, and the headline says so.
             verdict = ("beyond tolerance, accepted (see the note; strict=True refuses)" if self.verification_note
                        else "within tolerance")
-            lines.append(f"verification: max |error| {self.max_abs_error:.3e}, relative {self.max_rel_error:.3e}, "
-                         f"{verdict} (tolerance applied {self.tolerance:.3e} = atol + rtol * max(1, max|y|))")
+            lines.append(f"verification: max |error| {_sci(self.max_abs_error)}, relative {_sci(self.max_rel_error)}, "
+                         f"{verdict} (tolerance applied {_sci(self.tolerance)} = atol + rtol * max(1, max|y|))")
             if self.local_proofs is not None:
                 proofs = self.local_proofs
                 lines.append(f"local proofs: {proofs.regions_proven} region(s) matched in float64 on "
-                             f"{proofs.input_sets} input set(s) (worst {proofs.worst_relative_error:.1e} relative)"
+                             f"{proofs.input_sets} input set(s) (worst {_sci(proofs.worst_relative_error, 1)} relative)"
                              + (f", {proofs.regions_failed} failed and were left as written"
                                 if proofs.regions_failed else ""))
             if self.verification_note:
@@ -207,8 +223,8 @@ class Report:
                          f"{', '.join(self.buffers_written)}")
         if self.backend is not None:
             checked = ("not verified" if self.backend_max_abs_error is None else
-                       f"max |error| vs plain fp32 graph {self.backend_max_abs_error:.3e} "
-                       f"(tolerance applied {self.backend_tolerance:.3e}"
+                       f"max |error| vs plain fp32 graph {_sci(self.backend_max_abs_error)} "
+                       f"(tolerance applied {_sci(self.backend_tolerance)}"
                        + ("; beyond it, accepted: see the note)" if self.backend_note else ")"))
             lines.append(f"backend: {self.backend} {self.precision}, {checked}")
             if self.backend_note:
@@ -227,8 +243,14 @@ class Report:
         lines += _growth_lines(self)
         lines += _decision_lines(self)
         lines += ["", f"refused ({len(self.refusals)}):"]
-        lines += _grouped_refusals(self.refusals) or ["  none"]
+        lines += grouped_refusals(self.refusals) or ["  none"]
+        lines += kept_lines(self.kept_ops)
         return "\n".join(lines)
+
+
+def _sci(value: float, digits: int = 3) -> str:
+    """``value`` in scientific notation; an exact zero reads 0.000e+00 whatever its sign (-0.0 + 0.0 is 0.0)."""
+    return f"{value + 0.0:.{digits}e}"
 
 
 def _growth_lines(report: Report) -> list[str]:
@@ -257,34 +279,6 @@ def _decision_lines(report: Report) -> list[str]:
                      f"{amount_text(first['apart_cost'], first['unit'])} ({first['how']})  [{where}]")
     return lines if report.decisions else lines + ["  none"]
 
-
-
-def _grouped_refusals(refusals: list[Refusal], names_shown: int = 3) -> list[str]:
-    """One line per refusal code, most frequent first, with a few of its modules (node names where torch
-    recorded no module).
-
-    A real model refuses the same thing many times (every residual add reads two
-    tensors); 140 lines of that hide the one refusal worth reading. A group says what
-    its code means (``repfx.passes.refusals.CODES``), not one member's sentence with
-    that member's names. The full list stays in ``to_dict()``.
-    """
-    groups: dict[str, list[Refusal]] = {}
-    for refusal in refusals:
-        groups.setdefault(refusal.code or refusal.reason, []).append(refusal)
-    lines = []
-    for code, members in sorted(groups.items(), key=lambda item: len(item[1]), reverse=True):
-        if len(members) == 1:
-            lines.append(f"  {_where(members[0])}: {members[0].reason}")
-            continue
-        places = list(dict.fromkeys(_where(member) for member in members))  # a module may refuse twice
-        more = f" and {len(places) - names_shown} more" if len(places) > names_shown else ""
-        meaning = f"{CODES[code]} ({code})" if code in CODES else members[0].reason
-        lines.append(f"  {len(members)}x {meaning}  [{', '.join(places[:names_shown])}{more}]")
-    return lines
-
-
-def _where(refusal: Refusal) -> str:
-    return refusal.module or refusal.node
 
 
 def _parts_lines(report: Report) -> list[str]:

@@ -26,6 +26,7 @@ import repfx
 from repfx import samples
 from repfx.capture.inputs import as_input_tuple
 from repfx.passes.cost import DeviceProfile
+from repfx.passes.refusals import CODES, LEFT_AS_WRITTEN
 from repfx.verify.opcount import count_ops, summarize
 
 RTOL = 1e-4  # float32: max|d| <= RTOL * max(1, max|y|)
@@ -129,6 +130,42 @@ def assert_idempotent(gm: torch.fx.GraphModule, inputs: Any, **kwargs: Any) -> N
     for name in ("convolution", "batch_norm", "add", "total"):
         assert after[name] == before[name], f"{name}: {before[name]} -> {after[name]} on the second run"
     assert_matches(gm, again, inputs)
+
+
+_AFFINE = ("add", "sub", "rsub", "mul", "div")
+
+
+def ops_to_account_for(gm: torch.fx.GraphModule) -> list[str]:
+    """Names of the BatchNorm, affine (a tensor with a parameter, buffer or number), pad and pool ops ``gm``
+    executes: found here by op name alone, apart from how ``repfx.passes.kept_ops`` finds them."""
+    free = set()  # nodes no graph input reaches
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" or (node.op == "call_function" and all(arg in free for arg in node.all_input_nodes)):
+            free.add(node)
+    names = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node in free or not str(node.target).startswith("aten."):
+            continue
+        name = str(node.target).split(".")[1].rstrip("_")
+        operands = node.args[:2]
+        affine = name in _AFFINE and sum(isinstance(arg, torch.fx.Node) and arg not in free for arg in operands) == 1
+        value = node.meta.get("val")
+        floating = isinstance(value, (tuple, list)) or (isinstance(value, torch.Tensor) and value.is_floating_point())
+        if floating and (affine or any(word in name for word in ("batch_norm", "pool", "pad"))):
+            names.append(node.name)
+    return names
+
+
+def assert_accounts_for_every_op_left(gm: torch.fx.GraphModule) -> None:
+    """The report names every BatchNorm, affine, pad and pool op the plain graph executes, once, each with a known
+    reason, and none of them is unexplained."""
+    kept = gm.repfx_report.kept_ops
+    named = Counter(op.node for op in kept)
+    assert not [name for name, count in named.items() if count > 1], f"named twice: {named}"
+    missing = [name for name in ops_to_account_for(gm) if name not in named]
+    assert not missing, f"still executed, not in report.kept_ops: {missing}"
+    unexplained = [op for op in kept if op.code == "unexplained" or op.code not in {**CODES, **LEFT_AS_WRITTEN}]
+    assert not unexplained, f"unexplained: {unexplained}"
 
 
 # --- small builders shared by the end-to-end fold tests ----------------------------------------

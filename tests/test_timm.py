@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import repfx
+from helpers import assert_accounts_for_every_op_left
 from repfx.verify.opcount import count_ops, summarize
 
 timm = pytest.importorskip("timm", reason="timm is a test extra")
@@ -160,6 +161,7 @@ def test_timm_model_matches_and_is_no_worse_than_timm_deploy(name: str) -> None:
 
     gm = repfx.reparameterize(model, (x,), rtol=rtol)
     report = gm.repfx_report
+    assert_accounts_for_every_op_left(gm)  # every BatchNorm, affine, pad and pool op left is named with its reason
     with torch.no_grad():
         actual = gm(x)
 

@@ -21,7 +21,8 @@ from torch.utils import _pytree as pytree
 from repfx.capture.export import Captured, capture
 from repfx.errors import CaptureError
 from repfx.passes import run_pipeline
-from repfx.report import Refusal, Report, Rewrite
+from repfx.passes.kept_ops import account
+from repfx.report import KeptOp, Refusal, Report, Rewrite
 from repfx.settings import LOCAL_PROOF_TRIALS, Settings
 from repfx.verify.local import LocalProver
 from repfx.verify.mismatch import discontinuous_after_rewrites, judge
@@ -118,8 +119,15 @@ def fold_captured(captured: Captured, input_sets: list[tuple] | None, settings: 
     # stays as written and is refused again in each round, so each refusal is reported once.
     refusals = list(results[0].refusals) + [refusal for step in results[1:] for refusal in step.refusals
                                             if refusal.code in LATER_ROUND_CODES]
+    # What stays, each op with its reason, read off the graph as the fold left it (and before the refusals: the
+    # ops of normalizations by the input's statistics were never candidates, so their refusals are noise).
+    kept = account(gm, next((step.final for step in reversed(results) if step.final is not None), None),
+                   [refusal for step in reversed(results) for refusal in step.refusals])
+    modules |= module_paths(gm)
     report.refusals = [Refusal(refusal.node, refusal.reason, refusal.code, modules.get(refusal.node, ""))
-                       for refusal in dict.fromkeys(refusals)]
+                       for refusal in dict.fromkeys(refusals) if refusal.node not in kept.normalization]
+    report.kept_ops = [KeptOp(op.node, op.kind, op.code, op.reason, modules.get(op.node, ""), op.refused_at)
+                       for op in kept.kept]
     report.rule_counts = dict(sum((Counter(step.rule_counts) for step in results), Counter()))
     report.cost_rule = settings.cost.describe()
     report.decisions = [decision.to_dict() for decision in results[0].decisions]  # first round, as refusals

@@ -163,9 +163,9 @@ def difference(want: torch.Tensor, got: torch.Tensor) -> float:
 
 
 def _peak(tensor: torch.Tensor) -> float:
-    """max |tensor| (NaN when it holds one), without an ``abs`` copy of it."""
+    """max |tensor| (NaN when it holds one), without an ``abs`` copy of it; 0.0, never -0.0, for zeros."""
     low, high = torch.aminmax(tensor)
-    return max(-low.item(), high.item()) if not (low.isnan() or high.isnan()) else math.nan
+    return max(abs(low.item()), abs(high.item())) if not (low.isnan() or high.isnan()) else math.nan
 
 
 def _check_same_kind(index: int, want: Any, got: Any) -> None:

@@ -20,6 +20,7 @@ from torch import fx
 from repfx.passes.algebra.forms import ConvForm, NotExact
 from repfx.passes.canonicalize import branches_could_meet
 from repfx.passes.regions.analyzer import Analyzer, Expr, NotLinear, Operand, per_channel, rule
+from repfx.passes.regions.values import same_shapes
 
 aten = torch.ops.aten
 
@@ -35,6 +36,7 @@ def add(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     shape = an.sample_shape(node, cl)
     const_a, const_b = an.constants.value(a), an.constants.value(b)
     if isinstance(a, fx.Node) and const_a is None and isinstance(b, fx.Node) and const_b is None:
+        same_shapes(node, [a, b])  # before ``alpha`` scales b: a broadcast b is no channel mismatch
         eb = operand(b, cl)
         if alpha != 1:
             eb = an.apply(ConvForm.affine(torch.full((shape[0],), float(alpha), dtype=torch.float64),

@@ -118,6 +118,13 @@ def broadcasting_add():
     return g.build(g.call(aten.add.Tensor, g.conv(x, C, 3, padding=1), g.conv(x, C, 8, stride=8)))
 
 
+def broadcasting_sub():
+    """``y - mean(y)`` over channels (a LayerNorm's centring): a broadcast, not a channel mismatch."""
+    g = GraphBuilder()
+    y = g.conv(g.input("x", 2, C, 8, 8), C, 3, padding=1)
+    return g.build(g.call(aten.sub.Tensor, y, g.call(aten.mean.dim, y, [1], True)))
+
+
 def other_input_residual():
     g = GraphBuilder()
     x, y = g.input("x", 2, C, 8, 8), g.input("y", 2, C, 8, 8)
@@ -138,6 +145,7 @@ def scale_then_shift():
 @pytest.mark.parametrize("before, reason", [
     *[pytest.param(lambda op=op: conv_and(op), None, id=name) for name, op in NOT_AFFINE.items()],
     pytest.param(broadcasting_add, "add broadcasts", id="broadcasting-add"),
+    pytest.param(broadcasting_sub, "add broadcasts (1, 8, 8) to (8, 8, 8)", id="broadcasting-sub"),
     pytest.param(other_input_residual, "branches read different tensors", id="branches-of-different-inputs"),
     pytest.param(lone_clone, None, id="lone-clone-of-an-input"),
     pytest.param(scale_then_shift, None, id="no-fewer-ops"),
