@@ -87,7 +87,9 @@ class Equalized:
 
 
 @dataclass(frozen=True)
-class _Layer:
+class Layer:
+    """A convolution or linear node, with what equalization needs to know of it."""
+
     node: fx.Node
     kind: str  # "conv" or "linear"
     weight: fx.Node | None  # the get_attr node, None when the weight is computed
@@ -104,8 +106,8 @@ class _Layer:
 
 @dataclass(frozen=True)
 class _Pair:
-    first: _Layer
-    second: _Layer
+    first: Layer
+    second: Layer
     activation: str
 
     @property
@@ -154,7 +156,7 @@ def find_pairs(gm: fx.GraphModule) -> tuple[list[_Pair], list[Refused]]:
     reads = _reads(gm)
     pairs, refusals = [], []
     for node in gm.graph.nodes:
-        second = _layer(gm, node)
+        second = layer(gm, node)
         if second is None or not isinstance(second.input, fx.Node):
             continue
         between, first_node = None, second.input
@@ -163,7 +165,7 @@ def find_pairs(gm: fx.GraphModule) -> tuple[list[_Pair], list[Refused]]:
             if first_node.op != "call_function" or len(producers) != 1 or producers[0].target not in LAYERS:
                 continue  # not a layer -> op -> layer chain (a sum, a pool of two maps, an input)
             between, first_node = first_node, producers[0]
-        first = _layer(gm, first_node)
+        first = layer(gm, first_node)
         if first is None:
             continue
         pair_or_refusal = _pair(first, between, second, reads)
@@ -171,7 +173,7 @@ def find_pairs(gm: fx.GraphModule) -> tuple[list[_Pair], list[Refused]]:
     return pairs, refusals
 
 
-def _pair(first: _Layer, between: fx.Node | None, second: _Layer,
+def _pair(first: Layer, between: fx.Node | None, second: Layer,
           reads: Counter) -> _Pair | Refused:
     name = f"{first.node.name} -> {second.node.name}"
     if between is not None and between.target not in HOMOGENEOUS:
@@ -207,7 +209,8 @@ def _reads(gm: fx.GraphModule) -> Counter:
     return reads
 
 
-def _layer(gm: fx.GraphModule, node: fx.Node) -> _Layer | None:
+def layer(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
+    """``node`` as a convolution or linear layer (its constant weight and bias nodes, groups, padding), else None."""
     if node.op != "call_function" or node.target not in LAYERS:
         return None
     arguments = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
@@ -218,7 +221,7 @@ def _layer(gm: fx.GraphModule, node: fx.Node) -> _Layer | None:
                 for arg in (op["weight"], op.get("bias"))]
     padding = op.get("padding", 0)
     pads = padding != "valid" if isinstance(padding, str) else any(int(p) != 0 for p in pytree.tree_leaves(padding))
-    return _Layer(node, LAYERS[node.target], constant[0], constant[1], op.get("bias") is not None,
+    return Layer(node, LAYERS[node.target], constant[0], constant[1], op.get("bias") is not None,
                   int(op.get("groups", 1)), pads, bool(op.get("transposed", False)))
 
 
