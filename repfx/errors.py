@@ -25,6 +25,13 @@ class LoweringError(RuntimeError):
     """A backend could not lower the plain graph (export to ONNX, TensorRT build); names the step."""
 
 
+class CalibrationError(ValueError):
+    """INT8 calibration data is missing or does not fit the model's inputs; the message names what to pass.
+
+    A ValueError: the data is an argument the caller gave (or left out), not a failure of repfx.
+    """
+
+
 def first_line(error: BaseException | str, limit: int | None = 500, *, empty: str | None = None) -> str:
     """The first line of ``error``'s message, for one-line reports; chained causes keep the rest.
 
