@@ -32,6 +32,11 @@ class CalibrationError(ValueError):
     """
 
 
+class Int8TargetMissed(VerificationError):
+    """The INT8 model misses its held-out target (top-1 agreement, SNR against the fp32 plain graph) even with
+    the sensitivity fallback and equalization; the message gives the numbers. Nothing was deployed or written."""
+
+
 def first_line(error: BaseException | str, limit: int | None = 500, *, empty: str | None = None) -> str:
     """The first line of ``error``'s message, for one-line reports; chained causes keep the rest.
 
