@@ -11,6 +11,10 @@ identity BN scale of 300 lands on one tap); these numbers say where. Per layer:
   tap on their own input channel (output o reading input o, in its group): what
   folding an identity branch makes. None where no identity could have been folded
   (input and output channel counts differ, or a kernel dim is even);
+* ``channel_range_spread``: max over output channels of max|w|, over its median: what
+  one per-tensor scale suffers, and what cross-layer equalization evens out. A folded
+  identity tap of 300 in one channel shows here (max/std is bounded by sqrt(taps per
+  channel), ~8.5 for a 3x3 over 8 channels, however large one tap is);
 * ``sqnr_db``: 10 log10(sum w^2 / sum (w - q(w))^2) over the whole weight, q being
   symmetric per-channel int8 (scale max|w| / 127, round to nearest even, clamp to
   [-127, 127]), as TensorRT and ModelOpt quantize weights; ``worst_channel_sqnr_db`` the
@@ -41,6 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx
 
+from repfx.passes.algebra.equalization import output_ranges, range_spread
 from repfx.passes.emit import REWRITE_META
 from repfx.passes.equalize import layer
 from repfx.report import Rewrite
@@ -63,6 +68,7 @@ class LayerWeightStats:
     shape: tuple[int, ...]
     max_over_std: Spread
     identity_tap_share: float | None
+    channel_range_spread: float
     sqnr_db: float
     worst_channel_sqnr_db: float
     before: Spread | None  # None: unknown (or not folded: then equal to max_over_std)
@@ -126,7 +132,8 @@ def weight_stats(plain: fx.GraphModule, *, training: fx.GraphModule | None = Non
         weight = _fetch(plain, found.weight.target)
         before, before_from = _before(node, by_node, training, weight)
         stats.append(LayerWeightStats(node.name, _module(node), tuple(weight.shape), spread(max_over_std(weight)),
-                                      identity_tap_share(weight, found.groups), int8_sqnr_db(weight),
+                                      identity_tap_share(weight, found.groups), range_spread(output_ranges(weight)),
+                                      int8_sqnr_db(weight),
                                       int8_sqnr_db(weight, worst_channel=True),
                                       before, before_from))
     return stats

@@ -81,6 +81,7 @@ def test_folding_is_matched_to_the_kxk_conv_it_came_from():
     assert injected.max_over_std.largest > 3 * injected.before.largest  # the 300s widen the folded kernel
     assert injected.identity_tap_share >= 3 / 8
     assert injected.worst_channel_sqnr_db <= injected.sqnr_db
+    assert injected.channel_range_spread > 50 > first.channel_range_spread
 
 
 def test_before_is_unknown_without_the_training_graph():
