@@ -23,7 +23,7 @@ from repfx.backends.precision import (PRECISIONS, PrecisionName, cast_floating, 
 from repfx.backends.registry import get_backend, module_fallback, resolve_backend
 from repfx.capture.export import SupportedModel, keeps_dynamic_batch
 from repfx.int8.calibration import load_calibration
-from repfx.int8.deploy import int8_options, quantize_plain
+from repfx.int8.deploy import int8_options, quantize_plain, training_graph
 from repfx.passes.cost import DEFAULT_MAX_PARAM_GROWTH
 from repfx.pipeline import is_folded_in_parts, report_of, run, run_whole
 from repfx.report import Report
@@ -148,7 +148,8 @@ def compile(
     model_int8 = None
     if quantized:
         model_int8 = quantize_plain(plain, inputs, calibration, chosen.int8_format, f"the {chosen.title} backend "
-                                    "runs it", int8, report, progress=progress).model
+                                    "runs it", int8, report, training=training_graph(model, inputs),
+                                    progress=progress).model
     if progress is not None:
         progress("build")
     runner = chosen.build(BuildRequest(deploy_graph, deploy_inputs, precision, report, dynamic_batch=dynamic_batch,

@@ -32,7 +32,7 @@ from repfx.backends.base import ArtifactJob, Check
 from repfx.backends.formats import artifacts, export_formats, file_names, int8_format_for, planned_for, resolve_formats
 from repfx.backends.precision import PrecisionName, deploy_copy, is_quantized, precision_dtype
 from repfx.int8.calibration import load_calibration
-from repfx.int8.deploy import int8_options, quantize_plain
+from repfx.int8.deploy import int8_options, quantize_plain, training_graph
 from repfx.backends.program import export_program
 from repfx.backends.registry import backends
 from repfx.capture.export import SupportedModel, keeps_dynamic_batch
@@ -197,7 +197,7 @@ def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequen
     if is_quantized(precision):
         fmt, why = int8_format_for(plan.wanted, settings.target)
         quantized = quantize_plain(plain, inputs, calibration, fmt, why, settings.int8 or int8_options(), report,
-                                   progress=settings.progress).model
+                                   training=training_graph(model, inputs), progress=settings.progress).model
     if "pt2" in plan.wanted:
         plan.write("pt2", _saved_program(program))
     job = ArtifactJob(deploy_graph, deploy_inputs, precision, report, dynamic_batch=dynamic_batch,

@@ -36,6 +36,7 @@ from torch import fx
 
 from repfx.backends.onnx import export_onnx
 from repfx.backends.program import export_program
+from repfx.capture.export import capture
 from repfx.errors import Int8TargetMissed, warn_user
 from repfx.int8.calibration import CalibrationSet, load_calibration
 from repfx.int8.metrics import Scores, Target
@@ -92,11 +93,13 @@ def int8_options(target: Any = None, accept_below_target: bool = False) -> Int8O
 
 
 def quantize_plain(plain: fx.GraphModule, inputs: tuple, calibration: Any, fmt: Format, why: str,
-                   options: Int8Options, report: Report, *, progress=None) -> Quantized:
+                   options: Int8Options, report: Report, *, training: fx.GraphModule | None = None,
+                   progress=None) -> Quantized:
     """The INT8 ONNX model of ``plain`` in ``fmt`` (chosen because ``why``), judged on held-out calibration data;
     ``report.int8`` says how.
 
-    ``calibration`` is a ``CalibrationSet`` or anything ``load_calibration`` reads. Raises ``CalibrationError``
+    ``calibration`` is a ``CalibrationSet`` or anything ``load_calibration`` reads; ``training``, the captured
+    training-form graph, lets the report show each folded layer's weight ranges before folding. Raises ``CalibrationError``
     for missing or unfit data and ``Int8TargetMissed`` when the best candidate misses ``options.target``
     (unless ``options.accept_below_target``).
     """
@@ -114,7 +117,7 @@ def quantize_plain(plain: fx.GraphModule, inputs: tuple, calibration: Any, fmt: 
                                            Path(folder, "equalized.onnx"))
     chosen = "equalized" if "equalized" in plans and _better(plans["equalized"], plans["plain"]) else "plain"
     plan = plans[chosen]
-    summary = _summary(plain, data, fmt, why, options, plans, chosen, equalized, report, weights)
+    summary = _summary(plain, data, fmt, why, options, plans, chosen, equalized, report, weights, training)
     report.int8 = summary
     if not plan.met_target:
         missed = (f"INT8 misses its target ({_target_text(options.target)}) on {len(data.held_out)} held-out "
@@ -125,6 +128,15 @@ def quantize_plain(plain: fx.GraphModule, inputs: tuple, calibration: Any, fmt: 
         summary["accepted_below_target"] = True
         warn_user(f"{missed}; deployed anyway (accept_below_target)")
     return Quantized(plan.model, fmt, summary)
+
+
+def training_graph(model: Any, inputs: tuple) -> fx.GraphModule | None:
+    """The model's training-form graph, captured again, for the report's weight ranges before folding; None (the
+    column then reads "unknown") where it cannot be: only the report would lose, never the deploy."""
+    try:
+        return capture(model, inputs).graph
+    except Exception:  # torch.export's failures are many; the fold itself already captured this model
+        return None
 
 
 def _plan(graph: fx.GraphModule, inputs: tuple, data: CalibrationSet, fmt: Format, options: Int8Options,
@@ -157,7 +169,7 @@ def _target_text(target: Target) -> str:
 
 def _summary(plain: fx.GraphModule, data: CalibrationSet, fmt: Format, why: str, options: Int8Options,
              plans: dict[str, FallbackPlan], chosen: str, equalized: Any, report: Report,
-             weights: dict[str, str]) -> dict[str, Any]:
+             weights: dict[str, str], training: fx.GraphModule | None) -> dict[str, Any]:
     plan = plans[chosen]
     return {
         "format": fmt,
@@ -172,7 +184,7 @@ def _summary(plain: fx.GraphModule, data: CalibrationSet, fmt: Format, why: str,
                        for name, candidate in plans.items()},
         "equalization": _equalization_line(equalized, plans, chosen),
         "float_layers": [{"layer": name, "why": why} for name, why in plan.float_layers],
-        "layers": _layer_rows(plain, data, plan, report, weights),
+        "layers": _layer_rows(plain, data, plan, report, weights, training),
     }
 
 
@@ -189,7 +201,7 @@ def _equalization_line(equalized: Any, plans: dict[str, FallbackPlan], chosen: s
 
 
 def _layer_rows(plain: fx.GraphModule, data: CalibrationSet, plan: FallbackPlan, report: Report,
-                weights: dict[str, str]) -> list[dict[str, Any]]:
+                weights: dict[str, str], training: fx.GraphModule | None) -> list[dict[str, Any]]:
     """Per weighted layer of the plain graph: weight statistics before/after folding, the input's range on the
     calibration data, its sensitivity alone in INT8, and whether it stayed float. ONNX layers are matched to
     the graph's by the weight they read (the exporter renames nodes, not stored weights)."""
@@ -198,7 +210,7 @@ def _layer_rows(plain: fx.GraphModule, data: CalibrationSet, plan: FallbackPlan,
     ranges = _input_ranges(plain, data.calibrate)
     nodes = {node.name: node for node in plain.graph.nodes}
     rows = []
-    for stats in weight_stats(plain, rewrites=report.rewrites):
+    for stats in weight_stats(plain, training=training, rewrites=report.rewrites):
         weight = layer(plain, nodes[stats.layer]).weight.target
         rank, alone = sensitivity.get(weight, (None, None))
         rows.append(asdict(stats) | {
