@@ -106,6 +106,28 @@ def test_calls_no_module_can_express_stay():
     assert not any(isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) for module in result.modules())
 
 
+class SharedWeight(nn.Module):
+    """One convolution applied twice: one weight read by two calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.relu(self.conv(x)))
+
+
+def test_a_weight_read_twice_is_shared_not_copied():
+    x = rand(1, 4, 6, 6)
+    gm = torch.export.export(SharedWeight().eval(), (x,)).module()
+    result = with_modules(gm)
+    convs = [node for node in result.graph.nodes if node.op == "call_module"
+             and isinstance(result.get_submodule(node.target), nn.Conv2d)]
+    assert len(convs) == 2 and kinds(result)["aten"] == 0
+    first, second = (result.get_submodule(node.target) for node in convs)
+    assert first.weight is second.weight and torch.equal(output(result, x), output(gm, x))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("modelopt") is None,
                     reason="nvidia-modelopt is not installed (pip install -e '.[int8]')")

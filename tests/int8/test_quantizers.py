@@ -84,8 +84,9 @@ def test_tensorrt_format_is_modelopt_qdq(small_onnx, calibration, held_out):
     ([{"x": np.zeros((3, 16, 16), np.float32)}], (), "cpu", "float tensor of rank 4"),
     ([{"x": np.full((8, 3, 16, 16), np.nan, np.float32)}], (), "cpu", "NaN"),
     (None, ["conv_that_is_not_there"], "cpu", "not nodes of"),
+    (None, "node_conv2d", "cpu", "pass a list of node names"),
     (None, (), "int4", "choose one of"),
-], ids=["empty", "a-dict", "wrong-name", "wrong-rank", "nan", "unknown-exclude", "unknown-format"])
+], ids=["empty", "a-dict", "wrong-name", "wrong-rank", "nan", "unknown-exclude", "one-string", "unknown-format"])
 def test_bad_input_gets_one_line(small_onnx, calibration, exclude, fmt, message):
     feeds = image_feeds(1, seed=3) if calibration is None else calibration
     with pytest.raises(ValueError, match=message) as caught:
