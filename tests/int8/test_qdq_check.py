@@ -51,9 +51,9 @@ def qdq_conv(*, activation_zero_point=0, zero_point_type=np.int8, weight_scales=
     else:
         initializers.append(numpy_helper.from_array(np.zeros(CHANNELS, np.float32), "b"))
     nodes.append(helper.make_node("Conv", [conv_input, "wd", "b"], ["y"], name="conv", pads=[1, 1, 1, 1]))
-    graph = helper.make_graph(nodes, "qdq_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                              [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, CHANNELS, 8, 8])], initializers)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, CHANNELS, 8, 8])]
+    graph = helper.make_graph(nodes, "qdq_conv", inputs, outputs, initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
 
 
