@@ -1,4 +1,4 @@
-"""The subprocess that runs NVIDIA ModelOpt's ONNX PTQ for ``quantizers`` (``python -m repfx.int8.modelopt_worker JOB``).
+"""The subprocess that runs ModelOpt's ONNX PTQ for ``quantizers``: ``python -m repfx.int8.modelopt_worker JOB``.
 
 ModelOpt patches ``onnxruntime.quantization`` in the process that imports it, so it lives here, apart
 from the caller's onnxruntime. ``JOB`` is the JSON ``quantizers._modelopt`` writes: the fp32 model, the

@@ -34,8 +34,11 @@ def with_modules(gm: fx.GraphModule) -> fx.GraphModule:
         module = _as_module(result, node)
         if module is None:
             continue
-        weight, bias = node.args[1], _bias(node)
-        name = _module_name(result, weight.target, [weight] + ([bias] if bias is not None else []), uses)
+        attributes = [attribute for attribute in (node.args[1], _bias(node)) if attribute is not None]
+        name, replaces_holder = _module_name(result, attributes, uses)
+        if replaces_holder:  # the bare module fx made to hold exactly these tensors: the new module takes its place
+            parent, _, child = name.rpartition(".")
+            delattr(result.get_submodule(parent), child)
         result.add_submodule(name, module)
         with result.graph.inserting_before(node):
             call = result.graph.call_module(name, (node.args[0],))
@@ -45,10 +48,11 @@ def with_modules(gm: fx.GraphModule) -> fx.GraphModule:
         call.meta["nn_module_stack"] = stack
         node.replace_all_uses_with(call)
         result.graph.erase_node(node)
-        for attribute in (weight, bias):
-            if attribute is not None and not attribute.users:
+        for attribute in attributes:
+            if not attribute.users:
                 result.graph.erase_node(attribute)
-                _forget(result, attribute.target, uses)
+                if not replaces_holder:
+                    _forget(result, attribute.target, uses)
     result.graph.lint()
     result.recompile()
     if report is not None:
@@ -128,32 +132,31 @@ def _parameter(tensor: torch.Tensor) -> nn.Parameter:
     return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
 
 
-def _module_name(gm: fx.GraphModule, weight_target: str, attributes: list[fx.Node], uses: dict[str, int]) -> str:
-    """Where the weight lived ("stage1.0.weight" -> "stage1.0", "repfx_add_1_weight" -> "repfx_add_1"),
-    if free; a numbered name beside it if not."""
-    owner, _, leaf = weight_target.rpartition(".")
-    base = owner if leaf == "weight" and owner else weight_target.removesuffix("_weight") or "layer"
-    if base == owner and _only_holds(gm, owner, {a.target for a in attributes}, uses):
-        parent, _, child = owner.rpartition(".")
-        delattr(gm.get_submodule(parent) if parent else gm, child)  # the bare holder fx made for these tensors
-        return owner
+def _module_name(gm: fx.GraphModule, attributes: list[fx.Node], uses: dict[str, int]) -> tuple[str, bool]:
+    """Where the weight lived ("stage1.0.weight" -> "stage1.0", "repfx_add_1_weight" -> "repfx_add_1"), and
+    whether that is a bare holder of these tensors alone, to be replaced; else a free numbered name beside it."""
+    owner, _, leaf = attributes[0].target.rpartition(".")
+    base = owner if leaf == "weight" and owner else attributes[0].target.removesuffix("_weight") or "layer"
+    if base == owner and _only_holds(gm, owner, attributes, uses):
+        return owner, True
     name, index = base, 0
     while _taken(gm, name):
         index += 1
         name = f"{base}_{index}"
-    return name
+    return name, False
 
 
-def _only_holds(gm: fx.GraphModule, path: str, targets: set[str], uses: dict[str, int]) -> bool:
-    """Is ``path`` a plain ``nn.Module`` holding exactly ``targets``, each read by this call only?"""
+def _only_holds(gm: fx.GraphModule, path: str, attributes: list[fx.Node], uses: dict[str, int]) -> bool:
+    """Is ``path`` a bare ``nn.Module`` holding exactly these tensors, each read by this one call only?"""
     try:
         holder = gm.get_submodule(path)
     except AttributeError:
         return False
     own = {f"{path}.{name}" for name, _ in [*holder.named_parameters(recurse=False),
                                                *holder.named_buffers(recurse=False)]}
-    return (type(holder) is nn.Module and not list(holder.children()) and own == targets
-            and all(uses.get(target, 0) == 1 for target in targets))
+    return (type(holder) is nn.Module and not list(holder.children())
+            and own == {attribute.target for attribute in attributes}
+            and all(uses.get(attribute.target) == 1 and len(attribute.users) == 1 for attribute in attributes))
 
 
 def _taken(gm: fx.GraphModule, name: str) -> bool:
@@ -171,9 +174,6 @@ def _forget(gm: fx.GraphModule, target: str, uses: dict[str, int]) -> None:
     if uses[target] > 0:
         return
     owner, _, leaf = target.rpartition(".")
-    try:
-        holder = gm.get_submodule(owner) if owner else gm
-    except AttributeError:
-        return  # the holder was replaced by the module itself
-    if hasattr(holder, leaf) and not isinstance(holder, (nn.Linear, nn.modules.conv._ConvNd)):
+    holder = gm.get_submodule(owner) if owner else gm
+    if hasattr(holder, leaf):
         delattr(holder, leaf)

@@ -67,10 +67,14 @@ def quantize_many(fp32_onnx: Path, calibration: list[Feed], fmt: Format,
     feeds = check_feeds(model, calibration)
     names = {node.name for node in model.graph.node}
     for exclude in excludes:
+        if isinstance(exclude, str):
+            raise ValueError(f"exclude is the string {exclude!r}; pass a list of node names")
         unknown = sorted(set(exclude) - names)
         if unknown:
             raise ValueError(f"exclude names {', '.join(unknown[:5])}, not nodes of {fp32_onnx.name}; "
                              "pass names of its nodes")
+    if not excludes:
+        return []
     if fmt == "tensorrt":
         return _modelopt(fp32_onnx, model, feeds, excludes)
     return [_onnxruntime(fp32_onnx, feeds, exclude) for exclude in excludes]
@@ -176,7 +180,12 @@ def _modelopt(fp32_onnx: Path, model: onnx.ModelProto, feeds: list[Feed],
         if run.returncode != 0 or error_file.exists():
             reason = error_file.read_text().strip() if error_file.exists() else _last_line(run.stderr)
             raise LoweringError(f"ModelOpt ONNX PTQ failed on {fp32_onnx.name}: {reason}")
-        return [(work / f"int8_{index}.onnx").read_bytes() for index in range(len(excludes))]
+        outputs = [work / f"int8_{index}.onnx" for index in range(len(excludes))]
+        missing = [path.name for path in outputs if not path.is_file()]
+        if missing:
+            raise LoweringError(f"ModelOpt ONNX PTQ wrote no {missing[0]} for {fp32_onnx.name}: "
+                                f"{_last_line(run.stderr)}")
+        return [path.read_bytes() for path in outputs]
 
 
 def _last_line(text: str) -> str:
