@@ -37,9 +37,10 @@ from torch import fx
 from repfx.backends.onnx import export_onnx
 from repfx.backends.program import export_program
 from repfx.capture.export import capture
-from repfx.errors import Int8TargetMissed, warn_user
+from repfx.errors import Int8TargetMissed, LoweringError, warn_user
 from repfx.int8.calibration import CalibrationSet, load_calibration
 from repfx.int8.metrics import Scores, Target
+from repfx.int8.qdq_check import check_tensorrt_qdq
 from repfx.int8.quantizers import Feed, Format, model_inputs
 from repfx.int8.sensitivity import FallbackPlan, plan_fallback
 from repfx.int8.weight_stats import weight_stats
@@ -115,9 +116,16 @@ def quantize_plain(plain: fx.GraphModule, inputs: tuple, calibration: Any, fmt: 
             if equalized.modified:
                 plans["equalized"] = _plan(equalized.graph, inputs, data, fmt, options,
                                            Path(folder, "equalized.onnx"))
-    chosen = "equalized" if "equalized" in plans and _better(plans["equalized"], plans["plain"]) else "plain"
+    pays, why_equalized = _better(plans["equalized"], plans["plain"]) if "equalized" in plans else (False, "")
+    chosen = "equalized" if pays else "plain"
     plan = plans[chosen]
-    summary = _summary(plain, data, fmt, why, options, plans, chosen, equalized, report, weights, training)
+    if fmt == "tensorrt":  # what TensorRT's parser needs, checked here where no TensorRT is needed
+        problems = check_tensorrt_qdq(onnx.load_from_string(plan.model))
+        if problems:
+            raise LoweringError(f"the INT8 model breaks TensorRT's explicit-quantization rules ({len(problems)} "
+                                f"problem(s)): {problems[0]}")
+    summary = _summary(plain, data, fmt, why, options, plans, chosen, (equalized, why_equalized), report, weights,
+                       training)
     report.int8 = summary
     if not plan.met_target:
         missed = (f"INT8 misses its target ({_target_text(options.target)}) on {len(data.held_out)} held-out "
@@ -153,14 +161,17 @@ def _feeds(names: Sequence[str], batches: Sequence[tuple[torch.Tensor, ...]]) ->
             for batch in batches]
 
 
-def _better(candidate: FallbackPlan, incumbent: FallbackPlan) -> bool:
-    """Equalization is kept only when it pays on held-out data: it meets the target where the plain graph does
-    not, or meets it with fewer layers in float, or scores higher."""
+def _better(candidate: FallbackPlan, incumbent: FallbackPlan) -> tuple[bool, str]:
+    """Whether equalization pays on held-out data, and why: it meets the target where the plain graph does not,
+    or meets it with fewer layers in float, or scores higher."""
     if candidate.met_target != incumbent.met_target:
-        return candidate.met_target
+        return candidate.met_target, "it meets the target" if candidate.met_target else "it misses the target"
     if candidate.met_target and len(candidate.float_layers) != len(incumbent.float_layers):
-        return len(candidate.float_layers) < len(incumbent.float_layers)
-    return candidate.final.key() > incumbent.final.key()
+        fewer = len(candidate.float_layers) < len(incumbent.float_layers)
+        return fewer, (f"it meets the target with {len(candidate.float_layers)} layer(s) in float against "
+                       f"{len(incumbent.float_layers)}")
+    higher = candidate.final.key() > incumbent.final.key()
+    return higher, "it scores higher on held-out data" if higher else "it does not score higher on held-out data"
 
 
 def _target_text(target: Target) -> str:
@@ -173,7 +184,8 @@ def _summary(plain: fx.GraphModule, data: CalibrationSet, fmt: Format, why: str,
     plan = plans[chosen]
     return {
         "format": fmt,
-        "format_reason": f"{REASONS[fmt]}; chosen because {why}",
+        "format_reason": f"{REASONS[fmt]}; chosen because {why}"
+                         + ("; TensorRT's rules checked: none broken" if fmt == "tensorrt" else ""),
         "calibration": data.source,
         "target": _target_text(options.target),
         "met_target": plan.met_target,
@@ -188,15 +200,15 @@ def _summary(plain: fx.GraphModule, data: CalibrationSet, fmt: Format, why: str,
     }
 
 
-def _equalization_line(equalized: Any, plans: dict[str, FallbackPlan], chosen: str) -> str:
+def _equalization_line(tried: tuple[Any, str], plans: dict[str, FallbackPlan], chosen: str) -> str:
+    equalized, why = tried
     if equalized is None:
         return "not tried: every layer is INT8 and the target is met without it"
     if not equalized.modified:
         return "not applicable: no conv/linear pair through a positively homogeneous activation"
     pairs = f"{len(equalized.pairs)} layer pair(s) rescaled, proven exact in float64 " \
             f"(worst {equalized.worst_relative_error:.1e} relative)"
-    verdict = "kept: it scores better on held-out data" if chosen == "equalized" else \
-        "not kept: it does not score better on held-out data"
+    verdict = f"{'kept' if chosen == 'equalized' else 'not kept'}: {why}"
     return f"{pairs}; {verdict} ({plans['equalized'].final.describe()} against {plans['plain'].final.describe()})"
 
 
