@@ -13,6 +13,9 @@ fp32 conv), this one about 3x faster. Both calibrate on the caller's feeds, neve
 
 from __future__ import annotations
 
+import atexit
+import functools
+import hashlib
 import importlib.util
 import json
 import logging
@@ -144,6 +147,7 @@ def _onnxruntime(fp32_onnx: Path, feeds: list[Feed], exclude: Sequence[str]) -> 
                                           quantize_static)
 
     reader = type("Reader", (FeedReader, CalibrationDataReader), {})(feeds)
+    ranges = _ranges_cache(fp32_onnx, feeds)
     root, level = logging.getLogger(), logging.getLogger().level
     root.setLevel(logging.ERROR)  # ORT advises pre-processing on the root logger; its optimizer would rename nodes
     with tempfile.TemporaryDirectory(prefix="repfx-int8-") as folder:
@@ -151,12 +155,35 @@ def _onnxruntime(fp32_onnx: Path, feeds: list[Feed], exclude: Sequence[str]) -> 
         try:
             quantize_static(str(fp32_onnx), str(output), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax)
+                            nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
+                            calibration_cache_path=ranges)
         except Exception as error:
             raise LoweringError(f"onnxruntime quantize_static failed: {first_line(error)}") from error
         finally:
             root.setLevel(level)
         return output.read_bytes()
+
+
+@functools.cache
+def _cache_folder() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="repfx-int8-ranges-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def _ranges_cache(fp32_onnx: Path, feeds: Sequence[Feed]) -> Path:
+    """Where ONNX Runtime keeps the activation ranges of this model on these feeds: calibrated once, then read.
+
+    The ranges do not depend on which nodes are excluded (ORT calibrates every tensor of the op types it
+    quantizes), so the sensitivity scan's one-layer models and the fallback's trials all reuse the first
+    calibration instead of running the model over the calibration data once per layer.
+    """
+    digest = hashlib.sha256(Path(fp32_onnx).read_bytes())
+    for feed in feeds:
+        for name in sorted(feed):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(feed[name]).tobytes())
+    return _cache_folder() / f"{digest.hexdigest()}.json"
 
 
 def _modelopt(fp32_onnx: Path, model: onnx.ModelProto, feeds: list[Feed],
