@@ -33,6 +33,8 @@ CODES: dict[str, str] = {
     "symbolic-shape": "a symbolic channel count or an unknown size",
     "shared-output": "an op's output is also read outside the region",
     "shared-weight": "merging a use of a shared weight would only copy it",
+    "not-homogeneous": "the op between two layers is not positively homogeneous, so their channels cannot be rescaled",
+    "layer-pair": "the two layers' channels do not correspond (a transposed convolution, a conv feeding a linear)",
     "rule-error": "a rule raised an unexpected error on an op variant it did not foresee",
     # -- price and proof: exact, but not done --------------------------------------------------
     "cost": "the cost rule found the merge slower (or more work) than the ops it replaces",

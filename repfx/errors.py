@@ -40,6 +40,18 @@ class LoweringError(RuntimeError):
     """A backend could not lower the plain graph (export to ONNX, TensorRT build); names the step."""
 
 
+class CalibrationError(ValueError):
+    """INT8 calibration data is missing or does not fit the model's inputs; the message names what to pass.
+
+    A ValueError: the data is an argument the caller gave (or left out), not a failure of repfx.
+    """
+
+
+class Int8TargetMissed(VerificationError):
+    """The INT8 model misses its held-out target (top-1 agreement, SNR against the fp32 plain graph) even with
+    the sensitivity fallback and equalization; the message gives the numbers. Nothing was deployed or written."""
+
+
 def first_line(error: BaseException | str, limit: int | None = 500, *, empty: str | None = None) -> str:
     """The first line of ``error``'s message, for one-line reports; chained causes keep the rest.
 

@@ -170,6 +170,7 @@ class Report:
     # The cost rule and each contested decision it took (a merge that adds MACs: merged vs kept apart).
     cost_rule: str | None = None  # e.g. "modeled on cpu: <model>, 2 threads, batch 1, float32"
     decisions: list[dict] = field(default_factory=list, metadata=_decisions())  # repfx.passes.cost.Decision dicts
+    int8: dict | None = field(default=None, metadata=_whole())  # precision="int8": repfx.int8.deploy's summary
     rule_counts: dict[str, int] = field(default_factory=dict)  # rule -> ops of rewritten regions it gave a form
 
     def absorb(self, part: str, report: Report) -> None:
@@ -222,7 +223,8 @@ class Report:
             lines.append(f"buffers the forward writes (the plain graph keeps writing them): "
                          f"{', '.join(self.buffers_written)}")
         if self.backend is not None:
-            checked = ("not verified" if self.backend_max_abs_error is None else
+            checked = ("judged on held-out data, see int8 below" if self.int8 else
+                       "not verified" if self.backend_max_abs_error is None else
                        f"max |error| vs plain fp32 graph {_sci(self.backend_max_abs_error)} "
                        f"(tolerance applied {_sci(self.backend_tolerance)}"
                        + ("; beyond it, accepted: see the note)" if self.backend_note else ")"))
@@ -234,6 +236,7 @@ class Report:
                 f"{len(self.tensorrt_unconvertible)} op(s) would fall back to PyTorch" if self.tensorrt_unconvertible
                 else "every op has a converter (no PyTorch fallback expected)"))
             lines += [f"  {entry}" for entry in self.tensorrt_unconvertible]
+        lines += _int8_lines(self.int8) if self.int8 else []
         lines += [f"note: {note}" for note in self.notes]
         lines += _parts_lines(self) if self.capture_blocker is not None else []
         lines.append(f"passes ran {self.iterations} time(s); "
@@ -251,6 +254,27 @@ class Report:
 def _sci(value: float, digits: int = 3) -> str:
     """``value`` in scientific notation; an exact zero reads 0.000e+00 whatever its sign (-0.0 + 0.0 is 0.0)."""
     return f"{value + 0.0:.{digits}e}"
+
+
+def _int8_lines(int8: dict, layers_shown: int = 5) -> list[str]:
+    """The INT8 decisions: format and why, data, held-out scores, layers left in float, the most sensitive."""
+    verdict = ("meets" if int8["met_target"] else
+               "MISSES (accepted below target)" if int8["accepted_below_target"] else "misses")
+    final = int8["candidates"][int8["chosen"]]
+    lines = [f"int8 ({int8['format']}): {int8['format_reason']}",
+             f"  calibration: {int8['calibration']}",
+             f"  held out, vs the fp32 plain graph: all layers int8 {final['all_int8']}; deployed {final['final']}; "
+             f"{verdict} the target ({int8['target']})",
+             f"  equalization: {int8['equalization']}"]
+    lines += [f"  in float: {entry['layer']}: {entry['why']}" for entry in int8["float_layers"]]
+    ranked = sorted((row for row in int8["layers"] if row["sensitivity_rank"] is not None),
+                    key=lambda row: row["sensitivity_rank"])[:layers_shown]
+    if ranked:
+        lines.append(f"  most sensitive layers (max/std after folding <- before; int8 weight SQNR; alone in int8):")
+        lines += [f"    {row['module'] or row['layer']}: {row['max_over_std']['largest']:.1f} <- "
+                  f"{'?' if row['before'] is None else format(row['before']['largest'], '.1f')}; "
+                  f"{row['sqnr_db']:.1f} dB; {row['alone_in_int8']}" for row in ranked]
+    return lines
 
 
 def _growth_lines(report: Report) -> list[str]:

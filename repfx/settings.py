@@ -43,6 +43,7 @@ class Settings:
     max_param_growth: float | None = DEFAULT_MAX_PARAM_GROWTH  # most parameters a merge may hold per one replaced
     precision: str | None = None  # the deploy precision the cost rule plans for (None: the inputs' dtype)
     runtime: Any = None  # repfx.targets.runtime.Runtime deployed to: it times forms and picks the profile (None: eager)
+    int8: Any = None  # precision "int8": repfx.int8.deploy.Int8Options (target, accept below it); None: defaults
     eager_runtime: bool = True  # the result runs in eager PyTorch (False: a compiler takes the graph)
     progress: Callable[[str], None] = _silent  # called with each phase's name as it starts
 

@@ -25,6 +25,7 @@ import torch
 from torch import fx
 
 from repfx.backends.availability import Probe, ensure
+from repfx.backends.precision import is_quantized
 from repfx.backends.program import export_program
 from repfx.report import Report
 from repfx.targets.runtime import Runtime
@@ -55,6 +56,7 @@ class BuildRequest:
     batch_range: tuple[int, int, int] | None = None  # (min, opt, max) where a backend takes a batch profile
     options: dict[str, Any] = field(default_factory=dict)  # the caller's backend-specific settings
     exported: torch.export.ExportedProgram | None = None  # ``program``, once made
+    quantized: bytes | None = None  # precision "int8": the INT8 ONNX model in the backend's ``int8_format``
 
     @property
     def program(self) -> torch.export.ExportedProgram:
@@ -114,6 +116,8 @@ class Backend(ABC):
     runs_modules: ClassVar[bool] = False  # runs any module, so also a model folded in parts; else one graph
     auto_rank: ClassVar[int | None] = None  # backend="auto" takes the highest usable; None: never chosen by auto
     artifacts: tuple[Artifact, ...] = ()  # what repfx.export can write for it
+    # The INT8 format it runs (repfx.int8.quantizers: "tensorrt" or "cpu"); None: it runs no INT8 model.
+    int8_format: ClassVar[str | None] = None
 
     @property
     def title(self) -> str:
@@ -125,7 +129,11 @@ class Backend(ABC):
         return Probe(True, f"needs only torch {torch.__version__}")
 
     def supports(self, precision: str) -> Unsupported | None:
-        """None, or why it cannot run ``precision`` (a key of ``repfx.backends.precision.PRECISIONS``)."""
+        """None, or why it cannot run ``precision`` (a key of ``repfx.backends.precision.PRECISIONS``).
+        Subclasses that refuse more call this first."""
+        if is_quantized(precision) and self.int8_format is None:
+            return Unsupported(f"the {self.title} backend runs no INT8 model (INT8 runs through a quantized ONNX "
+                               "model: ONNX Runtime or TensorRT)", instead="fp16")
         return None
 
     @abstractmethod

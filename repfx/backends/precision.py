@@ -1,9 +1,11 @@
-"""The deploy precisions: one table from ``"fp32"``/``"fp16"``/``"bf16"`` to a dtype and a tolerance.
+"""The deploy precisions: one table from ``"fp32"``/``"fp16"``/``"bf16"``/``"int8"`` to a dtype and a tolerance.
 
 Re-parameterization folds in fp32/fp64 whatever the deploy precision; the plain
 graph is cast afterwards, and what a backend returns is compared with the fp32
 plain graph at the precision's ``rtol`` (fp16 and bf16 round every activation,
-bf16 with 8 mantissa bits more coarsely). ``repfx.compile``, the files
+bf16 with 8 mantissa bits more coarsely). INT8 is no cast: the backend runs a model
+quantized on calibration data (``repfx.int8``) and it is judged on held-out data.
+``repfx.compile``, the files
 ``repfx.export`` checks and ``DeployedModel`` all read this table.
 """
 
@@ -17,20 +19,29 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-PrecisionName = Literal["fp32", "fp16", "bf16"]  # the public signatures' spelling of the table's keys
+PrecisionName = Literal["fp32", "fp16", "bf16", "int8"]  # the public signatures' spelling of the table's keys
 
 
 @dataclass(frozen=True)
 class Precision:
     dtype: torch.dtype
     rtol: float  # backend output vs the fp32 plain graph
+    # INT8: the graph stays in ``dtype`` and the backend runs a model quantized on the user's calibration data
+    # (``repfx.int8``), judged on held-out data against a target (agreement, SNR), not by ``rtol``.
+    quantized: bool = False
+    suffix: str = ""  # in the names of the files written for it: <name><suffix>.onnx
 
 
 PRECISIONS: dict[str, Precision] = {
     "fp32": Precision(torch.float32, 1e-4),
     "fp16": Precision(torch.float16, 1e-2),
     "bf16": Precision(torch.bfloat16, 3e-2),
+    "int8": Precision(torch.float32, 1e-4, quantized=True, suffix=".int8"),
 }
+
+
+def is_quantized(name: str) -> bool:
+    return name in PRECISIONS and PRECISIONS[name].quantized
 
 
 def precision_dtype(name: str) -> torch.dtype:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from repfx.backends.precision import is_quantized
+from repfx.errors import BackendUnavailable
 from repfx.backends.base import EAGER, Backend
 from repfx.targets.runtime import Runtime
 
@@ -69,7 +71,7 @@ def resolve_backend(name: str, precision: str = "fp32") -> tuple[str, str]:
     """(backend to use, why); raises ``BackendUnavailable`` for an explicit backend that cannot run here,
     and ``ValueError`` for one that cannot run ``precision``."""
     if name == "auto":
-        return _auto()
+        return _auto_quantized(precision) if is_quantized(precision) else _auto()
     backend = get_backend(name)
     backend.ensure_usable()
     refusal = backend.supports(precision)
@@ -101,6 +103,20 @@ def runtime_named(name: str) -> Runtime:
     if name not in known:
         raise ValueError(f"runtime must be one of {', '.join(known)}, got {name!r}")
     return known[name]
+
+
+def _auto_quantized(precision: str) -> tuple[str, str]:
+    """"auto" at a quantized precision: the best usable backend that runs it (ranked ones first), e.g. TensorRT on
+    a GPU and ONNX Runtime elsewhere; inductor and eager run no INT8 model."""
+    able = sorted((backend for backend in backends() if backend.supports(precision) is None),
+                  key=lambda backend: -1 if backend.auto_rank is None else -backend.auto_rank)
+    unusable = []
+    for backend in able:
+        probe = backend.probe()
+        if probe.usable:
+            return backend.name, "; ".join([*unusable, f"{backend.title} runs {precision}: {probe.reason}"])
+        unusable.append(f"{backend.title} unavailable: {probe.reason}")
+    raise BackendUnavailable(f"no backend that runs {precision} is usable here: {'; '.join(unusable) or 'none runs it'}")
 
 
 def _auto() -> tuple[str, str]:

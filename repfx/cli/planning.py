@@ -1,5 +1,5 @@
 """Command-line arguments shared by both CLIs: what the merge decisions plan for (``--cost``, ``--target``,
-``--batch``, ``--max-param-growth``) and how a difference is judged (``--rtol``, ``--atol``, ``--strict``).
+``--batch``, ``--max-param-growth``) how a difference is judged (``--rtol``, ``--atol``, ``--strict``), and what INT8 is calibrated on and judged by.
 
 Checked while the arguments are parsed, so a misspelt GPU is one argparse line
 naming the known ones, before any model is loaded.
@@ -8,6 +8,8 @@ naming the known ones, before any model is loaded.
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 
 from repfx.passes.cost import DEFAULT_MAX_PARAM_GROWTH, check_param_growth
 from repfx.targets import COSTS, check_target
@@ -35,6 +37,30 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true",
                         help="refuse a difference beyond tolerance that fp32 rounding through discontinuous ops "
                              "(top-k, NMS) explains, instead of accepting it with a note")
+
+
+def add_int8_arguments(parser: argparse.ArgumentParser) -> None:
+    """What ``--precision int8`` needs: the user's calibration data and the held-out target (``repfx.int8``)."""
+    parser.add_argument("--calibration", type=Path, metavar="PATH",
+                        help="INT8 calibration data: a folder of images (timm's eval transform), a .npy/.npz, or a "
+                             ".pt of tensors (read weights-only); required with --precision int8")
+    parser.add_argument("--int8-target", type=int8_target, metavar="AGREE:SNR", default=None,
+                        help="held-out target of the INT8 model against fp32: top-1 agreement in %% and SNR in dB "
+                             "(default 99:20); missed, the run fails and writes nothing")
+    parser.add_argument("--int8-accept-below-target", action="store_true",
+                        help="write the INT8 model even when it misses --int8-target (the report says so)")
+
+
+def int8_target(text: str) -> tuple[float, float]:
+    """``99:20`` -> (0.99, 20.0): agreement in percent, SNR in dB."""
+    agreement, _, snr = text.partition(":")
+    try:
+        value = (float(agreement) / 100, float(snr))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected AGREE:SNR such as 99:20 (percent, dB), got {text!r}") from None
+    if not (0 <= value[0] <= 1 and math.isfinite(value[1])):
+        raise argparse.ArgumentTypeError(f"agreement is a percentage in [0, 100] and SNR a finite dB, got {text!r}")
+    return value
 
 
 def tolerance(text: str) -> float:

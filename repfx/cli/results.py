@@ -17,8 +17,9 @@ def print_result(args: argparse.Namespace, result: ExportResult, triton: ModelEn
                  benchmark: list[dict] | None) -> None:
     from repfx.deploy.weight_range import format_range_table, weight_range_report
 
-    # The reduced precision being deployed; an fp32 deploy is checked against fp16, the usual next step.
-    dtype = torch.float16 if args.precision == "fp32" else precision_dtype(args.precision)
+    # The reduced precision being deployed; an fp32 deploy is checked against fp16, the usual next step, and so is
+    # an INT8 one: TensorRT runs the layers left in float in fp16.
+    dtype = torch.float16 if args.precision in ("fp32", "int8") else precision_dtype(args.precision)
     ranges = weight_range_report(result.plain, dtype)
     if args.report == "json":
         payload = {"report": result.report.to_dict(), "files": {k: str(v) for k, v in result.files.items()},

@@ -35,7 +35,8 @@ from repfx.capture.loading import BadInput, LoadedModel, load_model
 from repfx.cli import interrupts
 from repfx.cli.benchmark import benchmark as run_benchmark
 from repfx.cli.memory import check_inputs_fit
-from repfx.cli.planning import add_check_arguments, add_planning_arguments
+from repfx.cli.planning import add_check_arguments, add_int8_arguments, add_planning_arguments
+from repfx.int8.deploy import int8_options
 from repfx.cli.progress import PhaseProgress
 from repfx.cli.results import print_result
 from repfx.cli.triton_entry import plan_triton, stage_triton
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-verify", action="store_true", help="skip the numerical checks (not recommended)")
     add_planning_arguments(parser)
     add_check_arguments(parser)
+    add_int8_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed for sample BN statistics and example inputs")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="trust the model file: allow a pickled nn.Module (torch.save(model)) and turn off the "
@@ -175,8 +177,9 @@ def _run(args: argparse.Namespace, progress: PhaseProgress,
         settings = Settings(verify=not args.no_verify, rtol=args.rtol, atol=args.atol, strict=args.strict,
                             dynamic_batch=args.dynamic_batch is not None, cost=args.cost, target=args.target,
                             batch=args.batch, precision=args.precision, max_param_growth=args.max_param_growth,
-                            progress=progress)
-        result = build_export(plan, model, inputs, settings, batch_range=args.dynamic_batch)
+                            progress=progress, int8=int8_options(args.int8_target, args.int8_accept_below_target))
+        result = build_export(plan, model, inputs, settings, batch_range=args.dynamic_batch,
+                              calibration=args.calibration)
         if entry is not None:
             stage_triton(entry, plan, result, args.dynamic_batch)
         if args.benchmark:

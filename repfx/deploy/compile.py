@@ -18,9 +18,12 @@ from torch.utils import _pytree as pytree
 
 from repfx.capture.inputs import as_input_sets
 from repfx.backends.base import BuildRequest
-from repfx.backends.precision import PRECISIONS, PrecisionName, cast_floating, deploy_copy, precision_dtype
+from repfx.backends.precision import (PRECISIONS, PrecisionName, cast_floating, deploy_copy, is_quantized,
+                                     precision_dtype)
 from repfx.backends.registry import get_backend, module_fallback, resolve_backend
 from repfx.capture.export import SupportedModel, keeps_dynamic_batch
+from repfx.int8.calibration import load_calibration
+from repfx.int8.deploy import int8_options, quantize_plain, training_graph
 from repfx.passes.cost import DEFAULT_MAX_PARAM_GROWTH
 from repfx.pipeline import is_folded_in_parts, report_of, run, run_whole
 from repfx.report import Report
@@ -82,6 +85,9 @@ def compile(
     batch: int | None = None,
     max_param_growth: float | None = DEFAULT_MAX_PARAM_GROWTH,
     batch_range: tuple[int, int, int] | None = None,
+    calibration: Any = None,
+    int8_target: Any = None,
+    accept_below_target: bool = False,
     progress: Callable[[str], None] | None = None,
     **backend_options: Any,
 ) -> DeployedModel:
@@ -101,6 +107,12 @@ def compile(
     pay (``repfx.reparameterize``); the target defaults to the backend's device (TensorRT: CUDA),
     the precision is the one being built, and ``cost="measure"`` times forms with this backend.
 
+    ``precision="int8"`` (backends ``onnx`` and ``tensorrt``) quantizes the plain graph in the backend's format
+    on ``calibration`` (required; ``repfx.int8.calibration`` says what it may be), with the sensitivity fallback
+    and equalization where it pays (``repfx.int8.deploy``), judged on a held-out part of the data against
+    ``int8_target`` = (agreement, snr_db), default (0.99, 20.0): below it ``Int8TargetMissed``, unless
+    ``accept_below_target``. ``report.int8`` says what was decided, per layer.
+
     A model torch.export cannot capture whole is folded in parts (``repfx.reparameterize``)
     for the ``eager`` and ``inductor`` backends (``auto`` then means inductor); the others
     lower one graph and raise ``CaptureError`` naming what blocks it and the part to use.
@@ -112,10 +124,14 @@ def compile(
     chosen = get_backend(name)
     sets = as_input_sets(example_inputs)  # one example input set, or a list of them (all recorded and checked)
     inputs = sets[0]
+    quantized = is_quantized(precision)
+    if quantized:  # missing or unfit data and a bad target are refused before any work
+        calibration = load_calibration(calibration, inputs)
+        int8 = int8_options(int8_target, accept_below_target)
 
     dynamic_batch = keeps_dynamic_batch(model, dynamic_batch)
     # A model folded in parts is a module, not one graph: only backends that run modules take it.
-    in_parts = backend == "auto" or chosen.runs_modules
+    in_parts = (backend == "auto" or chosen.runs_modules) and not quantized  # INT8 quantizes one graph
     settings = Settings(verify=verify, rtol=rtol, atol=atol, strict=strict, dynamic_batch=dynamic_batch,
                         progress=progress, cost=cost, target=planned_target(target, chosen.device), batch=batch,
                         precision=precision, runtime=chosen.runtime, max_param_growth=max_param_growth)
@@ -129,14 +145,19 @@ def compile(
     if backend == "auto":  # the choice is part of what was built, not only a log line
         report.notes.append(f"backend='auto' chose {name!r}: {reason}")
     deploy_graph, deploy_inputs = deploy_copy(plain, inputs, precision, chosen.device)
+    model_int8 = None
+    if quantized:
+        model_int8 = quantize_plain(plain, inputs, calibration, chosen.int8_format, f"the {chosen.title} backend "
+                                    "runs it", int8, report, training=training_graph(model, inputs),
+                                    progress=progress).model
     if progress is not None:
         progress("build")
     runner = chosen.build(BuildRequest(deploy_graph, deploy_inputs, precision, report, dynamic_batch=dynamic_batch,
-                                       batch_range=batch_range, options=backend_options))
+                                       batch_range=batch_range, options=backend_options, quantized=model_int8))
     deployed = DeployedModel(runner, backend=name, precision=precision, plain=plain, report=report,
                              device=chosen.device)
     report.backend, report.precision = name, precision
-    if verify:
+    if verify and not quantized:  # INT8 was judged on held-out data (report.int8), not by a tolerance
         stats = check_against_plain(plain, deployed, sets, precision, settings,
                                     f"the {name} backend")
         report.backend_max_abs_error = stats.max_abs_error

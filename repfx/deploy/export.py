@@ -29,8 +29,10 @@ from repfx.pipeline import report_of, run_whole
 from repfx.settings import Settings
 from repfx.capture.inputs import as_input_sets
 from repfx.backends.base import ArtifactJob, Check
-from repfx.backends.formats import artifacts, export_formats, file_names, planned_for, resolve_formats
-from repfx.backends.precision import PrecisionName, deploy_copy, precision_dtype
+from repfx.backends.formats import artifacts, export_formats, file_names, int8_format_for, planned_for, resolve_formats
+from repfx.backends.precision import PrecisionName, deploy_copy, is_quantized, precision_dtype
+from repfx.int8.calibration import load_calibration
+from repfx.int8.deploy import int8_options, quantize_plain, training_graph
 from repfx.backends.program import export_program
 from repfx.backends.registry import backends
 from repfx.capture.export import SupportedModel, keeps_dynamic_batch
@@ -74,6 +76,9 @@ def export(
     target: Target = None,
     batch: int | None = None,
     max_param_growth: float | None = DEFAULT_MAX_PARAM_GROWTH,
+    calibration: Any = None,
+    int8_target: Any = None,
+    accept_below_target: bool = False,
     protected: Sequence[os.PathLike] = (),
     progress: Callable[[str], None] | None = None,
     **tensorrt_options: Any,
@@ -93,6 +98,12 @@ def export(
     conflicts, an unwritable ``out_dir`` and a directory in the way are refused
     (``repfx.deploy.staging.Refused``) before the model is re-parameterized.
 
+    ``precision="int8"`` quantizes the plain graph on ``calibration`` (required: ``repfx.int8.calibration``
+    says what it may be) and writes ``<name>.int8.onnx`` (and ``<name>.int8.engine`` where TensorRT is usable)
+    beside the float ``<name>.pt2``; the format follows the target (``repfx.int8.deploy``). It is judged on a
+    held-out part of the data against ``int8_target`` = (agreement, snr_db), default (0.99, 20.0); below it,
+    ``Int8TargetMissed`` and nothing is written, unless ``accept_below_target``.
+
     The files hold one graph, so a model torch.export cannot capture whole (one that
     ``repfx.reparameterize`` folds in parts) raises ``CaptureError`` in one line naming the
     line that blocks it and its largest folded part, to export instead.
@@ -101,8 +112,10 @@ def export(
         plan = plan_export(transaction, out_dir, formats, name=name, precision=precision)
         settings = Settings(verify=verify, rtol=rtol, atol=atol, strict=strict, dynamic_batch=dynamic_batch,
                             cost=cost, target=target, batch=batch, precision=precision,
-                            max_param_growth=max_param_growth, progress=progress)
-        result = build_export(plan, model, example_inputs, settings, batch_range=batch_range, **tensorrt_options)
+                            max_param_growth=max_param_growth, progress=progress,
+                            int8=int8_options(int8_target, accept_below_target))
+        result = build_export(plan, model, example_inputs, settings, batch_range=batch_range,
+                              calibration=calibration, **tensorrt_options)
         transaction.commit()
     return result
 
@@ -139,10 +152,12 @@ def plan_export(transaction: Transaction, out_dir: os.PathLike | str, formats: S
     if not SAFE_NAME.fullmatch(name):
         raise ValueError(f"name {name!r} must be a plain file name (letters, digits, '_', '.', '-')")
     wanted, skipped = resolve_formats(formats, precision)
+    if is_quantized(precision):
+        int8_format_for(wanted)  # some wanted artifact runs INT8, or one line now, before any work
     out_dir = Path(out_dir)
     report = out_dir / f"{name}{REPORT_SUFFIX}"
     # The report last: until it is published, the earlier report vouches for the rest.
-    filenames = file_names(name, wanted) | {"report": report.name}
+    filenames = file_names(name, wanted, precision) | {"report": report.name}
     claims = {kind: transaction.claim_file(out_dir / filename, _is_repfx_report if kind == "report"
                                            else functools.partial(_listed_in, report))
               for kind, filename in filenames.items()}
@@ -150,12 +165,15 @@ def plan_export(transaction: Transaction, out_dir: os.PathLike | str, formats: S
 
 
 def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequence[Any], settings: Settings, *,
-                 batch_range: tuple[int, int, int] | None = None, **tensorrt_options: Any) -> ExportResult:
+                 batch_range: tuple[int, int, int] | None = None, calibration: Any = None,
+                 **tensorrt_options: Any) -> ExportResult:
     """The heavy part of ``export``: re-parameterize, lower, check, and write every file of ``plan`` to staging.
 
     ``settings.precision`` is the one being exported (None: fp32); ``settings.target`` defaults to where the
     wanted files run. The result names the files where they will be once the plan's transaction commits.
     """
+    if is_quantized(settings.precision or "fp32"):  # missing or unfit data is refused before any work
+        calibration = load_calibration(calibration, as_input_sets(example_inputs)[0])
     precision = settings.precision or "fp32"
     precision_dtype(precision)  # an unknown precision is refused before the heavy work
     sets = as_input_sets(example_inputs)  # one example input set, or a list of them (all recorded and checked)
@@ -175,10 +193,15 @@ def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequen
     for backend in backends():
         backend.annotate(program, report)
 
+    quantized = None
+    if is_quantized(precision):
+        fmt, why = int8_format_for(plan.wanted, settings.target)
+        quantized = quantize_plain(plain, inputs, calibration, fmt, why, settings.int8 or int8_options(), report,
+                                   training=training_graph(model, inputs), progress=settings.progress).model
     if "pt2" in plan.wanted:
         plan.write("pt2", _saved_program(program))
     job = ArtifactJob(deploy_graph, deploy_inputs, precision, report, dynamic_batch=dynamic_batch,
-                      batch_range=batch_range, options=tensorrt_options, exported=program,
+                      batch_range=batch_range, options=tensorrt_options, exported=program, quantized=quantized,
                       out=plan, progress=settings.progress)
     checks = {}
     for backend, artifact in artifacts(plan.wanted):
@@ -186,7 +209,9 @@ def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequen
         if check is None:
             continue
         checks[artifact.format] = check
-        if settings.verify:
+        if quantized is not None:
+            report.backend = check.runtime  # judged on held-out data by quantize_plain, in that runtime
+        elif settings.verify:
             _check_artifact(check, backend.name, plain, sets, settings, report)
     report.notes += [f"{fmt} not written: {why}" for fmt, why in plan.skipped.items()]
     _stage_report(plan, report)

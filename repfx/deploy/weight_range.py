@@ -42,7 +42,8 @@ from repfx.backends.precision import PRECISIONS
 UNDERFLOW_SHARE = 0.05
 
 # Short names for the summary line; others fall back to str(dtype).
-_LABELS = {precision.dtype: name for name, precision in PRECISIONS.items()} | {torch.float64: "fp64"}
+_LABELS = {precision.dtype: name for name, precision in PRECISIONS.items() if not precision.quantized} | {
+    torch.float64: "fp64"}
 
 
 @dataclass(frozen=True)

@@ -248,9 +248,13 @@ def test_auto_falls_back_to_inductor_and_logs_why(caplog):
 # --- the precision table ----------------------------------------------------------------------------------------
 
 def test_the_precision_table_is_what_the_signatures_accept():
-    assert get_args(PrecisionName) == tuple(PRECISIONS) == ("fp32", "fp16", "bf16")
-    assert [entry.dtype for entry in PRECISIONS.values()] == [torch.float32, torch.float16, torch.bfloat16]
+    assert get_args(PrecisionName) == tuple(PRECISIONS) == ("fp32", "fp16", "bf16", "int8")
+    assert [entry.dtype for entry in PRECISIONS.values()] == [torch.float32, torch.float16, torch.bfloat16,
+                                                               torch.float32]
     assert PRECISIONS["fp32"].rtol < PRECISIONS["fp16"].rtol < PRECISIONS["bf16"].rtol
+    # INT8 is no cast: the graph stays fp32 and is judged on held-out data; its files say int8 in their names.
+    assert [name for name, entry in PRECISIONS.items() if entry.quantized] == ["int8"]
+    assert PRECISIONS["int8"].suffix == ".int8"
 
 
 def test_the_precision_table_sets_the_tolerance_of_compile_and_export(toy, net, x, tmp_path, monkeypatch):

@@ -38,7 +38,8 @@ def test_compile_never_modifies_the_model(net, x):
 
 @pytest.mark.parametrize("backend, precision, error", [
     ("tvm", "fp32", "backend must be one of"),
-    ("eager", "int8", "precision must be one of"),
+    ("eager", "int4", "precision must be one of"),
+    ("eager", "int8", "runs no INT8 model"),
 ])
 def test_compile_rejects_unknown_options(net, x, backend, precision, error):
     with pytest.raises(ValueError, match=error):
