@@ -27,7 +27,7 @@ _PUBLIC = {
     "DeployedModel": "repfx.deploy.compile", "compile": "repfx.deploy.compile",
     "ExportResult": "repfx.deploy.export", "export": "repfx.deploy.export",
     "BackendUnavailable": "repfx.errors", "CaptureError": "repfx.errors", "LoweringError": "repfx.errors",
-    "VerificationError": "repfx.errors",
+    "VerificationError": "repfx.errors", "CalibrationError": "repfx.errors", "Int8TargetMissed": "repfx.errors",
     "Refusal": "repfx.report", "Report": "repfx.report", "Rewrite": "repfx.report",
 }
 
