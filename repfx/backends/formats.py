@@ -70,7 +70,7 @@ def int8_format_for(wanted: Sequence[str], target: Any = None) -> tuple[str, str
         return built_on_gpu[0].int8_format, f"the {built_on_gpu[0].title} artifact is built from it"
     if on_gpu and _is_gpu(target):
         return on_gpu[0].int8_format, f"the target is a GPU ({target}): {on_gpu[0].title}'s format"
-    return runs_int8[0].int8_format, (f"the target is the CPU: {runs_int8[0].title}'s format "
+    return runs_int8[0].int8_format, (f"the target is the CPU: the {runs_int8[0].title} backend's format "
                                       "(pass target='cuda' for TensorRT's)")
 
 

@@ -9,7 +9,8 @@ calibration feeds, never random data) and score it against fp32 (``metrics``).
 
 ``plan_fallback``'s rule, generic: if everything the tool quantizes already meets the target, nothing
 stays float. Otherwise try the k most sensitive layers in float (lowest single-layer agreement, then
-SNR), k = 1 .. ``max_float``, all from one tool start; take the first k that meets the target, else
+SNR), k = 1 .. ``max_float`` and never more than half of the layers (with most layers in float the model
+is not INT8 any more: then the target is missed, and said), all from one tool start; take the first k that meets the target, else
 the k whose held-out scores improve most on the smaller ones (agreement up, or the same agreement and
 at least ``min_gain_db`` more SNR), else none. Whole prefixes rather than one layer at a time,
 because layers can be coupled: ONNX Runtime's CPU format quantizes a tensor when its producer *or*
@@ -127,7 +128,7 @@ def plan_fallback(fp32_onnx: Path, calibration: list[Feed], held_out: list[Feed]
     ranked = sorted(sensitivity, key=lambda result: result.scores.key())
     chosen = 0
     if not plain.meets(target) and ranked:
-        counts = range(1, min(max_float, len(ranked)) + 1)
+        counts = range(1, min(max_float, len(ranked) // 2) + 1)  # at most half: a model mostly in float is no INT8
         prefixes = [[*exclude, *(result.name for result in ranked[:k])] for k in counts]
         trials = quantize_many(fp32_onnx, calibration, fmt, prefixes)
         scored = [score(reference, run_onnx(trial, held_out)) for trial in trials]
