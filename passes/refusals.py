@@ -33,6 +33,7 @@ CODES: dict[str, str] = {
     "symbolic-shape": "a symbolic channel count or an unknown size",
     "shared-output": "an op's output is also read outside the region",
     "shared-weight": "merging a use of a shared weight would only copy it",
+    "rows": "an op on partitions (rows of a reshaped map) that is not one matrix on each partition's values",
     "rule-error": "a rule raised an unexpected error on an op variant it did not foresee",
     # -- price and proof: exact, but not done --------------------------------------------------
     "cost": "the cost rule found the merge slower (or more work) than the ops it replaces",
