@@ -148,11 +148,10 @@ class RowCombinators:
         """
         rows = node.meta["val"].dim()
         grids = [e.grid if e.grid is not None else e.shape for e in exprs]
-        if any(e.grid is None and len(e.shape) + 1 != rows for e in exprs):
-            raise NotExact("rows", f"{node.name}: adds partitions to a tensor that is not cut into them")
-        if len({math.prod(grid) for grid in grids}) != 1:
-            raise NotExact("rows", f"{node.name}: adds partitions of different sizes")
         grid = next(e.grid for e in exprs if e.grid is not None)
+        if any(e.grid is None and len(e.shape) + 1 != rows for e in exprs) or len({math.prod(g) for g in grids}) != 1:
+            raise NotExact("rows", f"{node.name}: adds partitions of {math.prod(grid)} values to a tensor not cut into "
+                           "the same partitions")
         exprs = [e if e.grid is not None else Expr(e.terms, e.ops, e.shape, e.shape) for e in exprs]
         if len({e.shape for e in exprs}) != 1:
             exprs = [self.flatten(node, e) for e in exprs]
