@@ -38,9 +38,13 @@ class Combinators(rows.RowCombinators):
         ``view``: ``node`` only re-lays out a tensor and ``outer`` restates ops of ``extra_ops``,
         which are priced where they stand: ``node`` as written costs nothing.
         """
+        grid = None if expr.grid is None else rows.output_grid(outer, expr.grid)  # partitions: as ``outer`` leaves them
         if expr.grid is not None and expr.shape != expr.grid:
-            return self.apply_on_rows(outer, expr, node, extra_ops, view)
-        shape = self.sample_shape(node, channel_last) if expr.grid is None else rows.output_grid(outer, expr.grid)
+            native = rows.native_affine(outer, expr)  # a scale the terms' own layout takes channel by channel
+            if native is None:
+                return self.apply_on_rows(outer, expr, node, extra_ops, view)
+            outer = native
+        shape = self.sample_shape(node, channel_last) if expr.grid is None else rows.output_grid(outer, expr.shape)
         ops = expr.ops | {node, *extra_ops}
         self.result.own_cost[node] = of_form(outer, shape)
         separate_cost = expr.cost + self.result.own_cost[node]
@@ -57,7 +61,7 @@ class Combinators(rows.RowCombinators):
         self._check_cost(node, sum(t.cost for t in terms) + (len(terms) - 1) * elementwise(shape), separate_cost)
         if view:
             self.result.own_cost[node] = NOTHING
-        return Expr(terms, frozenset(ops), shape, None if expr.grid is None else shape)
+        return Expr(terms, frozenset(ops), shape, grid)
 
     def _distribute(self, outer: ConvForm, terms: Sequence[Term], shape: tuple[int, ...]) -> tuple[Term, ...]:
         """scale * (a + b) + shift = (scale * a + shift) + scale * b: exact for any sum."""

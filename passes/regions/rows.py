@@ -86,6 +86,21 @@ def _grid_of(source: fx.Node, form: ConvForm) -> tuple[int, ...]:
     return layout
 
 
+def native_affine(outer: ConvForm, expr: Expr) -> ConvForm | None:
+    """``outer``, a per-channel scale and shift of rows laid out as ``expr.grid``, as the per-channel
+    scale and shift it is of rows laid out as the terms compute them (``expr.shape``), or None where
+    it is none (its factors change within a channel there). A scalar is one in every layout: a scale
+    after a reshape folds into the conv before it, which stays a conv."""
+    if not outer.is_diagonal or any(outer.padding) or outer.rank != len(expr.grid) - 1:
+        return None
+    pixels = math.prod(expr.grid[1:])
+    scale, shift = (values.repeat_interleave(pixels).reshape(expr.shape[0], -1)
+                    for values in (outer.weight.reshape(-1).to(torch.float64), outer.bias))
+    if not (torch.equal(scale, scale[:, :1].expand_as(scale)) and torch.equal(shift, shift[:, :1].expand_as(shift))):
+        return None
+    return ConvForm.affine(scale[:, 0], shift[:, 0], len(expr.shape) - 1)
+
+
 def _flat(shape: Sequence[int]) -> bool:
     return all(size == 1 for size in shape[1:])
 
