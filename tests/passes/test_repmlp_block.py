@@ -70,6 +70,7 @@ def test_first_repmlp_with_a_batchnorm1d_on_flattened_partitions_runs_one_fc():
     assert_idempotent(gm, x)
 
 
+@pytest.mark.slow  # two captures
 def test_repmlp_block_with_a_dynamic_batch():
     model = build(RepMLPUnit)
     gm, _ = reparam(model, rand(2, 8, 8, 8), dynamic_batch=True)
