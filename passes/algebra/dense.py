@@ -24,6 +24,7 @@ No torch.fx here.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -69,14 +70,13 @@ def whole_map(form: ConvForm, grid: Sequence[int]) -> ConvForm:
     shape = (form.out_channels * pixels, grid[0] // groups) + grid[1:]
 
     def matrix() -> Tensor:
-        """Each column is the form applied to one basis input of a group (the same basis in every group)."""
-        per_group = math.prod(shape[1:])
-        basis = torch.eye(per_group, dtype=torch.float64).reshape((per_group,) + shape[1:]).repeat(
-            (1, groups) + ones)
-        columns = torch.convolution(basis, float64(form.weight), None, list(form.stride), list(form.padding),
-                                    list(form.dilation), False, [0] * rank, groups)
-        columns = columns.reshape(per_group, groups, -1)  # (basis, group, its outputs flattened)
-        return columns.permute(1, 2, 0).reshape(shape).contiguous()
+        """Tap by tap, the kernel's values placed where each output pixel reads: no larger than the matrix."""
+        weight = float64(form.weight)
+        result = torch.zeros(form.out_channels, pixels, shape[1], math.prod(grid[1:]), dtype=torch.float64)
+        for tap in itertools.product(*(range(k) for k in form.kernel_size)):
+            reads = _reads(tap, grid[1:], out[1:], form.stride, form.padding, form.dilation)
+            result += torch.einsum("oc,qp->oqcp", weight[(slice(None), slice(None), *tap)], reads)
+        return result.reshape(shape)
 
     return ConvForm(Deferred(shape, matrix), form.bias.repeat_interleave(pixels), ones, zeros, ones, groups)
 
@@ -109,6 +109,20 @@ def rebase(form: ConvForm, grid: Sequence[int]) -> ConvForm:
         return regroup(float64(form.weight), form.groups, groups).reshape(shape)
 
     return ConvForm(Deferred(shape, reread), form.bias, ones, zeros, ones, groups)
+
+
+def _reads(tap: Sequence[int], sizes: Sequence[int], out_sizes: Sequence[int], stride: Sequence[int],
+           padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    """0/1 matrix (output pixels x input pixels): which input pixel each output pixel reads at ``tap``
+    (none where it reads the zero padding)."""
+    reads = torch.ones(1, 1, dtype=torch.float64)
+    for t, size, out_size, s, p, d in zip(tap, sizes, out_sizes, stride, padding, dilation):
+        source = torch.arange(out_size) * s + t * d - p
+        dim = torch.zeros(out_size, size, dtype=torch.float64)
+        inside = (source >= 0) & (source < size)
+        dim[torch.arange(out_size)[inside], source[inside]] = 1.0
+        reads = torch.kron(reads, dim)
+    return reads
 
 
 def _check_reads(form: ConvForm, grid: Sequence[int]) -> None:
