@@ -45,11 +45,11 @@ WRITTEN_LIKE = {"ECBSR-style/ecbsr_net (eval: kernel computed in forward)": ("ec
                 "VanillaNet-style/vanillanet_small (leaky_relu slope 1)": ("vanillanet", "VanillaNetSmall",
                                                                         (1, 3, 64, 64))}
 QUICK = ("timm/repvgg_a0", "timm/mobileone_s0", "sample/dbb_net")
-# Blocks written the way RepNeXt, ACNet (padding < k // 2: crops), Inception, MobileOne (SE) and VanillaNet write
+# Blocks written the way RepNeXt, ACNet (padding < k // 2: crops), Inception, MobileOne (SE), VanillaNet and RepMLP write
 # theirs: the tests' own (tests/spatial_blocks.py), class name and input shape.
 WRITTEN = {"RepNeXt-style": ("RepNeXtBlock", (1, 16, 56, 56)), "ACNet crop": ("ACBlockCrop", (1, 8, 56, 56)),
            "Inception 1x7->7x1": ("FactorizedConv", (1, 16, 17, 17)), "MobileOne SE": ("MobileOneSE", (1, 32, 20, 20)),
-           "VanillaNet dw7x7+1x1": ("VanillaBlock", (1, 32, 28, 28))}
+           "VanillaNet dw7x7+1x1": ("VanillaBlock", (1, 32, 28, 28)), "RepMLP-style": ("RepMLPUnit", (1, 8, 28, 28))}
 
 
 def catalogue() -> dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...]]]:

@@ -29,6 +29,7 @@ import torch
 from torch import fx
 
 from repfx.passes.algebra.forms import ConvForm, NotExact
+from repfx.passes import cost as cost_rule
 from repfx.passes.canonicalize import reshape_as_to_static_shape, see_through_value_aliases
 from repfx.passes.fold import AppliedRewrite, Candidate, PassResult, Prover, fold_linear_regions
 from repfx.passes.inplace_activations import inplace_activations
@@ -71,8 +72,8 @@ def _see_through(gm: fx.GraphModule, settings: PassSettings) -> PassResult:
 
 
 def _parameter_subgraphs(gm: fx.GraphModule, settings: PassSettings) -> PassResult:
-    with torch.no_grad():
-        return fold_parameter_subgraphs(gm)
+    with torch.no_grad():  # the bound is the one merges obey: a stored value is a parameter like a merged kernel
+        return fold_parameter_subgraphs(gm, cost_rule.resolve(settings.cost).max_param_growth)
 
 
 def _fold(gm: fx.GraphModule, settings: PassSettings) -> PassResult:

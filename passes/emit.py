@@ -33,6 +33,11 @@ class Plan:
     identities: tuple[Term, ...]  # the source itself
     bias: Tensor  # total shift of the expression, placed once
     rank: int  # spatial rank of the forms (0: linear, channel is the last dim)
+    rows: tuple[int, ...] | None = None  # the forms compute partitions laid out so; the root otherwise: a reshape after
+
+    @property
+    def reshape(self) -> bool:
+        return self.rows is not None
 
     @property
     def bias_needs_add(self) -> bool:
@@ -53,7 +58,8 @@ class Plan:
         if self.is_plain_copy:
             return 1
         parts = len(self.convs) + len(self.scales) + len(self.identities)
-        return len(self.convs) + len(self.scales) + max(parts - 1, 0) + int(self.bias_needs_add) + self.crops
+        return (len(self.convs) + len(self.scales) + max(parts - 1, 0) + int(self.bias_needs_add) + self.crops
+                + int(self.reshape))
 
 
 def plan(expr: Expr) -> Plan:
@@ -65,7 +71,8 @@ def plan(expr: Expr) -> Plan:
         else:
             convs.append(term)
     bias = torch.stack([term.form.bias for term in expr.terms]).sum(0)
-    return Plan(tuple(convs), tuple(scales), tuple(identities), bias, expr.terms[0].form.rank)
+    return Plan(tuple(convs), tuple(scales), tuple(identities), bias, expr.terms[0].form.rank,
+                None if expr.grid is None else expr.shape)
 
 
 @dataclass(eq=False)
@@ -118,6 +125,8 @@ class Emitter:
                 result = self._call(out, aten.add.Tensor, result, self._constant(out, "shift", shift, dtype))
             if planned.is_plain_copy:
                 result = self._call(out, aten.clone.default, result)
+            if planned.reshape:
+                result = self._rows_into_root(out, planned, result)
         out.result = result
         return out
 
@@ -150,6 +159,17 @@ class Emitter:
                               list(form.padding), list(form.output_padding), form.groups, list(form.dilation))
         return self._call(out, _CONV[form.rank], source, weight_node, bias_node,
                           list(form.stride), padding, list(form.dilation), form.groups)
+
+    def _rows_into_root(self, out: Emission, planned: Plan, rows: fx.Node) -> fx.Node:
+        """The rows computed in the forms' layout, reshaped as the root lays them out (``regions.rows``).
+
+        The nodes before it hold the rows as the forms compute them; their values say so, for the next round.
+        """
+        value = (planned.convs + planned.scales + planned.identities)[0].source.meta["val"]
+        for node in out.nodes:
+            if node.op == "call_function" and node.target is not aten.slice.Tensor:
+                node.meta["val"] = value.new_empty((value.shape[0], *planned.rows))
+        return self._call(out, aten.reshape.default, rows, [-1, *out.root.meta["val"].shape[1:]])
 
     def _call(self, out: Emission, target, *args) -> fx.Node:
         node = self.gm.graph.call_function(target, tuple(args))

@@ -330,7 +330,8 @@ def _applied(root: fx.Node, executed: list[fx.Node], planned: Plan, copied: tupl
         produced=("copy",) if planned.is_plain_copy else (
             tuple(term.form.describe() for term in planned.convs)
             + ("scale",) * len(planned.scales)
-            + ("add",) * (planned.op_count - len(planned.convs) - len(planned.scales))),
+            + ("add",) * (planned.op_count - len(planned.convs) - len(planned.scales) - int(planned.reshape))
+            + ("reshape",) * int(planned.reshape)),
         kernel_shapes=tuple(tuple(term.form.weight.shape) for term in planned.convs),
         ops_before=len(executed),
         ops_after=planned.op_count,

@@ -15,7 +15,12 @@ comparison inside decided differently), the model's own value is stored instead.
 Left as written, each named with its reason (code ``parameter-subgraph``): a subgraph with
 a random op, an op with a side effect or an in-place write, a buffer the forward writes, a
 value the graph returns (stored, the output would be the model's own tensor, which a
-caller may write) and one that cannot be evaluated. Not touched: a subgraph of views alone
+caller may write) and one that cannot be evaluated. A value that would hold more than
+``max_param_growth`` elements per floating element of the parameters it is computed from
+(LeViT's ``attention_biases[:, idxs]``: a table of offsets gathered into a full
+heads x N x N bias) stays evaluated per call too (code ``param-growth``, with both sizes):
+storing it trades model size for time, which the bound says is not wanted, as it says
+for merges. Not touched: a subgraph of views alone
 (``w.t()`` computes nothing) and a value made from literals alone (``torch.zeros(...)``
 costs less to make than to store).
 """
@@ -23,6 +28,7 @@ costs less to make than to store).
 from __future__ import annotations
 
 from collections import Counter
+from operator import attrgetter
 
 import torch
 from torch import fx, nn
@@ -35,8 +41,12 @@ from repfx.passes.fold import AppliedRewrite, PassResult, _is_executed, _kind
 from repfx.passes.refusals import Refused
 
 
-def fold_parameter_subgraphs(gm: fx.GraphModule) -> PassResult:
-    """Store every input-free value an input-dependent op (or the output) reads; rewrites ``gm`` in place."""
+def fold_parameter_subgraphs(gm: fx.GraphModule, max_param_growth: float | None = None) -> PassResult:
+    """Store every input-free value an input-dependent op (or the output) reads; rewrites ``gm`` in place.
+
+    ``max_param_growth`` (None: no bound): the most elements a stored value may hold per floating
+    element of the parameters its subgraph reads (the cost rule's bound, ``Settings.max_param_growth``).
+    """
     exact, as_written = ConstantFolder(gm), ConstantFolder(gm, upcast=False)
     written = set(written_attributes(gm))
     free = input_free(gm)
@@ -56,6 +66,10 @@ def fold_parameter_subgraphs(gm: fx.GraphModule) -> PassResult:
         if value is None:
             result.refusals.append(Refused(node.name, "parameter-subgraph", f"{node.name} reads only parameters "
                                            f"and constants but is computed on every call: {reason or 'it cannot be evaluated'}"))
+            continue
+        growth = _param_growth(gm, node, subgraph, max_param_growth)
+        if growth:
+            result.refusals.append(Refused(node.name, "param-growth", growth))
             continue
         constant = _store(gm, node, *value)
         node.replace_all_uses_with(constant)
@@ -90,6 +104,26 @@ def _kept_because(node: fx.Node, subgraph: list[fx.Node], written: set[str]) -> 
     if any(user.op == "output" for user in node.users):
         return "the graph returns it (stored, the output would be the model's own tensor, which a caller may write)"
     return None
+
+
+def _param_growth(gm: fx.GraphModule, node: fx.Node, subgraph: list[fx.Node], bound: float | None) -> str | None:
+    """Why storing ``node``'s value holds too many elements for the parameters it is computed from (None: fine).
+
+    Only floating elements count on both sides, as for merges (an index buffer is no weight a
+    model is sized by): LeViT's int64 ``idxs`` gathering a small float table is pure growth.
+    """
+    value = node.meta.get("val")
+    if bound is None or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return None
+    names = {op.target for op in subgraph if op.op == "get_attr"}
+    tensors = (attrgetter(name)(gm) for name in names)
+    before = sum(t.numel() for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point())
+    after = value.numel()
+    if not before or after <= bound * before:
+        return None
+    return (f"{node.name} reads only parameters and constants, but its value holds {after:,} elements for the "
+            f"{before:,} of the parameters it is computed from ({after / before:.1f}x > max_param_growth={bound:g}); "
+            "computed on every call")
 
 
 def _value(node: fx.Node, exact: ConstantFolder, as_written: ConstantFolder) -> tuple[torch.Tensor, torch.Tensor] | None:

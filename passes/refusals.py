@@ -35,10 +35,12 @@ CODES: dict[str, str] = {
     "shared-weight": "merging a use of a shared weight would only copy it",
     "not-homogeneous": "the op between two layers is not positively homogeneous, so their channels cannot be rescaled",
     "layer-pair": "the two layers' channels do not correspond (a transposed convolution, a conv feeding a linear)",
+    "rows": "an op on partitions (rows of a reshaped map) that is not one matrix on each partition's values",
     "rule-error": "a rule raised an unexpected error on an op variant it did not foresee",
     # -- price and proof: exact, but not done --------------------------------------------------
     "cost": "the cost rule found the merge slower (or more work) than the ops it replaces",
-    "param-growth": "the merge would hold more parameters than max_param_growth times the ops it replaces",
+    "param-growth": ("the merge (or a stored parameter-only value) would hold more parameters than "
+                     "max_param_growth times what it replaces"),
     "chain-partition": "how a chain of linear ops was cut (a note, not a failure)",
     "weight-copied": "a use of a shared weight was folded into new weights; the model holds both (a note)",
     "local-proof": "the float64 proof of the rewritten region failed; the region stays as written",

@@ -128,3 +128,38 @@ class VanillaBlock(nn.Module):
     def forward(self, x):
         x = F.conv2d(torch.relu(x), self.weight, padding=self.act_num, groups=self.weight.shape[0])
         return F.leaky_relu(self.conv(self.act_bn(x)), 0.5)
+
+
+class RepMLPUnit(nn.Module):
+    """RepMLPNet's partition perceptron with its local perceptron, as its block writes them (no global
+    perceptron): the map cut into ``h x w`` partitions, each mixed by an FC shared by channel groups (a grouped
+    1x1 conv on the flattened partition, BN over the share-sets on the partition grid), beside depthwise kxk
+    convs with BN on the same partitions. The convs are exact matrices on the flattened partition: one FC."""
+
+    def __init__(self, channels: int = 8, sharesets: int = 4, h: int = 4, w: int = 4, kernels=(1, 3)) -> None:
+        super().__init__()
+        self.C, self.S, self.h, self.w = channels, sharesets, h, w
+        self.fc3 = nn.Conv2d(sharesets * h * w, sharesets * h * w, 1, groups=sharesets, bias=False)
+        self.fc3_bn = nn.BatchNorm2d(sharesets)
+        self.kernels = kernels
+        for k in kernels:
+            setattr(self, f"repconv{k}", conv_bn(sharesets, sharesets, k, k // 2, sharesets))
+
+    def partition(self, x, h_parts, w_parts):
+        return x.reshape(-1, self.C, h_parts, self.h, w_parts, self.w).permute(0, 2, 4, 1, 3, 5)
+
+    def partition_affine(self, x, h_parts, w_parts):
+        out = self.fc3(x.reshape(-1, self.S * self.h * self.w, 1, 1))
+        out = self.fc3_bn(out.reshape(-1, self.S, self.h, self.w))
+        return out.reshape(-1, h_parts, w_parts, self.S, self.h, self.w)
+
+    def forward(self, x):
+        h_parts, w_parts = x.shape[2] // self.h, x.shape[3] // self.w
+        partitions = self.partition(x, h_parts, w_parts)
+        fc3_out = self.partition_affine(partitions, h_parts, w_parts)
+        conv_inputs = partitions.reshape(-1, self.S, self.h, self.w)
+        conv_out = 0
+        for k in self.kernels:
+            conv_out += getattr(self, f"repconv{k}")(conv_inputs)
+        fc3_out += conv_out.reshape(-1, h_parts, w_parts, self.S, self.h, self.w)
+        return fc3_out.permute(0, 3, 1, 4, 2, 5).reshape(x.shape)

@@ -151,8 +151,8 @@ class Analyzer(Combinators):
             if not isinstance(arg, fx.Node):
                 raise NotLinear
             expr = self.result.exprs.get(arg)
-            if expr is None or expr.channel_last != self._rank0(arg, channel_last):
-                return self._boundary(arg, channel_last)
+            if expr is None or (expr.grid is None and expr.channel_last != self._rank0(arg, channel_last)):
+                return self._boundary(arg, channel_last)  # (partitions are read in their own layout, ``rows``)
             if arg in self.boundaries:
                 self.result.refuse(arg, "shared-weight",
                                    sharing.only_copies(arg, consumer, self.result.shared.get(arg, [])))

@@ -5,6 +5,10 @@ only through these methods of the analyzer (``apply``, ``add``, ``pad``, ``conca
 Each records what the op costs as written (``Analysis.own_cost``) and asks the cost
 rule whether a merge pays, keeping a contested decision with the analysis: so no rule
 prices anything, and every merge is priced the same way.
+
+Partitions (RepMLP): an expression with a ``grid`` stands for a node holding rows (one
+per partition) laid out as ``grid``; ops on it and sums of such rows are combined as
+matrices on each row's values (``rows``), priced per row, like any other merge.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from torch import Tensor, fx
 
 from repfx.passes.algebra.forms import ConvForm, NotExact, compose, merge_parallel, pad_output, stack_outputs
 from repfx.passes.cost import NOTHING, CostRule, Work, elementwise, of_form
+from repfx.passes.regions import rows
 from repfx.passes.regions.expr import Analysis, Expr, Term
 from repfx.passes.regions.values import same_shapes
 
 
-class Combinators:
+class Combinators(rows.RowCombinators):
     """Mixed into ``Analyzer``, which provides the walk's ``result``, its ``cost`` rule and ``sample_shape``."""
 
     result: Analysis
@@ -33,7 +38,13 @@ class Combinators:
         ``view``: ``node`` only re-lays out a tensor and ``outer`` restates ops of ``extra_ops``,
         which are priced where they stand: ``node`` as written costs nothing.
         """
-        shape = self.sample_shape(node, channel_last)
+        grid = None if expr.grid is None else rows.output_grid(outer, expr.grid)  # partitions: as ``outer`` leaves them
+        if expr.grid is not None and expr.shape != expr.grid:
+            native = rows.native_affine(outer, expr)  # a scale the terms' own layout takes channel by channel
+            if native is None:
+                return self.apply_on_rows(outer, expr, node, extra_ops, view)
+            outer = native
+        shape = self.sample_shape(node, channel_last) if expr.grid is None else rows.output_grid(outer, expr.shape)
         ops = expr.ops | {node, *extra_ops}
         self.result.own_cost[node] = of_form(outer, shape)
         separate_cost = expr.cost + self.result.own_cost[node]
@@ -50,7 +61,7 @@ class Combinators:
         self._check_cost(node, sum(t.cost for t in terms) + (len(terms) - 1) * elementwise(shape), separate_cost)
         if view:
             self.result.own_cost[node] = NOTHING
-        return Expr(terms, frozenset(ops), shape)
+        return Expr(terms, frozenset(ops), shape, grid)
 
     def _distribute(self, outer: ConvForm, terms: Sequence[Term], shape: tuple[int, ...]) -> tuple[Term, ...]:
         """scale * (a + b) + shift = (scale * a + shift) + scale * b: exact for any sum."""
@@ -63,29 +74,41 @@ class Combinators:
         return tuple(result)
 
     def add(self, node: fx.Node, exprs: Sequence[Expr], operands: Sequence[fx.Node], channel_last: bool) -> Expr:
-        shape = self.sample_shape(node, channel_last)
         same_shapes(node, operands)
+        grid = None
+        if any(e.grid is not None for e in exprs):
+            exprs, grid = self.same_layout(node, exprs)
+            shape = exprs[0].shape
+        else:
+            shape = self.sample_shape(node, channel_last)
         self.result.own_cost[node] = elementwise(shape, len(operands))
-        terms = self._merge_terms([t for e in exprs for t in e.terms], node, shape)
+        terms = self._merge_terms([t for e in exprs for t in e.terms], node, shape, grid is not None)
         ops = frozenset().union(*(e.ops for e in exprs)) | {node}
-        return Expr(terms, ops, shape)
+        return Expr(terms, ops, shape, grid)
 
-    def _merge_terms(self, terms: Sequence[Term], node: fx.Node, shape: tuple[int, ...]) -> tuple[Term, ...]:
-        """Merge terms reading the same source, most expensive first, when exact and not dearer."""
+    def _merge_terms(self, terms: Sequence[Term], node: fx.Node, shape: tuple[int, ...],
+                     on_rows: bool = False) -> tuple[Term, ...]:
+        """Merge terms reading the same source, most expensive first, when exact and not dearer.
+
+        ``on_rows``: the terms are whole-map forms of partitions, so terms reading two layouts of
+        the same partitions (two reshapes of one tensor) merge too (``rows.same_rows``).
+        """
         add = elementwise(shape)
         clusters: list[Term] = []
         for term in sorted(terms, key=lambda t: -t.cost.macs):
             for index, cluster in enumerate(clusters):
-                if cluster.source is not term.source:
+                if cluster.source is not term.source and not (on_rows and rows.same_rows(cluster.source, term.source)):
                     continue
                 try:
-                    merged = merge_parallel([cluster.form, term.form])
+                    forms = ([cluster.form, term.form] if cluster.source is term.source
+                             else self.on_one_layout(cluster, term, shape))
+                    merged = merge_parallel(forms)
                     merged_cost = of_form(merged, shape)
                     self._check_cost(node, merged_cost, cluster.cost + term.cost + add)
                 except NotExact as refusal:
                     self.result.refuse(node, refusal.code, refusal.reason)
                     continue
-                clusters[index] = Term(term.source, merged, merged_cost)
+                clusters[index] = Term(cluster.source, merged, merged_cost)
                 break
             else:
                 clusters.append(term)
@@ -99,6 +122,8 @@ class Combinators:
             extra_ops: frozenset[fx.Node] = frozenset()) -> Expr:
         """``expr`` padded by ``padding`` with a per-channel ``value`` (zeros when None); as written, one copy."""
         shape = self.sample_shape(node)
+        if expr.grid is not None:
+            raise NotExact("rows", f"{node.name}: pads partitions (a reshaped map) as if they were a map")
         if len(expr.terms) != 1:
             raise NotExact("different-inputs", f"{node.name}: pads a sum of branches reading different tensors")
         term = expr.terms[0]
@@ -110,6 +135,8 @@ class Combinators:
         """A channel concat of single branches of one input: one form with stacked kernels, when that pays
         (as written, the branches and one copy of their outputs)."""
         shape = self.sample_shape(node)
+        if any(e.grid is not None for e in exprs):
+            raise NotExact("rows", f"{node.name}: concatenates partitions (reshaped maps)")
         if any(len(e.terms) != 1 for e in exprs) or len({id(e.terms[0].source) for e in exprs}) != 1:
             raise NotExact("different-inputs",
                            f"{node.name}: concatenated tensors are not all single branches of one input")

@@ -10,7 +10,7 @@ builds it, ``fold`` reads it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import fx
 
@@ -37,7 +37,14 @@ class Term:
 class Expr:
     terms: tuple[Term, ...]
     ops: frozenset[fx.Node]  # graph nodes this expression stands for
-    shape: tuple[int, ...]  # per-sample output shape (C, *spatial)
+    shape: tuple[int, ...]  # per-sample output shape (C, *spatial); per partition, (C*h*w, 1, 1), when ``grid`` is set
+    # Set when the node holds partitions (RepMLP): its values, row by row, laid out as ``grid`` = (C, h, w) in its
+    # trailing dims, and each term a whole-map form (``algebra.dense``) producing a row's values flattened.
+    grid: tuple[int, ...] | None = None
+
+    def joined(self, *nodes: fx.Node) -> Expr:
+        """The same expression standing for ``nodes`` too (ops that compute nothing: a copy, a view)."""
+        return replace(self, ops=self.ops | set(nodes))
 
     @property
     def numel(self) -> int:
@@ -68,9 +75,25 @@ class Analysis:
         self.refusals[Refused(node.name, code, reason)] = None
 
     def roots(self) -> list[fx.Node]:
-        """Nodes whose expression no consumer absorbed: each one is a region to consider."""
+        """Nodes whose expression no consumer absorbed: each one is a region to consider.
+
+        A reshape that only lays its operand's rows out anew (``rules/shape.py``) ends no region:
+        emitted, it would be the same reshape again, so the region ends at its operand.
+        """
         absorbed = {op for node, expr in self.exprs.items() for op in expr.ops if op is not node}
-        return [node for node in self.exprs if node not in absorbed]
+        roots = []
+        for node in self.exprs:
+            if node in absorbed:
+                continue
+            while self._relabels(node):
+                node = node.args[0]
+            roots.append(node)
+        return roots
+
+    def _relabels(self, node: fx.Node) -> bool:
+        operand = node.args[0] if node.args else None
+        known = self.exprs.get(operand) if isinstance(operand, fx.Node) else None
+        return known is not None and self.exprs[node].grid is not None and self.exprs[node].terms is known.terms
 
     def region_cost(self, expr: Expr) -> Work:
         """The work of the original ops an expression stands for, in graph order.

@@ -187,3 +187,47 @@ def test_the_pipeline_tells_what_it_kept_with_the_first_round():
     rounds = run_pipeline(gm)
     assert rounds[0].refusals[0].code == "parameter-subgraph"  # then the fold's own: the conv's weight is no constant
     assert _PASS.run(gm, PassSettings()).refusals  # the pass as the pipeline runs it, once more: the same refusal
+
+
+# ---------------------------------------------------------------------------------------------
+# the parameter bound: a value that grows beyond max_param_growth stays evaluated per call
+# ---------------------------------------------------------------------------------------------
+
+def gathered_bias_table():
+    """LeViT's ``attention_biases[:, idxs]``: a [heads, offsets] table gathered into a [heads, N, N] bias."""
+    g = GraphBuilder()
+    x = g.input("x", 2, 2, 16, 16)
+    table = g.randn(2, 4, name="attention_biases")
+    idxs = g.constant(torch.randint(0, 4, (16, 16)), name="attention_bias_idxs")
+    bias = g.call(aten.index.Tensor, table, [None, idxs])
+    return g.build(g.call(aten.add.Tensor, x, bias))
+
+
+def test_a_gathered_table_that_grows_beyond_the_bound_stays():
+    gm = gathered_bias_table()
+    written = structure(gm)
+    result = fold_parameter_subgraphs(gm, max_param_growth=4.0)
+    assert not result.modified and structure(gm) == written
+    [refusal] = result.refusals
+    assert refusal.code == "param-growth" and refusal.code in CODES
+    assert "512 elements for the 8 of the parameters" in refusal.reason and "max_param_growth=4" in refusal.reason
+
+
+def test_the_pipeline_bounds_stored_values_as_its_cost_rule_bounds_merges():
+    bounded = gathered_bias_table()
+    assert [r.code for r in _PASS.run(bounded, PassSettings()).refusals] == ["param-growth"]  # "macs": the default 4
+    unbounded = gathered_bias_table()
+    original = copy.deepcopy(unbounded)
+    assert _PASS.run(unbounded, PassSettings(cost="always")).modified  # AlwaysMerge has no bound
+    assert op_counts(unbounded) == {"add": 1}
+    assert_same_values(original, unbounded)
+    assert fold_parameter_subgraphs(gathered_bias_table()).modified  # no bound named: none
+
+
+def test_weight_standardization_is_still_stored_under_the_bound():
+    gm = conv_bn_on(standardized)
+    original = copy.deepcopy(gm)
+    result = fold_parameter_subgraphs(gm, max_param_growth=1.0)  # the stored kernel is as large as the weight
+    assert result.modified and not result.refusals
+    assert structure(gm) == structure(conv_bn_on_stored())
+    assert_same_values(original, gm)

@@ -100,7 +100,7 @@ def identity_activation(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     if not identity:
         raise NotLinear
     expr = operand(op["input"], an.channel_last_operands(node))
-    return Expr(expr.terms, expr.ops | {node}, expr.shape)
+    return expr.joined(node)
 
 
 _SAME_VALUE = (aten.clone.default, aten.alias.default, aten.dropout.default, aten.contiguous.default,
@@ -126,7 +126,7 @@ def identity(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     if change is None:
         expr = operand(source, an.channel_last_operands(node))
         if expr.ops:
-            return Expr(expr.terms, expr.ops | {node}, expr.shape)
+            return expr.joined(node)
         change = _layout_change(node)
     if change is not None and source not in an.result.exprs and branches_could_meet(node):
         raise NotExact("another-tensor", f"{node.name} is {source.name} {change}: another tensor, so branches reading it "

@@ -54,6 +54,8 @@ def undo_permutation(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
         raise NotLinear
     middle = node.args[0]
     known = an.result.exprs.get(middle)
+    if known is not None and known.grid is not None:
+        raise NotLinear  # partitions (a reshaped map): a permutation moves values between rows
     if known is not None and len(known.terms) == 1 and _inverse_pair(node, known.terms[0].source):
         inner = known.terms[0].source  # P(s) -> pointwise ops -> node
         mid = operand(middle, known.channel_last)
@@ -71,7 +73,7 @@ def undo_permutation(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
         expr = operand(source, before is not None and before.channel_last)
         if not expr.ops:
             raise NotLinear  # s itself, re-laid out: nothing linear to fold
-        return Expr(expr.terms, expr.ops | {inner, node}, expr.shape)
+        return expr.joined(inner, node)
     last = value.dim() - 1
     source_channel = _permutation(inner)[last if mid.channel_last else 1]  # the dim of s the ops between act on
     if source_channel not in (1, last):

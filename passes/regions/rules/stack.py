@@ -39,7 +39,7 @@ def stacked_sum(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     exprs = {t: an.result.exprs.get(t) for t in tensors if isinstance(t, fx.Node)}
     cl = node.meta["val"].dim() > 2 and any(expr is not None and expr.channel_last for expr in exprs.values())
     total = an.add(node, [operand(t, cl) for t in tensors], tensors, cl)
-    total = Expr(total.terms, total.ops | {stacked}, total.shape)
+    total = total.joined(stacked)
     if node.target is aten.mean.dim:
         count = len(tensors)
         scale = torch.full((total.shape[0],), 1.0 / count, dtype=torch.float64)
