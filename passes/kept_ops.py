@@ -218,7 +218,7 @@ class _Walk:
         """A value of parameters alone, still computed on every call: the refusal of the subgraph it is part of."""
         for reader in _free_descendants(node, self.free):
             for refusal in self.refused.get(reader.name, ()):
-                if refusal.code == "parameter-subgraph":
+                if refusal.code in ("parameter-subgraph", "param-growth"):
                     return Kept(node.name, "parameter-subgraph", refusal.code, refusal.reason, refusal.node)
         return self._unexplained(node, "parameter-subgraph", "it reads only parameters and constants, yet was "
                                  "neither stored nor refused")

@@ -18,6 +18,7 @@ import torch
 from pass_graphs import GraphBuilder, assert_same_values, emitted_conv, op_counts, structure
 from repfx.passes import CODES, PIPELINE, PassSettings, run_pipeline
 from repfx.passes.constants import EXACT_META, ConstantFolder
+from repfx.passes.kept_ops import account
 from repfx.passes.parameter_subgraphs import fold_parameter_subgraphs
 
 aten = torch.ops.aten
@@ -231,3 +232,13 @@ def test_weight_standardization_is_still_stored_under_the_bound():
     assert result.modified and not result.refusals
     assert structure(gm) == structure(conv_bn_on_stored())
     assert_same_values(original, gm)
+
+
+def test_a_table_kept_by_the_bound_is_accounted_for_as_refused():
+    """The report's accounting of what stays (passes/kept_ops.py) names the bound as the reason, not 'unexplained'."""
+    gm = gathered_bias_table()
+    result = fold_parameter_subgraphs(gm, max_param_growth=4.0)
+    kept = account(gm, None, result.refusals).kept
+    # The table's gather (refused by the bound), and the add of the [2, 16, 16] bias (not a per-channel affine).
+    assert [(entry.kind, entry.code) for entry in kept] == [("parameter-subgraph", "param-growth"),
+                                                            ("affine", "not-per-channel")]
