@@ -28,7 +28,8 @@ def channel_last_view(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     expr = operand(source, channel_last=True)
     if not expr.ops or not expr.channel_last:
         raise NotLinear
-    return Expr(expr.terms, expr.ops | {node}, an.sample_shape(node, channel_last=True))
+    return Expr(expr.terms, expr.ops | {node}, an.sample_shape(node, channel_last=True),
+                an.priced_shape(node, channel_last=True))
 
 
 @rule(aten.cat.default)

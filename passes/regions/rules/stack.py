@@ -8,6 +8,8 @@ samples): it is no sum of branches and is reported as such.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import fx
 
@@ -39,7 +41,7 @@ def stacked_sum(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     exprs = {t: an.result.exprs.get(t) for t in tensors if isinstance(t, fx.Node)}
     cl = node.meta["val"].dim() > 2 and any(expr is not None and expr.channel_last for expr in exprs.values())
     total = an.add(node, [operand(t, cl) for t in tensors], tensors, cl)
-    total = Expr(total.terms, total.ops | {stacked}, total.shape)
+    total = replace(total, ops=total.ops | {stacked})
     if node.target is aten.mean.dim:
         count = len(tensors)
         scale = torch.full((total.shape[0],), 1.0 / count, dtype=torch.float64)
