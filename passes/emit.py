@@ -37,7 +37,10 @@ class Plan:
 
     @property
     def bias_needs_add(self) -> bool:
-        return not self.convs and bool(torch.any(self.bias))
+        """A shift no op of the plan adds: a convolution's bias takes it, and so does a scale, emitted as one
+        ``addcmul(shift, x, scale)`` (priced as one elementwise op, a scale and shift is one op run: a BN
+        then a layer scale after a nonlinearity is one op, not a mul and an add, which would save nothing)."""
+        return not self.convs and not self.scales and bool(torch.any(self.bias))
 
     @property
     def is_plain_copy(self) -> bool:
@@ -156,10 +159,13 @@ class Emitter:
         for index, term in enumerate(planned.convs):
             bias = planned.bias if index == 0 else term.form.bias.new_zeros(term.form.out_channels)
             parts.append(self._conv_term(out, term, bias, dtype, val, planned.linear))
-        for term in planned.scales:
-            scale = term.form.weight.reshape((-1,) + (1,) * rank)
-            parts.append(self._call(out, aten.mul.Tensor, self._read(out, term),
-                                    self._constant(out, "scale", scale, dtype), val=val))
+        for index, term in enumerate(planned.scales):
+            scale = self._constant(out, "scale", term.form.weight.reshape((-1,) + (1,) * rank), dtype)
+            if index == 0 and not planned.convs and bool(torch.any(planned.bias)):
+                shift = self._constant(out, "shift", planned.bias.reshape((-1,) + (1,) * rank), dtype)
+                parts.append(self._call(out, aten.addcmul.default, shift, self._read(out, term), scale, val=val))
+            else:
+                parts.append(self._call(out, aten.mul.Tensor, self._read(out, term), scale, val=val))
         parts.extend(self._read(out, term) for term in planned.identities)
         result = parts[0]
         for part in parts[1:]:

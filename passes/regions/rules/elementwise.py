@@ -82,6 +82,21 @@ def scale(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     return an.apply(form, operand(x, cl), node, channel_last=cl)
 
 
+@rule(aten.addcmul.default)
+def addcmul(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
+    """``shift + value * x * scale`` with per-channel constants ``shift`` and ``scale`` (how the fold writes a
+    scale and shift, and a BN written out by hand): a per-channel affine of ``x``."""
+    op = an.arguments(node)
+    cl = an.channel_last_broadcast(node)
+    shape = an.sample_shape(node, cl)
+    x, rank = op["tensor1"], _rank(op["tensor1"])
+    shift, scale = (per_channel(an.constants.value(op[name]), shape, rank) for name in ("input", "tensor2"))
+    if shift is None or scale is None or an.constants.value(x) is not None or not isinstance(op["value"], (int, float)):
+        raise NotLinear
+    form = ConvForm.affine(scale * float(op["value"]), shift, len(shape) - 1)
+    return an.apply(form, operand(x, cl), node, channel_last=cl)
+
+
 def _rank(x: object) -> int | None:
     """The rank of the tensor an op with a constant applies to (None: not a traced tensor)."""
     value = x.meta.get("val") if isinstance(x, fx.Node) else None
