@@ -14,7 +14,9 @@ goes on through the permute: its terms read their source through a *layout*
   -> BatchNorm2d``; ``BatchNorm2d -> permute(0, 2, 3, 1) -> Linear``) stays, once, and
   the ops on its two sides merge: UniRepLKNet's FFN ends so.
 
-A permute of a tensor no region computes is a layout change (no region); one that
+A permute that stays joins a region only when an op after it can merge (else the region
+ends before it: re-emitting it saves nothing). A permute of a tensor no region computes
+is a layout change (no region); one that
 moves the channel dim elsewhere than dim 1 or the last dim, or follows an op that
 reads neighbouring pixels, stays as written (reported when it would have undone the
 permute before that op).
@@ -96,6 +98,8 @@ def permutation(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
                 raise NotLinear  # a spatial op before a lone permute: it stays a layout change
             raise
         terms.append(replace(term, form=form, layout=None if layout == list(range(rank)) else tuple(layout)))
+    if any(term.layout is not None for term in terms) and not any(user.target in an.rules for user in node.users):
+        raise NotLinear  # a permute that stays, and no op after it to merge with: the region ends before it
     return an.relayout(node, expr, terms, seen, channel_last=moved_to == rank - 1)
 
 
