@@ -24,6 +24,12 @@ def _small(*shape: int) -> nn.Parameter:
     return nn.Parameter(0.1 * torch.randn(shape))
 
 
+def global_response(x):
+    """GRN's ``Nx`` on ``[N, H, W, C]``: each channel's L2 norm over the map, over the mean of those norms."""
+    gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+    return gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+
+
 class GRNChannelsLastFused(nn.Module):
     """UniRepLKNet's GRN: ``(gamma * Nx + 1) * x + beta`` on ``[N, H, W, C]``."""
 
@@ -32,22 +38,14 @@ class GRNChannelsLastFused(nn.Module):
         self.gamma, self.beta = _small(1, 1, 1, dim), _small(1, 1, 1, dim)
 
     def forward(self, x):
-        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
-        return (self.gamma * nx + 1) * x + self.beta
+        return (self.gamma * global_response(x) + 1) * x + self.beta
 
 
-class GRNChannelsLast(nn.Module):
+class GRNChannelsLast(GRNChannelsLastFused):
     """ConvNeXt V2's GRN: ``gamma * (x * Nx) + beta + x`` on ``[N, H, W, C]``."""
 
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.gamma, self.beta = _small(1, 1, 1, dim), _small(1, 1, 1, dim)
-
     def forward(self, x):
-        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
-        return self.gamma * (x * nx) + self.beta + x
+        return self.gamma * (x * global_response(x)) + self.beta + x
 
 
 class ToChannelsLast(nn.Module):
