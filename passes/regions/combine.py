@@ -73,8 +73,8 @@ class Combinators:
         different = f"{outer.describe()} applied to a sum of branches that read different tensors"
         shift = sum((term.form.bias for term in expr.terms), torch.zeros_like(expr.terms[0].form.bias))
         read = [arg for op in (node, *extra_ops) for arg in op.all_input_nodes if arg in expr.ops]
-        if outer.transposed or negligible(shift) or not read:
-            raise NotExact("different-inputs", different)
+        if outer.transposed or negligible(shift) or not read or not all(t.form.is_diagonal for t in expr.terms):
+            raise NotExact("different-inputs", different)  # a branch's conv adds the shift for free: nothing to save
         if any(outer.padding):
             raise NotExact("different-inputs", f"{different}; their constant shift does not move into it "
                            "either, as it zero-pads (the border would not see the shift)")

@@ -86,6 +86,9 @@ def permutation(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
         undone = _undoes(an, node, operand, expr, moved_to == rank - 1)
         if undone is not None:
             return undone
+    others = [str(size) for dim, size in enumerate(middle.meta["val"].shape) if dim != channel]
+    if any([str(size) for dim, size in enumerate(term.read_shape) if dim != channel] != others for term in expr.terms):
+        raise NotLinear  # a reshape inside the region (a channel-last view): its terms read another layout
     terms, seen = [], []
     for term in expr.terms:
         term, through = _see_through(term, node, expr)
@@ -98,9 +101,20 @@ def permutation(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
                 raise NotLinear  # a spatial op before a lone permute: it stays a layout change
             raise
         terms.append(replace(term, form=form, layout=None if layout == list(range(rank)) else tuple(layout)))
-    if any(term.layout is not None for term in terms) and not any(user.target in an.rules for user in node.users):
+    if any(term.layout is not None for term in terms) and not any(_may_merge(an, user) for user in node.users):
         raise NotLinear  # a permute that stays, and no op after it to merge with: the region ends before it
     return an.relayout(node, expr, terms, seen, channel_last=moved_to == rank - 1)
+
+
+# Ops that copy or re-view a tensor (and so merge with no form): a permute only they read ends its region.
+_COPIES_AND_VIEWS = (aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+                     aten._to_copy.default, aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+                     aten.flatten.using_ints)
+
+
+def _may_merge(an: Analyzer, user: fx.Node) -> bool:
+    """Whether ``user`` is an op of the region algebra that computes something (not a copy or a view)."""
+    return user.target in an.rules and user.target not in _COPIES_AND_VIEWS
 
 
 def _see_through(term: Term, node: fx.Node, expr: Expr) -> tuple[Term, fx.Node | None]:
