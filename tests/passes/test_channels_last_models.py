@@ -15,7 +15,7 @@ import torch
 
 from channels_last_blocks import ConvNeXtV2Block, UniRepLKNetBlock, UniRepLKNetSmall
 from helpers import assert_idempotent, assert_matches, assert_ops, build, rand, reparam
-from pass_graphs import GraphBuilder, op_counts
+from pass_graphs import GraphBuilder, fold_to_fixed_point, op_counts
 from repfx.passes.cost import LatencyCost, MacsCost, of_form
 from repfx.passes.regions.analyzer import analyze
 from conftest import PINNED
@@ -76,7 +76,6 @@ def test_bn_after_a_channels_last_linear_folds_under_a_fixed_cost_rule(rule):
     y = g.call(aten.linear.default, g.call(aten.relu.default, g.input("x", 2, 3, 4, 8)), g.randn(16, 8))
     y = g.call(aten.mul.Tensor, g.batch_norm(g.call(aten.permute.default, y, [0, 3, 1, 2])), g.positive(1, 16, 1, 1))
     gm = g.build(g.call(aten.relu.default, y))
-    from pass_graphs import fold_to_fixed_point
     results = fold_to_fixed_point(gm, rule)
     assert not [r for step in results for r in step.refusals if r.code in ("cost", "chain-partition")]
     counts = op_counts(gm)
