@@ -50,6 +50,10 @@ QUICK = ("timm/repvgg_a0", "timm/mobileone_s0", "sample/dbb_net")
 WRITTEN = {"RepNeXt-style": ("RepNeXtBlock", (1, 16, 56, 56)), "ACNet crop": ("ACBlockCrop", (1, 8, 56, 56)),
            "Inception 1x7->7x1": ("FactorizedConv", (1, 16, 17, 17)), "MobileOne SE": ("MobileOneSE", (1, 32, 20, 20)),
            "VanillaNet dw7x7+1x1": ("VanillaBlock", (1, 32, 28, 28)), "RepMLP-style": ("RepMLPUnit", (1, 8, 28, 28))}
+# Channels-last FFNs written the way UniRepLKNet and ConvNeXt V2 write theirs (tests/channels_last_blocks.py).
+WRITTEN_CHANNELS_LAST = {"UniRepLKNet-style block": ("UniRepLKNetBlock", (1, 16, 28, 28)),
+                         "UniRepLKNet-style small net": ("UniRepLKNetSmall", (1, 3, 112, 112)),
+                         "ConvNeXt-V2 GRN block": ("ConvNeXtV2Block", (1, 16, 28, 28))}
 
 
 def catalogue() -> dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...]]]:
@@ -58,8 +62,11 @@ def catalogue() -> dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...
     models |= {name: (lambda module=module, cls=cls: getattr(importlib.import_module(f"repfx.samples.{module}"), cls)(),
                       shape) for name, (module, cls, shape) in WRITTEN_LIKE.items()}
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import channels_last_blocks
     import spatial_blocks
     models |= {f"written/{name}": (getattr(spatial_blocks, block), shape) for name, (block, shape) in WRITTEN.items()}
+    models |= {f"written/{name}": (getattr(channels_last_blocks, block), shape)
+               for name, (block, shape) in WRITTEN_CHANNELS_LAST.items()}
     try:
         import timm
         models |= {f"timm/{name}": (lambda name=name: timm.create_model(name, pretrained=False), (1, 3, 224, 224))

@@ -226,7 +226,7 @@ def _keeps_leading_shape(root: fx.Node, expr: Expr) -> bool:
     if not expr.channel_last:
         return True
     leading = str(tuple(root.meta["val"].shape[:-1]))
-    return all(str(tuple(term.source.meta["val"].shape[:-1])) == leading for term in expr.terms)
+    return all(str(tuple(term.read_shape[:-1])) == leading for term in expr.terms)
 
 
 @dataclass(frozen=True, eq=False)
@@ -267,7 +267,7 @@ def fold_linear_regions(gm: fx.GraphModule, cost: CostPolicy | CostRule = "macs"
             continue  # not fewer ops (a lone identity op stays as written)
         executed = sorted(_executed(expr), key=order.__getitem__)
         planned = plan(expr)
-        sources = tuple(dict.fromkeys(term.source for term in expr.terms))
+        sources = tuple(dict.fromkeys(node for term in expr.terms for node in term.reads))
         read = sharing.constants_read(expr.ops, constant)
         bought = (choice.written.region_cost(expr), expr.cost, choice.decisions.get(root.name))
         candidates.append((Candidate(expr.ops, sources, emitter.emit(root, planned)), executed, planned, read,
@@ -327,12 +327,8 @@ def _applied(root: fx.Node, executed: list[fx.Node], planned: Plan, copied: tupl
         root=root.name,
         replaced_ops=tuple(op.name for op in executed),
         replaced_kinds=dict(Counter(_kind(op) for op in executed)),
-        produced=("copy",) if planned.is_plain_copy else (
-            tuple(term.form.describe() for term in planned.convs)
-            + ("scale",) * len(planned.scales)
-            + ("add",) * (planned.op_count - len(planned.convs) - len(planned.scales) - int(planned.reshape))
-            + ("reshape",) * int(planned.reshape)),
-        kernel_shapes=tuple(tuple(term.form.weight.shape) for term in planned.convs),
+        produced=planned.produced(),
+        kernel_shapes=tuple(tuple(form.weight.shape) for form in planned.conv_forms()),
         ops_before=len(executed),
         ops_after=planned.op_count,
         copied=copied,

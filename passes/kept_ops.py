@@ -35,7 +35,8 @@ from repfx.passes.regions.values import per_channel
 aten = torch.ops.aten
 
 _AFFINE = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Tensor, aten.rsub.Scalar,
-           aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
+           aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar,
+           aten.addcmul.default}  # addcmul(shift, x, scale): how the fold writes a scale and shift left alone
 _NOTES = {"chain-partition", "weight-copied"}  # refusal codes that note a choice, weaker than a failed merge
 _LINEAR_OPS = {"convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                "conv_transpose3d", "linear", "addmm", "mm", "bmm", "matmul"}
@@ -106,7 +107,7 @@ class _Walk:
 
     def _tensor_operands(self, node: fx.Node) -> list[fx.Node]:
         """The operands that depend on graph inputs (an affine op has one; the other is a constant)."""
-        return [arg for arg in node.args[:2] if isinstance(arg, fx.Node) and not self.constants.is_constant(arg)]
+        return [arg for arg in node.args if isinstance(arg, fx.Node) and not self.constants.is_constant(arg)]
 
     def _reads_parameters(self, node: fx.Node) -> bool:
         return any(op.op == "get_attr" for op in ancestry(node))

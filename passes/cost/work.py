@@ -140,5 +140,7 @@ def conv_layout(form: Any, out_shape: Sequence[int]) -> ConvLayout:
         spatial = tuple(max(1, (size - 1) * s - 2 * p + d * (k - 1) + 1) for size, k, s, p, d
                         in zip(out_shape[1:], kernel, stride, padding, dilation))
         output_padding = None
+    if form.rank == 0:
+        spatial = tuple(out_shape[1:])  # a linear's rows (the leading dims of a channel-last tensor) pass through
     return ConvLayout((form.in_channels, *spatial), form.out_channels, tuple(kernel), tuple(stride), padding,
                       tuple(dilation), form.groups, output_padding)

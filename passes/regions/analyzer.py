@@ -186,7 +186,7 @@ class Analyzer(Combinators):
             raise NotLinear
         shape = self.sample_shape(arg, channel_last)
         form = ConvForm.identity(shape[0], len(shape) - 1)
-        return Expr((Term(arg, form, NOTHING),), frozenset(), shape)
+        return Expr((Term(arg, form, NOTHING),), frozenset(), shape, self.priced_shape(arg, channel_last))
 
     def _rank0(self, node: fx.Node, channel_last: bool) -> bool:
         """Whether ``node`` is read with rank-0 forms: channel-last reads, and every [N, C] tensor."""
@@ -201,6 +201,21 @@ class Analyzer(Combinators):
             return False
         exprs = (self.result.exprs.get(arg) for arg in node.args if isinstance(arg, fx.Node))
         return any(expr is not None and expr.channel_last for expr in exprs)
+
+    def channel_last_broadcast(self, node: fx.Node) -> bool:
+        """A broadcasting op (``x + c``, ``c * x``) reads channels last when it continues a channel-last
+        region, or when its constant varies along the last dim alone (GRN's ``[1, 1, 1, C]`` gamma and
+        beta on ``[N, H, W, C]``): broadcast so, it is a per-channel op of the last dim, which no form
+        with dim 1 as the channel holds."""
+        if self.channel_last_operands(node):
+            return True
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or value.dim() <= 2:
+            return False
+        shape = self.sample_shape(node)
+        constants = (self.constants.value(arg) for arg in node.args[:2])
+        return any(isinstance(c, Tensor) and c.dim() > 0 and c.shape[-1] == shape[-1] > 1
+                   and per_channel(c, shape) is None and per_channel(c, shape[-1:]) is not None for c in constants)
 
     def sample_shape(self, node: fx.Node, channel_last: bool = False) -> tuple[int, ...]:
         """Shape without the batch dim (the tensor must be float and at least [N, C]).
@@ -224,6 +239,15 @@ class Analyzer(Combinators):
                            f"{node.name} has a symbolic channel count or an unknown size {tuple(value.shape[1:])}")
         self._shapes[node, channel_last] = shape
         return shape
+
+    def priced_shape(self, node: fx.Node, channel_last: bool = False) -> tuple[int, ...]:
+        """The per-sample shape an op on ``node`` is priced on (``Expr.cost_shape``): ``sample_shape``, with a
+        channel-last read's leading dims after the channel (their example sizes, when symbolic)."""
+        shape = self.sample_shape(node, channel_last)
+        if not channel_last:
+            return shape
+        rows = tuple(size_hint(size) for size in node.meta["val"].shape[1:-1])
+        return shape + rows if all(isinstance(size, int) for size in rows) else shape
 
     # -- helpers for rules -------------------------------------------------------------
     def arguments(self, node: fx.Node) -> dict[str, Any]:

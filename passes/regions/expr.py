@@ -27,20 +27,57 @@ class NotLinear(Exception):
 
 @dataclass(frozen=True, eq=False)
 class Term:
+    """``form`` applied to what it reads: ``source``, seen through ``layout`` and less ``inner``'s moved shift.
+
+    ``layout``: the form reads ``source.permute(layout)``: a lone permute that pointwise ops on both
+    of its sides were moved across (``rules/permute``); the fold emits it again, once.
+    ``inner``: the form reads ``source`` *less its constant shift*, which was moved into the form's
+    bias (``Linear(a + b + c) = Linear(a + b) + W c``); ``inner`` is ``source``'s expression without
+    its shifts, emitted for the form to read (``combine.Combinators.apply``).
+    """
+
     source: fx.Node
     form: ConvForm
-    cost: Work  # the op that computes this term by itself
+    cost: Work  # the op that computes this term by itself (and ``inner``, which it emits)
     shared: fx.Node | None = None  # the term is this op alone, which reads a weight other ops read too
+    layout: tuple[int, ...] | None = None
+    inner: Expr | None = None
+
+    @property
+    def reads(self) -> tuple[fx.Node, ...]:
+        """The tensors the term reads from outside the region."""
+        if self.inner is None:
+            return (self.source,)
+        return tuple(dict.fromkeys(node for term in self.inner.terms for node in term.reads))
+
+    @property
+    def read_shape(self) -> tuple:
+        """The shape of the tensor the form reads (``source``'s, permuted by ``layout``)."""
+        shape = tuple(self.source.meta["val"].shape)
+        return shape if self.layout is None else tuple(shape[dim] for dim in self.layout)
+
+    def reads_like(self, other: Term) -> bool:
+        """Whether both terms' forms read the same tensor (so that their forms may merge)."""
+        return self.source is other.source and self.layout == other.layout and self.inner is other.inner
 
 
 @dataclass(frozen=True, eq=False)
 class Expr:
     terms: tuple[Term, ...]
     ops: frozenset[fx.Node]  # graph nodes this expression stands for
-    shape: tuple[int, ...]  # per-sample output shape (C, *spatial); per partition, (C*h*w, 1, 1), when ``grid`` is set
+    shape: tuple[int, ...]  # per-sample output shape (C, *spatial); (C,) for a channel-last read; per partition,
+    # (C*h*w, 1, 1), when ``grid`` is set
+    priced: tuple[int, ...] | None = None  # the per-sample shape its cost counts, when not ``shape`` (below)
     # Set when the node holds partitions (RepMLP): its values, row by row, laid out as ``grid`` = (C, h, w) in its
     # trailing dims, and each term a whole-map form (``algebra.dense``) producing a row's values flattened.
     grid: tuple[int, ...] | None = None
+
+    @property
+    def cost_shape(self) -> tuple[int, ...]:
+        """The shape costs are counted on: ``shape``, except that a channel-last read of ``[N, H, W, C]`` is
+        ``(C,)`` for the algebra (the leading dims act as batch) yet computes ``(C, H, W)`` per sample, as its
+        NCHW view across a permute does: one unit for the forms on both sides."""
+        return self.shape if self.priced is None else self.priced
 
     def joined(self, *nodes: fx.Node) -> Expr:
         """The same expression standing for ``nodes`` too (ops that compute nothing: a copy, a view)."""
@@ -58,7 +95,7 @@ class Expr:
     @property
     def cost(self) -> Work:
         """The work of computing the terms separately and adding them up (one add per extra term)."""
-        return sum((term.cost for term in self.terms), NOTHING) + (len(self.terms) - 1) * elementwise(self.shape)
+        return sum((term.cost for term in self.terms), NOTHING) + (len(self.terms) - 1) * elementwise(self.cost_shape)
 
 
 @dataclass

@@ -128,7 +128,7 @@ class RowCombinators:
         terms = tuple(Term(t.source, t.form, of_form(t.form, shape)) for t in terms)
         self._check_cost(node, sum((t.cost for t in terms), NOTHING) + (len(terms) - 1) * elementwise(shape),
                          expr.cost)
-        return Expr(terms, expr.ops, shape, expr.grid)
+        return Expr(terms, expr.ops, shape, grid=expr.grid)
 
     def apply_on_rows(self, outer: ConvForm, expr: Expr, node: fx.Node, extra_ops: Sequence[fx.Node],
                       view: bool) -> Expr:
@@ -153,7 +153,7 @@ class RowCombinators:
                            "different tensors")
         self._check_cost(node, sum((t.cost for t in terms), NOTHING) + (len(terms) - 1) * elementwise(shape),
                          separate)
-        return Expr(terms, expr.ops | {node, *extra_ops}, shape, out)
+        return Expr(terms, expr.ops | {node, *extra_ops}, shape, grid=out)
 
     def same_layout(self, node: fx.Node, exprs: Sequence[Expr]) -> tuple[list[Expr], tuple[int, ...]]:
         """The operands of a sum of partitions, all computing their rows in one layout, and the sum's grid.
@@ -167,7 +167,7 @@ class RowCombinators:
         if any(e.grid is None and len(e.shape) + 1 != rows for e in exprs) or len({math.prod(g) for g in grids}) != 1:
             raise NotExact("rows", f"{node.name}: adds partitions of {math.prod(grid)} values to a tensor not cut into "
                            "the same partitions")
-        exprs = [e if e.grid is not None else Expr(e.terms, e.ops, e.shape, e.shape) for e in exprs]
+        exprs = [e if e.grid is not None else Expr(e.terms, e.ops, e.shape, grid=e.shape) for e in exprs]
         if len({e.shape for e in exprs}) != 1:
             exprs = [self.flatten(node, e) for e in exprs]
         return exprs, grid

@@ -23,12 +23,23 @@ def as_ints(value: Any, rank: int) -> tuple[int, ...]:
     return values * rank if len(values) == 1 else values
 
 
-def per_channel(value: Any, shape: tuple[int, ...]) -> Tensor | None:
-    """``value`` as a [C] vector if it broadcasts per channel over [N, *shape], else None."""
+def per_channel(value: Any, shape: tuple[int, ...], rank: int | None = None) -> Tensor | None:
+    """``value`` as a [C] vector if it broadcasts per channel over [N, *shape], else None.
+
+    ``rank``: the rank of the tensor ``value`` applies to, when known: a constant of more
+    dims would broadcast that tensor up to a larger one, which no per-channel op does.
+    """
+    if rank is not None and isinstance(value, torch.Tensor) and value.dim() > rank:
+        return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.full((shape[0],), float(value), dtype=torch.float64)
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() > len(shape) + 1:
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         return None
+    extra = value.dim() - len(shape) - 1  # a channel-last read of [N, H, W, C] sees shape (C,)
+    if extra > 0:
+        if any(size != 1 for size in value.shape[:extra]):
+            return None  # varies along the dims a channel-last read takes as batch
+        value = value.reshape(value.shape[extra:])
     full = value.reshape((1,) * (len(shape) + 1 - value.dim()) + tuple(value.shape))
     if any(size != 1 for dim, size in enumerate(full.shape) if dim != 1) or full.shape[1] not in (1, shape[0]):
         return None

@@ -47,7 +47,7 @@ class WorkModule(nn.Module):
     def inputs(self) -> tuple[torch.Tensor, ...]:
         """One random input per op, of its real size; ``forward`` uses it where the op does not read its
         predecessor's output (an unused input costs a runtime nothing but being passed)."""
-        return tuple(self._random(self.batch, *op.layout[0]) for op in self.ops)
+        return tuple(self._random(self.batch, *_input_shape(op)) for op in self.ops)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The outputs no later op reads: what the form hands on. Returning every intermediate would make
@@ -62,6 +62,12 @@ class WorkModule(nn.Module):
                 read.add(len(outputs) - 1)
             outputs.append(_run(op, x, weights))
         return tuple(output for index, output in enumerate(outputs) if index not in read)
+
+
+def _input_shape(op: Op) -> tuple[int, ...]:
+    """Per sample: ``(C, *spatial)``, and a linear's rows first, its channel last (``F.linear`` mixes the last dim)."""
+    shape = tuple(op.layout[0])
+    return shape[1:] + shape[:1] if op.kind == "linear" else shape
 
 
 def _weight_shapes(op: Op) -> list[tuple[int, ...]]:

@@ -13,6 +13,7 @@ A product of two activations, a rounding division or a layout change is no regio
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import fx
@@ -32,7 +33,7 @@ def add(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     a, b, alpha = op["input"], op["other"], op["alpha"]
     if node.target in (aten.sub.Tensor, aten.sub.Scalar):
         alpha = -alpha
-    cl = an.channel_last_operands(node)
+    cl = an.channel_last_broadcast(node)
     shape = an.sample_shape(node, cl)
     const_a, const_b = an.constants.value(a), an.constants.value(b)
     if isinstance(a, fx.Node) and const_a is None and isinstance(b, fx.Node) and const_b is None:
@@ -44,12 +45,12 @@ def add(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
                           channel_last=cl)
         return an.add(node, [operand(a, cl), eb], [a, b], cl)
     if const_a is None:  # x + alpha * c
-        shift = per_channel(const_b, shape)
+        shift = per_channel(const_b, shape, _rank(a))
         scale = 1.0
         x = a
         factor = alpha
     else:  # c + alpha * x
-        shift = per_channel(const_a, shape)
+        shift = per_channel(const_a, shape, _rank(b))
         scale = float(alpha)
         x = b
         factor = 1
@@ -62,7 +63,7 @@ def add(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
 @rule(aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.neg.default)
 def scale(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
     """A branch times (or divided by) a scalar or per-channel constant; ``neg`` is a scale of -1."""
-    cl = an.channel_last_operands(node)
+    cl = an.channel_last_broadcast(node)
     shape = an.sample_shape(node, cl)
     if node.target is aten.neg.default:
         x, factor = node.args[0], -1.0
@@ -76,11 +77,32 @@ def scale(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
             if const_b is None:
                 raise NotLinear
             factor = 1.0 / factor if isinstance(factor, (int, float)) else torch.reciprocal(factor)
-    scale = per_channel(factor, shape)
+    scale = per_channel(factor, shape, _rank(x))
     if scale is None:
         raise NotLinear
     form = ConvForm.affine(scale, torch.zeros(shape[0], dtype=torch.float64), len(shape) - 1)
     return an.apply(form, operand(x, cl), node, channel_last=cl)
+
+
+@rule(aten.addcmul.default)
+def addcmul(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
+    """``shift + value * x * scale`` with per-channel constants ``shift`` and ``scale`` (how the fold writes a
+    scale and shift, and a BN written out by hand): a per-channel affine of ``x``."""
+    op = an.arguments(node)
+    cl = an.channel_last_broadcast(node)
+    shape = an.sample_shape(node, cl)
+    x, rank = op["tensor1"], _rank(op["tensor1"])
+    shift, scale = (per_channel(an.constants.value(op[name]), shape, rank) for name in ("input", "tensor2"))
+    if shift is None or scale is None or an.constants.value(x) is not None or not isinstance(op["value"], (int, float)):
+        raise NotLinear
+    form = ConvForm.affine(scale * float(op["value"]), shift, len(shape) - 1)
+    return an.apply(form, operand(x, cl), node, channel_last=cl)
+
+
+def _rank(x: object) -> int | None:
+    """The rank of the tensor an op with a constant applies to (None: not a traced tensor)."""
+    value = x.meta.get("val") if isinstance(x, fx.Node) else None
+    return value.dim() if isinstance(value, torch.Tensor) else None
 
 
 @rule(aten.leaky_relu.default, aten.prelu.default, aten.hardtanh.default, aten.clamp.default)

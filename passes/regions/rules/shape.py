@@ -38,7 +38,8 @@ def view(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
 def channel_last_view(an: Analyzer, node: fx.Node, expr: Expr) -> Expr:
     """A reshape that keeps the last dim commutes with ops that act on the last dim
     (timm's LinearNorm: linear -> flatten(0, 1) -> BatchNorm1d -> reshape back)."""
-    return Expr(expr.terms, expr.ops | {node}, an.sample_shape(node, channel_last=True))
+    return Expr(expr.terms, expr.ops | {node}, an.sample_shape(node, channel_last=True),
+                an.priced_shape(node, channel_last=True))
 
 
 def rows_view(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:

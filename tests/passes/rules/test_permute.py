@@ -3,8 +3,9 @@
 ``bn1d(linear(x).transpose(1, 2)).transpose(1, 2)`` on ``[B, N, C]`` tokens is one
 linear; so is a channels-last ``bn2d(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)``
 and a 1x1 conv1d between transposes; a linear between transposes of a conv1d's
-output is a 1x1 conv. A wide kernel between the two, permutations that do not undo
-each other and tensors read outside the pair stay as written.
+output is a 1x1 conv. A wide kernel between the two and tensors read outside the pair
+stay as written; a BN between permutations that do not undo each other folds into the
+linear through the first (``test_lone_permute.py`` holds the lone permutes).
 """
 
 from __future__ import annotations
@@ -128,18 +129,32 @@ def spatial_dims_swapped():
 
 
 def relu_scale_shift():
+    """A scale and shift is emitted as one ``addcmul`` (``test_lone_permute.test_a_scale_and_shift_is_emitted_as_one_op``)."""
     g = GraphBuilder()
-    y = g.call(aten.mul.Tensor, g.call(aten.relu.default, g.input("x", 2, C, 4, 5)), g.randn(C, 1, 1))
-    return g.build(g.call(aten.add.Tensor, y, g.randn(C, 1, 1)))
+    x = g.call(aten.relu.default, g.input("x", 2, C, 4, 5))
+    return g.build(g.call(aten.addcmul.default, g.randn(C, 1, 1), x, g.randn(C, 1, 1)))
 
 
 def test_bn_between_swaps_of_spatial_dims_is_a_bn_in_place():
     assert_folds(spatial_dims_swapped(), relu_scale_shift())
 
 
+def not_inverse_folded():
+    """``not_inverse`` with its BN folded into the linear: the permutations stay, as written."""
+    g = GraphBuilder()
+    y = g.call(aten.linear.default, g.input("x", *TOKENS), g.randn(C, C), g.randn(C))
+    y = g.call(aten.transpose.int, g.call(aten.permute.default, y, [0, 2, 1]), 0, 1)
+    return g.build(g.call(aten.relu.default, y))
+
+
+def test_bn_between_permutations_that_do_not_undo_each_other_folds_into_the_linear():
+    """The BN acts on the linear's channel, moved to dim 1: it folds through the lone permute (issue 16, item 2);
+    the transpose after it moves that channel to dim 0 and stays a layout change."""
+    assert_folds(not_inverse(), not_inverse_folded())
+
+
 @pytest.mark.parametrize("before, reason", [
     pytest.param(lambda: linear_then("conv1d-3"), "does not commute with a transpose", id="3-tap-conv1d-between"),
-    pytest.param(not_inverse, None, id="permutations-that-do-not-undo-each-other"),
     pytest.param(transposed_read_twice, None, id="transposed-tensor-read-twice"),
     pytest.param(lone_transpose, None, id="lone-transpose"),
 ])
