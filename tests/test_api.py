@@ -251,6 +251,23 @@ def test_refusals_and_rewrites_name_the_module_paths_and_the_report_counts_rules
     assert report.rule_counts == {"convolution": 1, "batch_norm": 1, "add": 1}  # the add kept x as a term
 
 
+def test_a_module_reached_through_a_sliced_sequential_is_named_by_its_own_path():
+    """ultralytics runs ``for m in self.model[:-1]``: torch records ``model.slice(None, -1, None).1``."""
+    class Sliced(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, padding=1),
+                                             torch.nn.BatchNorm2d(4), torch.nn.Identity())
+
+        def forward(self, x):
+            for layer in self.model[:-1]:
+                x = layer(x)
+            return x
+
+    report = repfx.explain(randomize_bn_(Sliced(), 0).eval(), (torch.randn(1, 4, 8, 8),))
+    assert [rewrite.module for rewrite in report.rewrites] == ["model"]  # model.1 and model.2, not model.slice(...)
+
+
 def test_proving_is_a_phase_of_its_own_in_the_report(block, x):
     seconds = repfx.reparameterize(block, (x,)).repfx_report.seconds
     assert list(seconds) == ["capture", "rewrite", "prove", "verify"] and seconds["prove"] > 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import time
 from collections import Counter
 from typing import Any
@@ -163,6 +164,11 @@ def fold_captured(captured: Captured, input_sets: list[tuple] | None, settings: 
     return report
 
 
+# torch.export names a module reached through a sliced Sequential (``self.model[:-1]``, as ultralytics runs its
+# layers) ``model.slice(None, -1, None).3``; the slice keeps the children's own names, so the path is ``model.3``.
+_SLICE = re.compile(r"\.slice\([^)]*\)")
+
+
 def module_paths(gm: fx.GraphModule) -> dict[str, str]:
     """Node name -> the path of the module that ran it (``stages.2.blocks.3.conv_kxk``), from the
     ``nn_module_stack`` torch.export records: what a person finds in their model, unlike aten node names."""
@@ -170,7 +176,7 @@ def module_paths(gm: fx.GraphModule) -> dict[str, str]:
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack")
         if stack:
-            paths[node.name] = list(stack.values())[-1][0]
+            paths[node.name] = _SLICE.sub("", list(stack.values())[-1][0])
     return paths
 
 

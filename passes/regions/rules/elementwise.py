@@ -26,13 +26,16 @@ from repfx.passes.regions.values import same_shapes
 aten = torch.ops.aten
 
 
-@rule(aten.add.Tensor, aten.sub.Tensor, aten.add.Scalar, aten.sub.Scalar)
+@rule(aten.add.Tensor, aten.sub.Tensor, aten.add.Scalar, aten.sub.Scalar, aten.rsub.Tensor, aten.rsub.Scalar)
 def add(an: Analyzer, node: fx.Node, operand: Operand) -> Expr:
-    """``a + alpha * b`` of two branches (equal shapes), or a branch plus a per-channel constant."""
+    """``a + alpha * b`` of two branches (equal shapes), or a branch plus a per-channel constant; ``sub`` is
+    ``a - alpha * b`` and ``rsub`` (``1 - x``, RT-DETR's inverse sigmoid) ``b - alpha * a``."""
     op = an.arguments(node)
     a, b, alpha = op["input"], op["other"], op["alpha"]
     if node.target in (aten.sub.Tensor, aten.sub.Scalar):
         alpha = -alpha
+    if node.target in (aten.rsub.Tensor, aten.rsub.Scalar):
+        a, b, alpha = b, a, -alpha
     cl = an.channel_last_broadcast(node)
     shape = an.sample_shape(node, cl)
     const_a, const_b = an.constants.value(a), an.constants.value(b)

@@ -36,6 +36,8 @@ MERGING = {
     "div-scalar": lambda g, x, y: g.call(aten.add.Tensor, y, g.call(aten.div.Tensor, x, 4.0)),
     "plus-constant": lambda g, x, y: g.call(aten.add.Tensor, g.call(aten.add.Tensor, y, 1.5), x),
     "add.Scalar": lambda g, x, y: g.call(aten.add.Tensor, g.call(aten.add.Scalar, y, 1.5), x),
+    "rsub.Scalar": lambda g, x, y: g.call(aten.add.Tensor, g.call(aten.rsub.Scalar, y, 1.0), x),  # 1 - y + x
+    "rsub-alpha": lambda g, x, y: g.call(aten.rsub.Tensor, y, x, alpha=2),  # x - 2 * y
 }
 
 
