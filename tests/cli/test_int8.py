@@ -50,11 +50,15 @@ def test_a_missed_target_exits_1_with_the_numbers_and_writes_nothing(tmp_path, m
 
 def test_accepted_below_target_writes_the_int8_file_and_says_so(tmp_path, monkeypatch, capsys, calibration):
     code, out, _ = run(tmp_path, monkeypatch, capsys, "--calibration", str(calibration), "--int8-target", "100:200",
-                       "--int8-accept-below-target")
+                       "--int8-accept-below-target", "--triton-repo", "models")
     assert code == 0
     assert "MISSES (accepted below target)" in out
     written = sorted(path.name for path in (tmp_path / "out").iterdir())
     assert written == ["repvgg_block.int8.onnx", "repvgg_block.pt2", "repvgg_block.report.json"]
+    # The Triton entry serves the INT8 model, in ONNX Runtime.
+    served = tmp_path / "models" / "repvgg_block" / "1" / "model.onnx"
+    assert served.read_bytes() == (tmp_path / "out" / "repvgg_block.int8.onnx").read_bytes()
+    assert 'platform: "onnxruntime_onnx"' in (tmp_path / "models" / "repvgg_block" / "config.pbtxt").read_text()
 
 
 @pytest.mark.parametrize("target", ["abc", "99", "150:20", "99:inf"])
