@@ -23,6 +23,7 @@ from repfx.backends.precision import (PRECISIONS, PrecisionName, cast_floating, 
 from repfx.backends.registry import get_backend, module_fallback, resolve_backend
 from repfx.capture.export import SupportedModel, keeps_dynamic_batch
 from repfx.int8.calibration import load_calibration
+from repfx.int8.quantizers import ensure_tool
 from repfx.int8.deploy import int8_options, quantize_plain, training_graph
 from repfx.passes.cost import DEFAULT_MAX_PARAM_GROWTH
 from repfx.pipeline import is_folded_in_parts, report_of, run, run_whole
@@ -128,6 +129,7 @@ def compile(
     if quantized:  # missing or unfit data and a bad target are refused before any work
         calibration = load_calibration(calibration, inputs)
         int8 = int8_options(int8_target, accept_below_target)
+        ensure_tool(chosen.int8_format)
 
     dynamic_batch = keeps_dynamic_batch(model, dynamic_batch)
     # A model folded in parts is a module, not one graph: only backends that run modules take it.

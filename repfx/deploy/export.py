@@ -32,6 +32,7 @@ from repfx.backends.base import ArtifactJob, Check
 from repfx.backends.formats import artifacts, export_formats, file_names, int8_format_for, planned_for, resolve_formats
 from repfx.backends.precision import PrecisionName, deploy_copy, is_quantized, precision_dtype
 from repfx.int8.calibration import load_calibration
+from repfx.int8.quantizers import ensure_tool
 from repfx.int8.deploy import int8_options, quantize_plain, training_graph
 from repfx.backends.program import export_program
 from repfx.backends.registry import backends
@@ -172,8 +173,9 @@ def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequen
     ``settings.precision`` is the one being exported (None: fp32); ``settings.target`` defaults to where the
     wanted files run. The result names the files where they will be once the plan's transaction commits.
     """
-    if is_quantized(settings.precision or "fp32"):  # missing or unfit data is refused before any work
+    if is_quantized(settings.precision or "fp32"):  # missing or unfit data, or a missing tool: before any work
         calibration = load_calibration(calibration, as_input_sets(example_inputs)[0])
+        ensure_tool(int8_format_for(plan.wanted, settings.target)[0])
     precision = settings.precision or "fp32"
     precision_dtype(precision)  # an unknown precision is refused before the heavy work
     sets = as_input_sets(example_inputs)  # one example input set, or a list of them (all recorded and checked)

@@ -52,6 +52,13 @@ def probe_modelopt() -> Probe:
     return Probe(True, "nvidia-modelopt (ONNX PTQ, run in a subprocess)")
 
 
+def ensure_tool(fmt: Format) -> None:
+    """``BackendUnavailable`` now, before any work, when the tool of ``fmt`` is not installed (ModelOpt for
+    TensorRT's format; ONNX Runtime's comes with repfx)."""
+    if fmt == "tensorrt":
+        ensure(probe_modelopt(), "INT8 (TensorRT format)")
+
+
 def quantize(fp32_onnx: Path, calibration: list[Feed], fmt: Format, *, exclude: Sequence[str] = ()) -> bytes:
     """The INT8 model of ``fp32_onnx`` in ``fmt``, calibrated on ``calibration`` (one feed dict per batch);
     the nodes named in ``exclude`` stay in float."""

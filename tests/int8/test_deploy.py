@@ -7,7 +7,7 @@ inputs are no calibration data); the trained digits net with near-dead channels 
 
 from __future__ import annotations
 
-import warnings
+import importlib
 
 import onnx
 import pytest
@@ -175,3 +175,16 @@ def test_near_dead_channels_break_plain_int8_and_the_fallback_or_equalization_re
         reference = injected(data.test_x).argmax(1)
         got = torch.cat([deployed(data.test_x[i:i + 32]).argmax(1) for i in range(0, 448, 32)])
     assert (got == reference[:448]).float().mean() >= 0.97  # unseen test digits, not the held-out calibration part
+
+
+def test_a_missing_modelopt_is_one_line_before_any_work(net, example, tmp_path, monkeypatch):
+    from repfx.backends.availability import Probe
+    from repfx.errors import BackendUnavailable
+    import repfx.int8.quantizers as quantizers
+
+    monkeypatch.setattr(quantizers, "probe_modelopt", lambda: Probe(False, "modelopt not installed; pip install "
+                                                                          "-e '.[int8]'"))
+    exporting = importlib.import_module("repfx.deploy.export")
+    monkeypatch.setattr(exporting, "run_whole", lambda *args, **kwargs: pytest.fail("work started"))
+    with pytest.raises(BackendUnavailable, match=r"INT8 \(TensorRT format\).*\[int8\]"):
+        repfx.export(net, example, tmp_path, precision="int8", calibration=images(60, seed=1), target="cuda:h200")
