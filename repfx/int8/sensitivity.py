@@ -8,13 +8,15 @@ format, every other node left in float, run it in ONNX Runtime on held-out feeds
 calibration feeds, never random data) and score it against fp32 (``metrics``).
 
 ``plan_fallback``'s rule, generic: if everything the tool quantizes already meets the target, nothing
-stays float. Otherwise try the k most sensitive layers in float (lowest single-layer agreement, then
-SNR), k = 1 .. ``max_float`` and never more than half of the layers (with most layers in float the model
-is not INT8 any more: then the target is missed, and said), all from one tool start; take the first k that meets the target, else
-the k whose held-out scores improve most on the smaller ones (agreement up, or the same agreement and
-at least ``min_gain_db`` more SNR), else none. Whole prefixes rather than one layer at a time,
-because layers can be coupled: ONNX Runtime's CPU format quantizes a tensor when its producer *or*
-its consumer is int8, so a wide activation between two convolutions stays int8 until both are float.
+stays float. Otherwise it tries sets of layers in float, fewest first (``fallback_candidates``): the k
+most sensitive (lowest single-layer agreement, then SNR), and those k with the layers that feed them,
+for k = 1 .. ``max_float``, never more than ``max_float`` layers nor half of them (with most layers in
+float the model is not INT8 any more: then the target is missed, and said), all from one tool start.
+It takes the first set that meets the target, else the one whose held-out scores improve most on the
+smaller ones (agreement up, or the same agreement and at least ``min_gain_db`` more SNR), else none.
+Sets rather than one layer at a time, because layers are coupled: ONNX Runtime's CPU format quantizes
+a tensor when its producer *or* its consumer is int8, so a wide activation between two convolutions
+stays int8 until both are float.
 Each layer left in float says why.
 """
 
@@ -126,25 +128,53 @@ def plan_fallback(fp32_onnx: Path, calibration: list[Feed], held_out: list[Feed]
         sensitivity = layer_sensitivity(fp32_onnx, calibration, held_out, fmt,
                                         layers=[name for name in layers if name not in set(exclude)])
     ranked = sorted(sensitivity, key=lambda result: result.scores.key())
-    chosen = 0
+    floated: tuple[str, ...] = ()
     if not plain.meets(target) and ranked:
-        counts = range(1, min(max_float, len(ranked) // 2) + 1)  # at most half: a model mostly in float is no INT8
-        prefixes = [[*exclude, *(result.name for result in ranked[:k])] for k in counts]
-        trials = quantize_many(fp32_onnx, calibration, fmt, prefixes)
-        scored = [score(reference, run_onnx(trial, held_out)) for trial in trials]
-        for k, trial_scores in enumerate(scored, start=1):
+        limit = min(max_float, len(ranked) // 2)  # at most half: a model mostly in float is no INT8
+        candidates = fallback_candidates(model, [result.name for result in ranked], limit)
+        trials = quantize_many(fp32_onnx, calibration, fmt, [[*exclude, *names] for names in candidates])
+        for names, trial in zip(candidates, trials):
+            trial_scores = score(reference, run_onnx(trial, held_out))
             if trial_scores.meets(target) or improves(trial_scores, current, min_gain_db):
-                chosen, current, current_model = k, trial_scores, trials[k - 1]
+                floated, current, current_model = names, trial_scores, trial
                 if trial_scores.meets(target):
                     break
-    floated = [(result.name, _why(result, ranked, chosen, plain, current)) for result in ranked[:chosen]]
-    return FallbackPlan(tuple(floated), plain, current, current.meets(target), current_model, tuple(ranked))
+    alone = {result.name: result for result in ranked}
+    reasons = [(name, _why(name, alone, ranked, floated, plain, current)) for name in floated]
+    return FallbackPlan(tuple(reasons), plain, current, current.meets(target), current_model, tuple(ranked))
 
 
-def _why(layer: LayerSensitivity, ranked: Sequence[LayerSensitivity], count: int, before: Scores,
-         after: Scores) -> str:
-    others = [result.scores.worst_snr_db for result in ranked[count:]]
+def fallback_candidates(model: onnx.ModelProto, ranked: Sequence[str], limit: int) -> list[tuple[str, ...]]:
+    """The sets of layers the fallback tries, fewest layers first: the k most sensitive, and the same with the
+    layers that feed them (through ops without weights). A layer left in float alone may not take its input
+    out of INT8: ONNX Runtime's format quantizes a tensor while its producer's side is INT8 (on the issue's net,
+    floating the sensitive layer alone made things worse; with its producer it met the target)."""
+    sets: list[tuple[str, ...]] = []
+    for k in range(1, limit + 1):
+        prefix = tuple(ranked[:k])
+        coupled = tuple(dict.fromkeys(layer for name in prefix for layer in (*feeding_layers(model, name), name)))
+        sets += [names for names in (prefix, coupled) if len(names) <= limit and names not in sets]
+    return sorted(sets, key=len)  # stable: at equal size, the order above
+
+
+def feeding_layers(model: onnx.ModelProto, name: str, depth: int = 4) -> list[str]:
+    """Weighted layers whose output reaches ``name``'s data input through at most ``depth`` ops without weights."""
+    producer = {output: node for node in model.graph.node for output in node.output}
+    weighted = set(weighted_layers(model))
+    node = next(node for node in model.graph.node if node.name == name)
+    found, frontier = [], [node.input[0]]
+    for _ in range(depth):
+        nodes = [producer[tensor] for tensor in frontier if tensor in producer]
+        found += [node.name for node in nodes if node.name in weighted]
+        frontier = [tensor for node in nodes if node.name not in weighted for tensor in node.input]
+    return list(dict.fromkeys(found))
+
+
+def _why(name: str, alone: dict[str, LayerSensitivity], ranked: Sequence[LayerSensitivity], floated: Sequence[str],
+         before: Scores, after: Scores) -> str:
+    others = [result.scores.worst_snr_db for result in ranked if result.name not in floated]
     median = f" (the layers kept in int8: median {statistics.median(others):.1f} dB)" if others else ""
-    return (f"alone in int8 it gives {layer.scores.describe()}{median}; with the {count} most sensitive layer(s) "
-            f"in float the held-out result goes from {before.describe()} to {after.describe()}")
-
+    own = (f"alone in int8 it gives {alone[name].scores.describe()}{median}" if name in alone
+           else "it feeds a sensitive layer")
+    return (f"{own}; with {len(floated)} layer(s) in float the held-out result goes from {before.describe()} "
+            f"to {after.describe()}")

@@ -13,7 +13,8 @@ import pytest
 from int8_fixtures import needs_modelopt
 
 from repfx.int8.metrics import Scores, Target
-from repfx.int8.sensitivity import improves, layer_sensitivity, plan_fallback, weighted_layers
+from repfx.int8.sensitivity import (fallback_candidates, feeding_layers, improves, layer_sensitivity, plan_fallback,
+                                    weighted_layers)
 
 TARGET = Target(agreement=0.99, snr_db=40.0)
 AROUND_THE_WIDE_CHANNEL = {"node_conv2d_1", "node_conv2d_2"}  # its producer and its consumer
@@ -69,3 +70,14 @@ def test_tensorrt_fallback_floats_the_consumer_of_the_wide_channel(outlier_onnx,
 ], ids=["agreement-up", "agreement-down", "snr-up-too-little", "snr-up-enough"])
 def test_improvement_is_agreement_first_then_enough_snr(new, old, expected):
     assert improves(new, old, min_gain_db=0.5) is expected
+
+
+def test_the_fallback_tries_sensitive_layers_with_the_layers_that_feed_them(small_onnx):
+    """Floating a layer alone can leave its input in INT8 (ONNX Runtime's format quantizes a tensor while its
+    producer's side is INT8): each prefix of the ranking is also tried with its feeding layers, fewest first."""
+    model = onnx.load(str(small_onnx))
+    assert feeding_layers(model, "node_conv2d_1") == ["node_conv2d"]  # through its ReLU
+    assert feeding_layers(model, "node_conv2d") == []  # reads the input
+    ranked = ["node_conv2d_2", "node_conv2d", "node_conv2d_1", "node_conv2d_3"]
+    assert fallback_candidates(model, ranked, limit=2) == [
+        ("node_conv2d_2",), ("node_conv2d_1", "node_conv2d_2"), ("node_conv2d_2", "node_conv2d")]
