@@ -110,10 +110,16 @@ def _made_in(node: fx.Node, kwargs: dict, cast: Any) -> dict:
     return {**kwargs, "dtype": torch.float64}
 
 
-def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+def attribute(gm: torch.nn.Module, target: str) -> Any:
+    """What a ``get_attr`` of ``target`` reads, as it is stored (a parameter stays a parameter)."""
     value: Any = gm
     for part in target.split("."):
         value = getattr(value, part)
+    return value
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    value = attribute(gm, target)
     return value.detach() if isinstance(value, torch.Tensor) else value
 
 

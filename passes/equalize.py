@@ -39,7 +39,8 @@ from torch import Tensor, fx, nn
 from torch.utils import _pytree as pytree
 
 from repfx.passes.algebra import equalization as eq
-from repfx.passes.constants import float64_values
+from repfx.passes.constants import attribute, float64_values
+from repfx.passes.emit import _unique_attr
 from repfx.passes.refusals import Refused
 
 aten = torch.ops.aten
@@ -129,7 +130,7 @@ def equalize(gm: fx.GraphModule, input_sets: Sequence[tuple], *, max_rounds: int
         return Equalized(new, [], refusals, 0, 0.0)
     targets = {layer.weight.target: None for pair in pairs for layer in (pair.first, pair.second)}
     targets |= {pair.first.bias.target: None for pair in pairs if pair.first.bias is not None}
-    originals = {target: _attribute(new, target) for target in targets}
+    originals = {target: attribute(new, target) for target in targets}
     weights = {target: value.detach().to(torch.float64) for target, value in originals.items()}
     before = [_ranges(weights, pair) for pair in pairs]
     rounds = _rescale(weights, pairs, max_rounds, math.log1p(settle))
@@ -262,7 +263,7 @@ def _absorb_biases(gm: fx.GraphModule, weights: dict[str, Tensor], originals: di
         shift = weights[first.bias.target]
         if second.bias is None:
             target = _new_attribute(gm, f"{second.node.name}_absorbed_bias", originals[first.bias.target])
-            originals[target] = _attribute(gm, target)
+            originals[target] = attribute(gm, target)
             with gm.graph.inserting_before(second.node):
                 node = gm.graph.get_attr(target)
             node.meta["val"] = first.bias.meta.get("val")
@@ -272,8 +273,8 @@ def _absorb_biases(gm: fx.GraphModule, weights: dict[str, Tensor], originals: di
                 second.node.update_kwarg("bias", node)
             current = None
         else:
-            target, current = second.bias.target, _attribute(gm, second.bias.target).to(torch.float64)
-            originals[target] = _attribute(gm, target)
+            target, current = second.bias.target, attribute(gm, second.bias.target).to(torch.float64)
+            originals[target] = attribute(gm, target)
         weights[target] = eq.absorbed_bias(weights[second.weight.target], current, shift, second.groups)
         weights[first.bias.target] = torch.zeros_like(shift)
         absorbed.add(pair)
@@ -300,11 +301,6 @@ def _prove(reference: fx.GraphModule, candidate: fx.GraphModule, input_sets: Seq
     return worst
 
 
-def _attribute(gm: fx.GraphModule, target: str) -> Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner), name)
-
-
 def _set_attribute(gm: fx.GraphModule, target: str, value: Tensor) -> None:
     """Replace a parameter, buffer or plain tensor attribute, keeping which of the three it is."""
     owner_name, _, name = target.rpartition(".")
@@ -318,10 +314,6 @@ def _set_attribute(gm: fx.GraphModule, target: str, value: Tensor) -> None:
 
 
 def _new_attribute(gm: fx.GraphModule, name: str, like: Tensor) -> str:
-    taken = {target for target, _ in gm.named_buffers()} | {target for target, _ in gm.named_parameters()}
-    target, index = name, 0
-    while target in taken or hasattr(gm, target):
-        index += 1
-        target = f"{name}_{index}"
+    target = _unique_attr(gm, name)  # a name without dots: only the graph module's own attributes can take it
     gm.register_buffer(target, torch.zeros_like(like))
     return target

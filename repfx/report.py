@@ -270,7 +270,7 @@ def _int8_lines(int8: dict, layers_shown: int = 5) -> list[str]:
     ranked = sorted((row for row in int8["layers"] if row["sensitivity_rank"] is not None),
                     key=lambda row: row["sensitivity_rank"])[:layers_shown]
     if ranked:
-        lines.append(f"  most sensitive layers (max/std after folding <- before; int8 weight SQNR; alone in int8):")
+        lines.append("  most sensitive layers (max/std after folding <- before; int8 weight SQNR; alone in int8):")
         lines += [f"    {row['module'] or row['layer']}: {row['max_over_std']['largest']:.1f} <- "
                   f"{'?' if row['before'] is None else format(row['before']['largest'], '.1f')}; "
                   f"{row['sqnr_db']:.1f} dB; {row['alone_in_int8']}" for row in ranked]

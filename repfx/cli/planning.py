@@ -8,9 +8,9 @@ naming the known ones, before any model is loaded.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
+from repfx.int8.metrics import Target
 from repfx.passes.cost import DEFAULT_MAX_PARAM_GROWTH, check_param_growth
 from repfx.targets import COSTS, check_target
 
@@ -58,8 +58,11 @@ def int8_target(text: str) -> tuple[float, float]:
         value = (float(agreement) / 100, float(snr))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected AGREE:SNR such as 99:20 (percent, dB), got {text!r}") from None
-    if not (0 <= value[0] <= 1 and math.isfinite(value[1])):
-        raise argparse.ArgumentTypeError(f"agreement is a percentage in [0, 100] and SNR a finite dB, got {text!r}")
+    try:
+        Target(*value)  # the one check of a target, in the API's terms (a fraction): said here in the CLI's
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"agreement is a percentage in [0, 100] and SNR a finite dB, got {text!r}") \
+            from None
     return value
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 
 from repfx.backends.formats import export_formats
-from repfx.backends.precision import PRECISIONS, precision_dtype
+from repfx.backends.precision import PRECISIONS
 from repfx.capture.failure import loggers_at
 from repfx.capture.inputs import InputSpec, random_inputs
 from repfx.capture.loading import BadInput, LoadedModel, load_model

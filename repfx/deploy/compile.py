@@ -151,7 +151,7 @@ def compile(
     if quantized:
         model_int8 = quantize_plain(plain, inputs, calibration, chosen.int8_format, f"the {chosen.title} backend "
                                     "runs it", int8, report, training=training_graph(model, inputs),
-                                    progress=progress).model
+                                    progress=progress)
     if progress is not None:
         progress("build")
     runner = chosen.build(BuildRequest(deploy_graph, deploy_inputs, precision, report, dynamic_batch=dynamic_batch,

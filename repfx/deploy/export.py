@@ -173,13 +173,14 @@ def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequen
     ``settings.precision`` is the one being exported (None: fp32); ``settings.target`` defaults to where the
     wanted files run. The result names the files where they will be once the plan's transaction commits.
     """
-    if is_quantized(settings.precision or "fp32"):  # missing or unfit data, or a missing tool: before any work
-        calibration = load_calibration(calibration, as_input_sets(example_inputs)[0])
-        ensure_tool(int8_format_for(plan.wanted, settings.target)[0])
     precision = settings.precision or "fp32"
     precision_dtype(precision)  # an unknown precision is refused before the heavy work
     sets = as_input_sets(example_inputs)  # one example input set, or a list of them (all recorded and checked)
     inputs = sets[0]
+    if is_quantized(precision):  # missing or unfit data, or a missing tool: before any work
+        calibration = load_calibration(calibration, inputs)
+        int8_format, int8_why = int8_format_for(plan.wanted, settings.target)
+        ensure_tool(int8_format)
     dynamic_batch = keeps_dynamic_batch(model, settings.dynamic_batch)
     # One graph is written: a model torch.export cannot capture whole is refused in one line naming what blocks
     # it and the folded part to export instead.
@@ -197,9 +198,8 @@ def build_export(plan: ExportPlan, model: SupportedModel, example_inputs: Sequen
 
     quantized = None
     if is_quantized(precision):
-        fmt, why = int8_format_for(plan.wanted, settings.target)
-        quantized = quantize_plain(plain, inputs, calibration, fmt, why, settings.int8 or int8_options(), report,
-                                   training=training_graph(model, inputs), progress=settings.progress).model
+        quantized = quantize_plain(plain, inputs, calibration, int8_format, int8_why, settings.int8 or int8_options(),
+                                   report, training=training_graph(model, inputs), progress=settings.progress)
     if "pt2" in plan.wanted:
         plan.write("pt2", _saved_program(program))
     job = ArtifactJob(deploy_graph, deploy_inputs, precision, report, dynamic_batch=dynamic_batch,

@@ -39,7 +39,7 @@ from repfx.backends.program import export_program
 from repfx.capture.export import capture
 from repfx.errors import Int8TargetMissed, LoweringError, warn_user
 from repfx.int8.calibration import CalibrationSet, load_calibration
-from repfx.int8.metrics import Scores, Target
+from repfx.int8.metrics import Target
 from repfx.int8.qdq_check import check_tensorrt_qdq
 from repfx.int8.quantizers import Feed, Format, model_inputs
 from repfx.int8.sensitivity import FallbackPlan, plan_fallback
@@ -62,22 +62,6 @@ class Int8Options:
     accept_below_target: bool = False
     max_float: int = 3  # layers at most left in float by the sensitivity fallback
 
-    def __post_init__(self) -> None:
-        agreement, snr = self.target.agreement, self.target.snr_db
-        if not (isinstance(agreement, (int, float)) and 0 <= agreement <= 1):
-            raise ValueError(f"int8_target's agreement is a fraction in [0, 1] (0.99 for 99%), got {agreement!r}")
-        if not (isinstance(snr, (int, float)) and math.isfinite(snr)):
-            raise ValueError(f"int8_target's SNR is a finite number of dB, got {snr!r}")
-
-
-@dataclass(frozen=True)
-class Quantized:
-    """The INT8 model chosen, in its format, and the summary the report holds."""
-
-    model: bytes
-    format: Format
-    summary: dict[str, Any]
-
 
 def int8_options(target: Any = None, accept_below_target: bool = False) -> Int8Options:
     """``Int8Options`` from the public arguments: ``target`` a ``Target``, an (agreement, snr_db) pair, or None
@@ -95,7 +79,7 @@ def int8_options(target: Any = None, accept_below_target: bool = False) -> Int8O
 
 def quantize_plain(plain: fx.GraphModule, inputs: tuple, calibration: Any, fmt: Format, why: str,
                    options: Int8Options, report: Report, *, training: fx.GraphModule | None = None,
-                   progress=None) -> Quantized:
+                   progress=None) -> bytes:
     """The INT8 ONNX model of ``plain`` in ``fmt`` (chosen because ``why``), judged on held-out calibration data;
     ``report.int8`` says how.
 
@@ -108,8 +92,8 @@ def quantize_plain(plain: fx.GraphModule, inputs: tuple, calibration: Any, fmt: 
     if progress is not None:
         progress("int8")
     with tempfile.TemporaryDirectory(prefix="repfx-int8-") as folder:
-        plans = {"plain": _plan(plain, inputs, data, fmt, options, Path(folder, "plain.onnx"))}
-        weights = _onnx_weights(Path(folder, "plain.onnx"))
+        plans, weights = {}, {}
+        plans["plain"] = _plan(plain, inputs, data, fmt, options, Path(folder, "plain.onnx"), weights)
         equalized = None
         if plans["plain"].float_layers or not plans["plain"].met_target:
             equalized = equalize(plain, data.calibrate[:2])
@@ -124,8 +108,8 @@ def quantize_plain(plain: fx.GraphModule, inputs: tuple, calibration: Any, fmt: 
         if problems:
             raise LoweringError(f"the INT8 model breaks TensorRT's explicit-quantization rules ({len(problems)} "
                                 f"problem(s)): {problems[0]}")
-    summary = _summary(plain, data, fmt, why, options, plans, chosen, (equalized, why_equalized), report, weights,
-                       training)
+    summary = _summary(plain, data, fmt, why, options, plans, chosen, _equalization_line(equalized, why_equalized,
+                       plans, chosen), report, weights, training)
     report.int8 = summary
     if not plan.met_target:
         missed = (f"INT8 misses its target ({_target_text(options.target)}) on {len(data.held_out)} held-out "
@@ -135,7 +119,7 @@ def quantize_plain(plain: fx.GraphModule, inputs: tuple, calibration: Any, fmt: 
                                    "accept_below_target=True (--int8-accept-below-target) deploys it anyway")
         summary["accepted_below_target"] = True
         warn_user(f"{missed}; deployed anyway (accept_below_target)")
-    return Quantized(plan.model, fmt, summary)
+    return plan.model
 
 
 def training_graph(model: Any, inputs: tuple) -> fx.GraphModule | None:
@@ -148,10 +132,16 @@ def training_graph(model: Any, inputs: tuple) -> fx.GraphModule | None:
 
 
 def _plan(graph: fx.GraphModule, inputs: tuple, data: CalibrationSet, fmt: Format, options: Int8Options,
-          path: Path) -> FallbackPlan:
-    """Quantize ``graph`` through its fp32 ONNX file at ``path``, with the sensitivity fallback."""
-    path.write_bytes(export_onnx(export_program(graph, inputs)))
-    names = [value.name for value in model_inputs(onnx.load(str(path), load_external_data=False))]
+          path: Path, weights: dict[str, str] | None = None) -> FallbackPlan:
+    """Quantize ``graph`` through its fp32 ONNX file at ``path``, with the sensitivity fallback. ``weights``, where
+    given, gets each ONNX layer node's stored weight: the name of the graph's get_attr target it reads (the
+    exporter renames nodes, not stored weights), how the report matches ONNX layers to the graph's."""
+    exported = export_onnx(export_program(graph, inputs))
+    path.write_bytes(exported)
+    model = onnx.load_from_string(exported)
+    if weights is not None:
+        weights.update({node.name: node.input[1] for node in model.graph.node if len(node.input) > 1})
+    names = [value.name for value in model_inputs(model)]
     return plan_fallback(path, _feeds(names, data.calibrate), _feeds(names, data.held_out), fmt,
                          target=options.target, max_float=options.max_float)
 
@@ -179,7 +169,7 @@ def _target_text(target: Target) -> str:
 
 
 def _summary(plain: fx.GraphModule, data: CalibrationSet, fmt: Format, why: str, options: Int8Options,
-             plans: dict[str, FallbackPlan], chosen: str, equalized: Any, report: Report,
+             plans: dict[str, FallbackPlan], chosen: str, equalization: str, report: Report,
              weights: dict[str, str], training: fx.GraphModule | None) -> dict[str, Any]:
     plan = plans[chosen]
     return {
@@ -194,14 +184,13 @@ def _summary(plain: fx.GraphModule, data: CalibrationSet, fmt: Format, why: str,
         "candidates": {name: {"all_int8": candidate.plain.describe(), "final": candidate.final.describe(),
                               "float_layers": len(candidate.float_layers), "met_target": candidate.met_target}
                        for name, candidate in plans.items()},
-        "equalization": _equalization_line(equalized, plans, chosen),
+        "equalization": equalization,
         "float_layers": [{"layer": name, "why": why} for name, why in plan.float_layers],
         "layers": _layer_rows(plain, data, plan, report, weights, training),
     }
 
 
-def _equalization_line(tried: tuple[Any, str], plans: dict[str, FallbackPlan], chosen: str) -> str:
-    equalized, why = tried
+def _equalization_line(equalized: Any, why: str, plans: dict[str, FallbackPlan], chosen: str) -> str:
     if equalized is None:
         return "not tried: every layer is INT8 and the target is met without it"
     if not equalized.modified:
@@ -216,7 +205,7 @@ def _layer_rows(plain: fx.GraphModule, data: CalibrationSet, plan: FallbackPlan,
                 weights: dict[str, str], training: fx.GraphModule | None) -> list[dict[str, Any]]:
     """Per weighted layer of the plain graph: weight statistics before/after folding, the input's range on the
     calibration data, its sensitivity alone in INT8, and whether it stayed float. ONNX layers are matched to
-    the graph's by the weight they read (the exporter renames nodes, not stored weights)."""
+    the graph's by the weight they read (``weights``, from ``_plan``)."""
     sensitivity = {weights.get(row.name): (rank, row) for rank, row in enumerate(plan.sensitivity)}
     floated = {weights.get(name): why for name, why in plan.float_layers}
     ranges = _input_ranges(plain, data.calibrate)
@@ -231,12 +220,6 @@ def _layer_rows(plain: fx.GraphModule, data: CalibrationSet, plan: FallbackPlan,
             "alone_in_int8": None if alone is None else alone.scores.describe(),
             "in_float": floated.get(weight)})
     return rows
-
-
-def _onnx_weights(path: Path) -> dict[str, str]:
-    """ONNX layer node -> the name of the stored weight it reads (the graph's get_attr target)."""
-    model = onnx.load(str(path), load_external_data=False)
-    return {node.name: node.input[1] for node in model.graph.node if len(node.input) > 1}
 
 
 def _input_ranges(plain: fx.GraphModule, batches: Sequence[tuple]) -> dict[str, tuple[float, float]]:

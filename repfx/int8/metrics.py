@@ -51,6 +51,12 @@ class Target:
     agreement: float = 0.99
     snr_db: float = 20.0
 
+    def __post_init__(self) -> None:
+        if not (isinstance(self.agreement, (int, float)) and 0 <= self.agreement <= 1):
+            raise ValueError(f"int8_target's agreement is a fraction in [0, 1] (0.99 for 99%), got {self.agreement!r}")
+        if not (isinstance(self.snr_db, (int, float)) and math.isfinite(self.snr_db)):
+            raise ValueError(f"int8_target's SNR is a finite number of dB, got {self.snr_db!r}")
+
 
 @dataclass(frozen=True)
 class Scores:

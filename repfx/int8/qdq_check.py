@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from repfx.int8.quantizers import WEIGHTED, constant_names
+
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 INT8_RANGE = (-127, 127)
 BIASED = ("Conv", "ConvTranspose", "Gemm")
@@ -87,11 +89,10 @@ def _output_channel_axis(layer: onnx.NodeProto, rank: int) -> int:
 
 def _weight_dequantizers(model: onnx.ModelProto, producer: dict) -> dict[str, tuple]:
     """DequantizeLinear nodes that feed a weighted op's weight input: name -> (DQ node, op, expected axis)."""
-    constants = {tensor.name for tensor in model.graph.initializer} | {
-        node.output[0] for node in model.graph.node if node.op_type == "Constant"}
+    constants = constant_names(model)
     found = {}
     for layer in model.graph.node:
-        if layer.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(layer.input) < 2:
+        if layer.op_type not in WEIGHTED or len(layer.input) < 2:
             continue
         dequantize = producer.get(layer.input[1])
         if dequantize is None or dequantize.op_type != "DequantizeLinear":

@@ -36,6 +36,7 @@ from repfx.errors import LoweringError, first_line
 Format = Literal["tensorrt", "cpu"]
 FORMATS: tuple[Format, ...] = ("tensorrt", "cpu")
 Feed = dict[str, np.ndarray]
+WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the ops whose second input is the weight INT8 applies to
 
 # Not nvidia-modelopt[onnx]: that extra swaps onnxruntime for onnxruntime-gpu (whose CPU QuantizeLinear truncates
 # fp16 instead of rounding) and downgrades onnx; its ONNX PTQ needs only these beside the base package.
@@ -88,6 +89,12 @@ def quantize_many(fp32_onnx: Path, calibration: list[Feed], fmt: Format,
     if fmt == "tensorrt":
         return _modelopt(fp32_onnx, model, feeds, excludes)
     return [_onnxruntime(fp32_onnx, feeds, exclude) for exclude in excludes]
+
+
+def constant_names(model: onnx.ModelProto) -> set[str]:
+    """The tensors ``model`` stores: its initializers and the outputs of its Constant nodes."""
+    return {tensor.name for tensor in model.graph.initializer} | {
+        node.output[0] for node in model.graph.node if node.op_type == "Constant"}
 
 
 def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

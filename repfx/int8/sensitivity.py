@@ -32,9 +32,7 @@ import onnx
 
 from repfx.backends.onnx import cpu_session
 from repfx.int8.metrics import Scores, Target, score
-from repfx.int8.quantizers import Feed, Format, check_feeds, quantize, quantize_many
-
-WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+from repfx.int8.quantizers import WEIGHTED, Feed, Format, check_feeds, constant_names, quantize, quantize_many
 
 
 @dataclass(frozen=True)
@@ -67,8 +65,7 @@ def run_onnx(model: bytes, feeds: Sequence[Feed]) -> list[np.ndarray]:
 
 def weighted_layers(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes whose weight (second input) is a constant: the layers int8 weights apply to."""
-    constants = {tensor.name for tensor in model.graph.initializer} | {
-        node.output[0] for node in model.graph.node if node.op_type == "Constant"}
+    constants = constant_names(model)
     return [node.name for node in model.graph.node
             if node.op_type in WEIGHTED and len(node.input) > 1 and node.input[1] in constants]
 

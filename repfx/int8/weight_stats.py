@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, fx
 
 from repfx.passes.algebra.equalization import output_ranges, range_spread
+from repfx.passes.constants import attribute
 from repfx.passes.emit import REWRITE_META
 from repfx.passes.equalize import layer
 from repfx.report import Rewrite
@@ -129,7 +130,7 @@ def weight_stats(plain: fx.GraphModule, *, training: fx.GraphModule | None = Non
         found = layer(plain, node)
         if found is None or found.weight is None or found.transposed:
             continue
-        weight = _fetch(plain, found.weight.target)
+        weight = attribute(plain, found.weight.target)
         before, before_from = _before(node, by_node, training, weight)
         stats.append(LayerWeightStats(node.name, _module(node), tuple(weight.shape), spread(max_over_std(weight)),
                                       identity_tap_share(weight, found.groups), range_spread(output_ranges(weight)),
@@ -154,8 +155,8 @@ def _before(node: fx.Node, by_node: dict[str, Rewrite], training: fx.GraphModule
               for found in [layer(training, graph_nodes[name])] if found is not None and found.weight is not None]
     if not layers:
         return None, f"unknown: no replaced layer of {root} reads a stored weight"
-    widest = max(layers, key=lambda found: _per_channel(_fetch(training, found.weight.target)))
-    old = _fetch(training, widest.weight.target)
+    widest = max(layers, key=lambda found: _per_channel(attribute(training, found.weight.target)))
+    old = attribute(training, widest.weight.target)
     return spread(max_over_std(old)), f"{widest.node.name} {list(old.shape)}"
 
 
@@ -163,9 +164,6 @@ def _per_channel(weight: Tensor) -> int:
     return weight[0].numel() if weight.dim() else 0
 
 
-def _fetch(gm: fx.GraphModule, target: str) -> Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner), name)
 
 
 def _module(node: fx.Node) -> str:

@@ -13,7 +13,6 @@ A product of two activations, a rounding division or a layout change is no regio
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import torch
 from torch import fx

@@ -8,8 +8,6 @@ samples): it is no sum of branches and is reported as such.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import fx
 
